@@ -1,0 +1,272 @@
+"""HF transformers checkpoints <-> our parameters: config.json mapping, weight names, safetensors I/O.
+
+Reads safetensors without torch (bf16 through ml_dtypes); a torch `.bin` only through
+`torch.load(weights_only=True)` and only when torch is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from codi_jax.errors import InputError
+from codi_jax.models.config import ARCHS, LoRAConfig, ModelConfig, RopeScaling
+from codi_jax.models.transformer import Transformer
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float32",
+                   param_dtype: str = "float32", lora: LoRAConfig | None = None) -> ModelConfig:
+  """Maps an HF config dict (gpt2, llama, qwen2, mistral-style llama) to a ModelConfig."""
+  arch = hf.get("model_type")
+  if arch == "mistral":
+    arch = "llama"
+  if arch not in ARCHS:
+    raise InputError(f"{where}: unsupported architecture {arch!r} (field model_type); "
+                     f"supported: {', '.join(ARCHS)}")
+
+  def need(key):
+    if key not in hf:
+      raise InputError(f"{where}: missing field {key!r} for model_type {arch!r}")
+    return hf[key]
+
+  common = dict(arch=arch, vocab_size=need("vocab_size"), dtype=dtype, param_dtype=param_dtype, lora=lora)
+  if arch == "gpt2":
+    D = need("n_embd")
+    return ModelConfig(
+        **common, num_layers=need("n_layer"), d_model=D, num_heads=need("n_head"),
+        num_kv_heads=need("n_head"), head_dim=D // need("n_head"), d_ff=hf.get("n_inner") or 4 * D,
+        max_positions=need("n_positions"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", True), embed_dropout=hf.get("embd_pdrop", 0.1),
+        attn_dropout=hf.get("attn_pdrop", 0.1), resid_dropout=hf.get("resid_pdrop", 0.1))
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise InputError(f"{where}: unsupported hidden_act {act!r}; only 'silu' (SwiGLU)")
+  if hf.get("mlp_bias") or (arch == "llama" and hf.get("attention_bias")):
+    raise InputError(f"{where}: mlp_bias/attention_bias are not supported for {arch}")
+  D, H = need("hidden_size"), need("num_attention_heads")
+  rs = hf.get("rope_scaling") or hf.get("rope_parameters")
+  scaling = None
+  rope_theta = hf.get("rope_theta")
+  if rs:
+    rope_theta = rope_theta or rs.get("rope_theta")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "llama3":
+      scaling = RopeScaling("llama3", float(rs["factor"]), float(rs["low_freq_factor"]),
+                            float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+    elif kind == "linear":
+      scaling = RopeScaling("linear", float(rs["factor"]))
+    elif kind != "default":
+      raise InputError(f"{where}: unsupported rope scaling type {kind!r}; supported: llama3, linear")
+  if hf.get("use_sliding_window") and arch == "qwen2":
+    raise InputError(f"{where}: use_sliding_window=true is not supported")
+  return ModelConfig(
+      **common, num_layers=need("num_hidden_layers"), d_model=D, num_heads=H,
+      num_kv_heads=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or D // H,
+      d_ff=need("intermediate_size"), max_positions=hf.get("max_position_embeddings", 2048),
+      norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta or 10000.0), rope_scaling=scaling,
+      tie_embeddings=hf.get("tie_word_embeddings", arch == "qwen2" and False), qkv_bias=arch == "qwen2")
+
+
+# ----------------------------------------------------------------------------------------- names
+
+
+def hf_name(path: tuple, arch: str) -> tuple[str, bool]:
+  """Our parameter path -> (HF state-dict key without the model prefix, transpose?)."""
+  p = ".".join(str(x) for x in path)
+  if p == "embed.embedding":
+    return ("wte.weight" if arch == "gpt2" else "embed_tokens.weight"), False
+  if p == "pos_embed.embedding":
+    return "wpe.weight", False
+  if p == "lm_head.kernel":
+    return "lm_head.weight", True
+  if p.startswith("final_norm."):
+    return ("ln_f." if arch == "gpt2" else "norm.") + _norm_leaf(p), False
+  m = re.fullmatch(r"blocks\.(\d+)\.(\w+)\.(\w+)", p)
+  if not m:
+    raise KeyError(p)
+  i, mod, leaf = m.groups()
+  if arch == "gpt2":
+    mod = {"attn_c_proj": "attn.c_proj", "mlp_c_proj": "mlp.c_proj", "c_attn": "attn.c_attn",
+           "c_fc": "mlp.c_fc"}.get(mod, mod)
+    prefix = f"h.{i}."
+    if leaf in ("kernel", "bias") and mod.startswith(("attn", "mlp")):
+      return prefix + mod + (".weight" if leaf == "kernel" else ".bias"), False  # Conv1D is [in, out]
+  else:
+    mod = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+           "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+           "down_proj": "mlp.down_proj"}.get(mod, mod)
+    prefix = f"layers.{i}."
+    if leaf == "kernel":
+      return prefix + mod + ".weight", True
+    if leaf == "bias" and "proj" in mod:
+      return prefix + mod + ".bias", False
+  return prefix + mod + "." + _norm_leaf(p), False
+
+
+def _norm_leaf(p: str) -> str:
+  return "weight" if p.endswith("scale") else "bias"
+
+
+_MODEL_PREFIXES = ("transformer.", "model.")
+_IGNORED = re.compile(r"(^|\.)attn\.(masked_)?bias$|rotary_emb\.inv_freq$")
+
+
+def strip_prefix(key: str) -> str:
+  for pre in _MODEL_PREFIXES:
+    if key.startswith(pre):
+      return key[len(pre):]
+  return key
+
+
+# ----------------------------------------------------------------------------------------- tensors
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Memory-maps a .safetensors file into numpy arrays (bf16 via ml_dtypes), no torch needed."""
+  try:
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(n))
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
+  except (OSError, ValueError, struct.error) as e:
+    raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+  out = {}
+  for k, meta in header.items():
+    if k == "__metadata__":
+      continue
+    if meta["dtype"] not in _ST_DTYPES:
+      raise InputError(f"{path}: tensor {k!r} has unsupported dtype {meta['dtype']}")
+    a, b = meta["data_offsets"]
+    if b > data.size:
+      raise InputError(f"{path}: truncated (tensor {k!r} ends at byte {b}, file has {data.size})")
+    out[k] = data[a:b].view(_ST_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+  return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
+  """Writes numpy arrays as .safetensors (for tests and exports)."""
+  inv = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+  header, off, blobs = {}, 0, []
+  for k, v in tensors.items():
+    v = np.ascontiguousarray(v)
+    header[k] = {"dtype": inv[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + v.nbytes]}
+    off += v.nbytes
+    blobs.append(v.tobytes())
+  h = json.dumps(header).encode()
+  h += b" " * (-len(h) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h)
+    for b in blobs:
+      f.write(b)
+
+
+def read_torch_bin(path: str) -> dict[str, np.ndarray]:
+  """A pytorch_model.bin through torch.load(weights_only=True); torch is optional."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise InputError(f"{path}: reading a PyTorch .bin needs torch (pip install torch); "
+                     "safetensors checkpoints need nothing extra") from None
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise InputError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
+
+
+def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
+  """All tensors of an HF model directory: sharded or single safetensors, else pytorch_model.bin."""
+  idx = os.path.join(directory, "model.safetensors.index.json")
+  single = os.path.join(directory, "model.safetensors")
+  if os.path.exists(idx):
+    try:
+      with open(idx) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError) as e:
+      raise InputError(f"{idx}: malformed index ({e})") from None
+    out = {}
+    for name in files:
+      out.update(read_safetensors(os.path.join(directory, name)))
+    return out
+  if os.path.exists(single):
+    return read_safetensors(single)
+  for name in ("pytorch_model.bin",):
+    if os.path.exists(os.path.join(directory, name)):
+      return read_torch_bin(os.path.join(directory, name))
+  raise InputError(f"{directory}: no weights (expected model.safetensors, model.safetensors.index.json "
+                   "or pytorch_model.bin)")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The model's structure with ShapeDtypeStructs, nothing allocated."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+
+
+def assign(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, where: str, seed: int = 0,
+           name_fn=None) -> Transformer:
+  """Builds a model whose base parameters come from `tensors` (HF names), LoRA freshly initialised.
+
+  Strict accounting: a missing tensor or a shape mismatch raises InputError naming the key;
+  unexpected keys raise too (HF buffers such as GPT-2's attn.bias are ignored).
+  """
+  name_fn = name_fn or (lambda path: hf_name(path, cfg.arch))
+  graphdef, state = nnx.split(abstract_model(cfg))
+  flat = nnx.to_flat_state(state)
+  tensors = {strip_prefix(k): v for k, v in tensors.items() if not _IGNORED.search(k)}
+  used, leaves = set(), []
+  key = jax.random.key(seed)
+  for path, var in flat:
+    shape, dtype = var.get_value().shape, var.get_value().dtype
+    if path[-1] in ("lora_a", "lora_b"):
+      if path[-1] == "lora_a":
+        bound = 1.0 / np.sqrt(shape[0])
+        val = jax.random.uniform(jax.random.fold_in(key, len(leaves)), shape, dtype, -bound, bound)
+      else:
+        val = jnp.zeros(shape, dtype)
+      leaves.append(var.replace(value=val))
+      continue
+    name, transpose = name_fn(path)
+    if name not in tensors:
+      raise InputError(f"{where}: missing tensor {name!r}")
+    arr = np.asarray(tensors[name])
+    arr = arr.T if transpose else arr
+    if arr.shape != shape:
+      raise InputError(f"{where}: tensor {name!r} has shape {arr.shape[::-1] if transpose else arr.shape}, "
+                       f"config implies {shape[::-1] if transpose else shape}")
+    used.add(name)
+    leaves.append(var.replace(value=jnp.asarray(arr, dtype)))
+  extra = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+  if extra:
+    raise InputError(f"{where}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+  new_flat = nnx.FlatState(zip([p for p, _ in flat], leaves), sort=False)
+  return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def export_tensors(model: Transformer) -> dict[str, np.ndarray]:
+  """Our base parameters under HF names (model prefix omitted), e.g. to write a checkpoint."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if path[-1] in ("lora_a", "lora_b"):
+      continue
+    name, transpose = hf_name(path, model.cfg.arch)
+    a = np.asarray(var.get_value())
+    out[name] = a.T if transpose else a
+  return out

@@ -1,0 +1,158 @@
+"""NNX building blocks: LoRA-capable linear, embedding, norms, RoPE and masked GQA attention.
+
+Shape legend: B batch, L query length, T key/cache length, D model, H heads, K kv heads,
+G = H // K, Dh head dim, F ffn width, V vocab, R LoRA rank.
+"""
+# pylint: disable=invalid-name
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from codi_jax.models.config import LoRAConfig, RopeScaling
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def dropout(x, rate: float, rng: jax.Array | None):
+  """Inverted dropout; a no-op when rng is None (deterministic) or rate is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def fold(rng: jax.Array | None, *ids: int) -> jax.Array | None:
+  """Derives a sub-key per (layer, purpose); passes None through."""
+  for i in ids:
+    if rng is None:
+      return None
+    rng = jax.random.fold_in(rng, i)
+  return rng
+
+
+class Linear(nnx.Module):
+  """y = x @ W + b with W [in, out] (GPT-2 Conv1D layout) and optional peft-style LoRA."""
+
+  def __init__(
+      self, din: int, dout: int, *, bias: bool, axes: tuple[str, str], dtype, param_dtype,
+      lora: LoRAConfig | None, rngs: nnx.Rngs, init_std: float = 0.02,
+  ):
+    self.dtype = dtype
+    w = init_std * jax.random.normal(rngs.params(), (din, dout), param_dtype)
+    self.kernel = nnx.Param(w, sharding_names=axes)
+    self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), sharding_names=axes[1:]) if bias else None
+    self.lora_scale = None
+    if lora is not None:
+      # peft init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0. Kept in f32.
+      bound = 1.0 / math.sqrt(din)
+      a = jax.random.uniform(rngs.params(), (din, lora.rank), jnp.float32, -bound, bound)
+      self.lora_a = nnx.LoRAParam(a, sharding_names=(axes[0], None))
+      self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, dout), jnp.float32), sharding_names=(None, axes[1]))
+      self.lora_scale = lora.scale
+      self.lora_dropout = lora.dropout
+
+  def __call__(self, x, rng: jax.Array | None = None):
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora_scale is not None:
+      xa = dropout(x, self.lora_dropout, rng).astype(jnp.float32) @ self.lora_a[...]
+      y = y + ((xa @ self.lora_b[...]) * self.lora_scale).astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token (or position) embedding table [V, D]; also the tied LM head."""
+
+  def __init__(self, num: int, dim: int, *, axes: tuple[str, str], dtype, param_dtype, rngs: nnx.Rngs,
+               init_std: float = 0.02):
+    self.dtype = dtype
+    self.embedding = nnx.Param(init_std * jax.random.normal(rngs.params(), (num, dim), param_dtype),
+                               sharding_names=axes)
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, h):
+    """Logits against the table: h [..., D] -> [..., V], accumulated in f32."""
+    return jnp.einsum("...d,vd->...v", h, self.embedding[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, computed in f32."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
+    self.eps, self.dtype = eps, dtype
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("embed",))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), sharding_names=("embed",))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm as HF Llama: normalise in f32, cast back, then scale."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
+    self.eps, self.dtype = eps, dtype
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("embed",))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+  """Inverse frequencies [Dh/2], with HF's llama3 or linear scaling."""
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv
+  if scaling.rope_type == "linear":
+    return inv / scaling.factor
+  low_wl = scaling.original_max_position_embeddings / scaling.low_freq_factor
+  high_wl = scaling.original_max_position_embeddings / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  inv_l = jnp.where(wavelen > low_wl, inv / scaling.factor, inv)
+  smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * inv_l / scaling.factor + smooth * inv_l
+  medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+  return jnp.where(medium, smoothed, inv_l)
+
+
+def rope(x_BxLxHxDh, pos_BxL, inv_freq):
+  """Rotate-half RoPE (HF convention); angles in f32, cast to x's dtype like HF."""
+  ang_BxLxF = pos_BxL.astype(jnp.float32)[..., None] * inv_freq
+  ang = jnp.concatenate([ang_BxLxF, ang_BxLxF], -1)[:, :, None, :]
+  cos, sin = jnp.cos(ang).astype(x_BxLxHxDh.dtype), jnp.sin(ang).astype(x_BxLxHxDh.dtype)
+  x1, x2 = jnp.split(x_BxLxHxDh, 2, axis=-1)
+  return x_BxLxHxDh * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+def attention(q_BxLxHxDh, k_BxTxKxDh, v_BxTxKxDh, allowed_BxLxT, *, attn_dropout: float = 0.0,
+              rng: jax.Array | None = None):
+  """Scaled dot-product GQA attention with a boolean mask; softmax in f32.
+
+  Fully masked query rows (padding) get a uniform, finite distribution instead of NaN.
+  """
+  B, L, H, Dh = q_BxLxHxDh.shape
+  K = k_BxTxKxDh.shape[2]
+  q = q_BxLxHxDh.reshape(B, L, K, H // K, Dh)
+  s_BxKxGxLxT = jnp.einsum("blkgd,btkd->bkglt", q, k_BxTxKxDh, preferred_element_type=jnp.float32)
+  s_BxKxGxLxT = s_BxKxGxLxT / math.sqrt(Dh)
+  s_BxKxGxLxT = jnp.where(allowed_BxLxT[:, None, None], s_BxKxGxLxT, _NEG)
+  p = jax.nn.softmax(s_BxKxGxLxT, axis=-1)
+  p = dropout(p, attn_dropout, rng).astype(v_BxTxKxDh.dtype)
+  o = jnp.einsum("bkglt,btkd->blkgd", p, v_BxTxKxDh)
+  return o.reshape(B, L, H * Dh)

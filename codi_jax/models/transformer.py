@@ -1,0 +1,222 @@
+"""Decoder-only LMs in Flax NNX: GPT-2, Llama (Llama-3.x, SmolLM2) and Qwen2, used functionally.
+
+One forward takes token ids or input embeddings, explicit positions, a padding mask and an optional
+explicit KV cache, and returns logits (everywhere, at chosen positions, or nowhere), the last hidden
+state and, on request, every hidden state in HF's `output_hidden_states` convention.
+
+Shape legend: B batch, L input length, T cache capacity, D model, V vocab, N gathered positions.
+"""
+# pylint: disable=invalid-name
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from codi_jax.models import cache as kvc
+from codi_jax.models.config import ModelConfig
+from codi_jax.models.layers import (
+    Embed, LayerNorm, Linear, RMSNorm, attention, dropout, fold, rope, rope_inv_freq,
+)
+
+
+class Output(NamedTuple):
+  logits: jax.Array | None  # [B, L, V], [B, N, V], [B, V] ("last") or None; f32
+  hidden: jax.Array  # [B, L, D] last hidden state (after the final norm)
+  hidden_states: tuple[jax.Array, ...] | None  # L+1 x [B, L, D], HF convention
+  cache: kvc.KVCache | None
+
+
+def _linear(cfg: ModelConfig, name: str, din: int, dout: int, bias: bool, axes, rngs, init_std=0.02):
+  targets = cfg.lora_targets
+  lora = cfg.lora if any(name == t or name.endswith("." + t) for t in targets) else None
+  return Linear(din, dout, bias=bias, axes=axes, dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype), lora=lora, rngs=rngs, init_std=init_std)
+
+
+def _attend_cached(q, k, v, kv, end, allowed, cfg: ModelConfig, rng):
+  """Writes the new k/v into this layer's cache slice (if any) and attends over it."""
+  if kv is not None:
+    k, v = kvc.write(kv[0], k, end), kvc.write(kv[1], v, end)
+  return attention(q, k, v, allowed, attn_dropout=cfg.attn_dropout, rng=rng), (k, v)
+
+
+class GPT2Block(nnx.Module):
+  """Pre-LN block: fused c_attn, c_proj, MLP c_fc -> gelu_new -> c_proj; biases everywhere."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, F, dt, pdt = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    resid_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    self.cfg = cfg
+    self.ln_1 = LayerNorm(D, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.c_attn = _linear(cfg, "attn.c_attn", D, 3 * D, True, ("embed", "heads"), rngs)
+    self.attn_c_proj = _linear(cfg, "attn.c_proj", D, D, True, ("heads", "embed"), rngs, resid_std)
+    self.ln_2 = LayerNorm(D, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.c_fc = _linear(cfg, "mlp.c_fc", D, F, True, ("embed", "mlp"), rngs)
+    self.mlp_c_proj = _linear(cfg, "mlp.c_proj", F, D, True, ("mlp", "embed"), rngs, resid_std)
+
+  def __call__(self, x_BxLxD, pos_BxL, kv, allowed, end, rng):
+    del pos_BxL  # GPT-2 adds learned positions at the embedding
+    cfg, (B, L, D) = self.cfg, x_BxLxD.shape
+    h = self.ln_1(x_BxLxD)
+    q, k, v = jnp.split(self.c_attn(h, fold(rng, 0)), 3, axis=-1)
+    shape = (B, L, cfg.num_heads, cfg.head_dim)
+    o, kv = _attend_cached(q.reshape(shape), k.reshape(shape), v.reshape(shape), kv, end, allowed,
+                           cfg, fold(rng, 1))
+    x_BxLxD = x_BxLxD + dropout(self.attn_c_proj(o, fold(rng, 2)), cfg.resid_dropout, fold(rng, 3))
+    h = jax.nn.gelu(self.c_fc(self.ln_2(x_BxLxD), fold(rng, 4)), approximate=True)
+    x_BxLxD = x_BxLxD + dropout(self.mlp_c_proj(h, fold(rng, 5)), cfg.resid_dropout, fold(rng, 6))
+    return x_BxLxD, kv
+
+
+class LlamaBlock(nnx.Module):
+  """RMSNorm, RoPE GQA attention (q/k/v bias for Qwen2), SwiGLU MLP; no other biases."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, F, H, K, Dh = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    resid_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    self.cfg = cfg
+    self.input_layernorm = RMSNorm(D, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.q_proj = _linear(cfg, "self_attn.q_proj", D, H * Dh, cfg.qkv_bias, ("embed", "heads"), rngs)
+    self.k_proj = _linear(cfg, "self_attn.k_proj", D, K * Dh, cfg.qkv_bias, ("embed", "kv"), rngs)
+    self.v_proj = _linear(cfg, "self_attn.v_proj", D, K * Dh, cfg.qkv_bias, ("embed", "kv"), rngs)
+    self.o_proj = _linear(cfg, "self_attn.o_proj", H * Dh, D, False, ("heads", "embed"), rngs, resid_std)
+    self.post_attention_layernorm = RMSNorm(D, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.gate_proj = _linear(cfg, "mlp.gate_proj", D, F, False, ("embed", "mlp"), rngs)
+    self.up_proj = _linear(cfg, "mlp.up_proj", D, F, False, ("embed", "mlp"), rngs)
+    self.down_proj = _linear(cfg, "mlp.down_proj", F, D, False, ("mlp", "embed"), rngs, resid_std)
+
+  def __call__(self, x_BxLxD, pos_BxL, kv, allowed, end, rng):
+    cfg, (B, L, _) = self.cfg, x_BxLxD.shape
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    h = self.input_layernorm(x_BxLxD)
+    q = rope(self.q_proj(h, fold(rng, 0)).reshape(B, L, cfg.num_heads, cfg.head_dim), pos_BxL, inv_freq)
+    k = rope(self.k_proj(h, fold(rng, 1)).reshape(B, L, cfg.num_kv_heads, cfg.head_dim), pos_BxL, inv_freq)
+    v = self.v_proj(h, fold(rng, 2)).reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
+    o, kv = _attend_cached(q, k, v, kv, end, allowed, cfg, fold(rng, 3))
+    x_BxLxD = x_BxLxD + self.o_proj(o, fold(rng, 4))
+    h = self.post_attention_layernorm(x_BxLxD)
+    h = jax.nn.silu(self.gate_proj(h, fold(rng, 5))) * self.up_proj(h, fold(rng, 6))
+    return x_BxLxD + self.down_proj(h, fold(rng, 7)), kv
+
+
+class Transformer(nnx.Module):
+  """Embeddings -> blocks -> final norm -> (tied or untied) LM head."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), dtype=dt, param_dtype=pdt,
+                       rngs=rngs)
+    gpt2 = cfg.arch == "gpt2"
+    self.pos_embed = (Embed(cfg.max_positions, cfg.d_model, axes=(None, "embed"), dtype=dt, param_dtype=pdt,
+                            rngs=rngs, init_std=0.01) if gpt2 else None)
+    block = GPT2Block if gpt2 else LlamaBlock
+    self.blocks = nnx.List([block(cfg, rngs) for _ in range(cfg.num_layers)])
+    norm = LayerNorm if gpt2 else RMSNorm
+    self.final_norm = norm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.lm_head = None if cfg.tie_embeddings else Linear(
+        cfg.d_model, cfg.vocab_size, bias=False, axes=("embed", "vocab"), dtype=dt, param_dtype=pdt,
+        lora=None, rngs=rngs)
+
+  def embed_tokens(self, ids):
+    """Input embeddings of token ids (no position term); what soft/latent inputs replace."""
+    return self.embed(jnp.clip(ids, 0, self.embed.embedding.shape[0] - 1))
+
+  def head(self, h_BxLxD):
+    """LM-head logits in f32."""
+    if self.lm_head is None:
+      return self.embed.attend(h_BxLxD)
+    return jnp.einsum("...d,dv->...v", h_BxLxD, self.lm_head.kernel[...].astype(h_BxLxD.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens=None, *, embeds=None, positions, mask=None, cache: kvc.KVCache | None = None,
+               logits="all", hidden_states: bool = False, rng: jax.Array | None = None) -> Output:
+    """Runs L inputs (ids [B, L] or embeddings [B, L, D]) at `positions` [B, L].
+
+    mask [B, L] marks real inputs (default all); with a cache the inputs fill slots end..end+L-1
+    and attend to every valid earlier slot. logits: "all", "last", "none" or indices [B, N].
+    rng enables dropout (None: deterministic).
+    """
+    cfg = self.cfg
+    if (tokens is None) == (embeds is None):
+      raise ValueError("pass exactly one of tokens or embeds")
+    x_BxLxD = self.embed_tokens(tokens) if embeds is None else embeds.astype(jnp.dtype(cfg.dtype))
+    B, L = x_BxLxD.shape[:2]
+    if self.pos_embed is not None:
+      x_BxLxD = x_BxLxD + self.pos_embed(jnp.clip(positions, 0, cfg.max_positions - 1))
+    x_BxLxD = dropout(x_BxLxD, cfg.embed_dropout, fold(rng, 0))
+    mask_BxL = jnp.ones((B, L), bool) if mask is None else mask.astype(bool)
+
+    q_slot = jnp.arange(L)
+    if cache is None:
+      end, key_valid_BxT, kvs = None, mask_BxL, [None] * cfg.num_layers
+    else:
+      end = cache.end
+      q_slot = q_slot + end
+      key_valid_BxT = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxL, end, axis=1)
+      kvs = list(zip(cache.k, cache.v))
+    T = key_valid_BxT.shape[1]
+    allowed_BxLxT = key_valid_BxT[:, None, :] & (jnp.arange(T)[None, None, :] <= q_slot[None, :, None])
+
+    all_h = []
+    new_k, new_v = [], []
+    for i, blk in enumerate(self.blocks):
+      if hidden_states:
+        all_h.append(x_BxLxD)
+      x_BxLxD, (k, v) = blk(x_BxLxD, positions, kvs[i], allowed_BxLxT, end, fold(rng, i + 1))
+      new_k.append(k)
+      new_v.append(v)
+    h_BxLxD = self.final_norm(x_BxLxD)
+    if hidden_states:
+      all_h.append(h_BxLxD)
+
+    if isinstance(logits, str):
+      out = {"all": lambda: self.head(h_BxLxD), "last": lambda: self.head(h_BxLxD[:, -1]),
+             "none": lambda: None}[logits]()
+    else:
+      out = self.head(jnp.take_along_axis(h_BxLxD, logits[..., None], axis=1))
+    new_cache = None if cache is None else kvc.advance(cache, new_k, new_v, mask_BxL)
+    return Output(out, h_BxLxD, tuple(all_h) if hidden_states else None, new_cache)
+
+  def resize_vocab(self, new_size: int, key: jax.Array):
+    """Grows the vocabulary; new rows ~ N(mean, 1e-9 * cov) of the old rows, as HF mean-resizing."""
+    old = self.cfg.vocab_size
+    if new_size < old:
+      raise ValueError(f"resize_vocab only grows: {new_size} < {old}")
+    k1, k2 = jax.random.split(key)
+    self.embed.embedding[...] = _mean_resize(self.embed.embedding[...], new_size, k1)
+    if self.lm_head is not None:
+      self.lm_head.kernel[...] = _mean_resize(self.lm_head.kernel[...].T, new_size, k2).T
+    self.cfg = self.cfg.replace(vocab_size=new_size)
+    for blk in self.blocks:
+      blk.cfg = self.cfg
+
+
+def _mean_resize(w_VxD: jax.Array, new_size: int, key: jax.Array) -> jax.Array:
+  """HF `_init_added_embeddings_weights_with_mean`: sample N(mu, 1e-9 * Sigma), or mu if not PD."""
+  n_new = new_size - w_VxD.shape[0]
+  if n_new == 0:
+    return w_VxD
+  w = np.asarray(w_VxD, np.float64)
+  mu = w.mean(0)
+  cov = (w - mu).T @ (w - mu) / w.shape[0]
+  try:
+    chol = np.linalg.cholesky(1e-9 * cov)
+    z = np.asarray(jax.random.normal(key, (n_new, w.shape[1]), jnp.float32), np.float64)
+    rows = mu + z @ chol.T
+  except np.linalg.LinAlgError:
+    rows = np.repeat(mu[None], n_new, 0)
+  return jnp.concatenate([w_VxD, jnp.asarray(rows, w_VxD.dtype)], 0)
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  """A randomly initialised model (unsharded; sharded init goes through eval_shape + jit)."""
+  with nnx.use_eager_sharding(False):
+    return Transformer(cfg, nnx.Rngs(params=seed))
