@@ -216,8 +216,7 @@ def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
 
 def abstract_model(cfg: ModelConfig) -> Transformer:
   """The model's structure with ShapeDtypeStructs, nothing allocated."""
-  with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
 
 
 def assign(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, where: str, seed: int = 0,

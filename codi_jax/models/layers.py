@@ -18,6 +18,11 @@ from codi_jax.models.config import LoRAConfig, RopeScaling
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
+def param(value, axes, kind=nnx.Param):
+  """A parameter annotated with logical axes; sharding is applied by jit out_shardings, not eagerly."""
+  return kind(value, out_sharding=axes, eager_sharding=False)
+
+
 def dropout(x, rate: float, rng: jax.Array | None):
   """Inverted dropout; a no-op when rng is None (deterministic) or rate is 0."""
   if rng is None or rate == 0.0:
@@ -44,15 +49,15 @@ class Linear(nnx.Module):
   ):
     self.dtype = dtype
     w = init_std * jax.random.normal(rngs.params(), (din, dout), param_dtype)
-    self.kernel = nnx.Param(w, sharding_names=axes)
-    self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), sharding_names=axes[1:]) if bias else None
+    self.kernel = param(w, axes)
+    self.bias = param(jnp.zeros((dout,), param_dtype), axes[1:]) if bias else None
     self.lora_scale = None
     if lora is not None:
       # peft init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0. Kept in f32.
       bound = 1.0 / math.sqrt(din)
       a = jax.random.uniform(rngs.params(), (din, lora.rank), jnp.float32, -bound, bound)
-      self.lora_a = nnx.LoRAParam(a, sharding_names=(axes[0], None))
-      self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, dout), jnp.float32), sharding_names=(None, axes[1]))
+      self.lora_a = param(a, (axes[0], None), nnx.LoRAParam)
+      self.lora_b = param(jnp.zeros((lora.rank, dout), jnp.float32), (None, axes[1]), nnx.LoRAParam)
       self.lora_scale = lora.scale
       self.lora_dropout = lora.dropout
 
@@ -72,8 +77,7 @@ class Embed(nnx.Module):
   def __init__(self, num: int, dim: int, *, axes: tuple[str, str], dtype, param_dtype, rngs: nnx.Rngs,
                init_std: float = 0.02):
     self.dtype = dtype
-    self.embedding = nnx.Param(init_std * jax.random.normal(rngs.params(), (num, dim), param_dtype),
-                               sharding_names=axes)
+    self.embedding = param(init_std * jax.random.normal(rngs.params(), (num, dim), param_dtype), axes)
 
   def __call__(self, ids):
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
@@ -89,8 +93,8 @@ class LayerNorm(nnx.Module):
 
   def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
     self.eps, self.dtype = eps, dtype
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("embed",))
-    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), sharding_names=("embed",))
+    self.scale = param(jnp.ones((dim,), param_dtype), ("embed",))
+    self.bias = param(jnp.zeros((dim,), param_dtype), ("embed",))
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
@@ -105,7 +109,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
     self.eps, self.dtype = eps, dtype
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("embed",))
+    self.scale = param(jnp.ones((dim,), param_dtype), ("embed",))
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)

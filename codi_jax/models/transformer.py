@@ -191,9 +191,9 @@ class Transformer(nnx.Module):
     if new_size < old:
       raise ValueError(f"resize_vocab only grows: {new_size} < {old}")
     k1, k2 = jax.random.split(key)
-    self.embed.embedding[...] = _mean_resize(self.embed.embedding[...], new_size, k1)
+    self.embed.embedding.set_value(_mean_resize(self.embed.embedding[...], new_size, k1))
     if self.lm_head is not None:
-      self.lm_head.kernel[...] = _mean_resize(self.lm_head.kernel[...].T, new_size, k2).T
+      self.lm_head.kernel.set_value(_mean_resize(self.lm_head.kernel[...].T, new_size, k2).T)
     self.cfg = self.cfg.replace(vocab_size=new_size)
     for blk in self.blocks:
       blk.cfg = self.cfg
@@ -218,5 +218,4 @@ def _mean_resize(w_VxD: jax.Array, new_size: int, key: jax.Array) -> jax.Array:
 
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
   """A randomly initialised model (unsharded; sharded init goes through eval_shape + jit)."""
-  with nnx.use_eager_sharding(False):
-    return Transformer(cfg, nnx.Rngs(params=seed))
+  return Transformer(cfg, nnx.Rngs(params=seed))

