@@ -125,8 +125,8 @@ def _find(seq: Sequence[int], sub: Sequence[int]) -> int:
 
 
 def infer_distill_offset(tokenizer: Tokenizer, answer_prompt: str = ANSWER_PROMPT) -> int:
-  """1 if the tokenizer emits a lone " " token between the prompt's ":" and a number (Llama-3),
-  else 0 (GPT-2): the offset of the distilled token from the ":" (spec 2.2)."""
+  """The distilled token's offset from the prompt's ":" (spec 2.2): 1 if the tokenizer puts a lone
+  " " token between ":" and a number (Llama-3), else 0 (GPT-2)."""
   prompt = _prompt_ids(tokenizer, answer_prompt)
   ids = _strip_bos(_encode_all(tokenizer, [f"{answer_prompt} 18"])[0], tokenizer.bos_id)
   k = _find(ids, prompt)
@@ -179,15 +179,12 @@ def tokenize_records(
   strip_piece_bos: bool = True,
   answer_prompt: str = ANSWER_PROMPT,
 ) -> tuple[CodiExamples, dict]:
-  """Clean records ({question, cot, answer}) -> CODI pieces and a report; the reference's rules.
+  """Clean records ({question, cot, answer}) -> checked CODI pieces, and a report of what changed.
 
-  Pieces are tokenized separately with the tokenizer's own specials, each capped at
-  `max_piece_tokens` (truncations are counted); with `strip_piece_bos` the CoT and answer pieces
-  lose a leading BOS (the question keeps it). Examples whose question + CoT + answer tokens
-  exceed `max_token_num` are dropped and counted (the reference counts its raw text, last CoT
-  step included). `distill_offset` places the distilled token relative to the prompt's ":"
-  (0: GPT-2, 1: Llama-3, see `infer_distill_offset`), located in the answer piece, and checked
-  for every example.
+  As the reference: pieces tokenized separately with the tokenizer's specials, capped at
+  `max_piece_tokens`, a leading BOS stripped from CoT and answer (`strip_piece_bos`); examples
+  over `max_token_num` question + CoT + answer tokens dropped. Drops and truncations are counted.
+  `distill_offset`: the distilled token's offset from the prompt's ":" (0 GPT-2, 1 Llama-3).
   """
   if distill_offset not in (0, 1):
     raise InputError(f"distill_offset must be 0 (GPT-2) or 1 (Llama), got {distill_offset}")
@@ -217,17 +214,18 @@ def tokenize_records(
       texts["answer"].append(f"{answer_prompt} {record['answer']}")
     encoded = {key: _encode_all(tokenizer, t) for key, t in texts.items()}
     for j, (q, c, a) in enumerate(zip(*encoded.values()), start):
-      c, a = _strip_bos(c, bos), _strip_bos(a, bos)
-      token_num = len(q) + len(c) + len(a)
+      # The reference measures its raw text (last CoT step included); we measure what we feed.
+      token_num = len(q) + len(_strip_bos(c, bos)) + len(_strip_bos(a, bos))
       report["longest_token_num"] = max(report["longest_token_num"], token_num)
       if max_token_num is not None and token_num > max_token_num:
         report["dropped"]["over_max_token_num"] += 1
         if len(report["over_max_examples"]) < 10:
           report["over_max_examples"].append(j)
         continue
-      for key, piece in (("question", q), ("cot", c), ("answer", a)):
-        report["truncated"][key] += len(piece) > cap
-      q, c, a = q[:cap], c[:cap], a[:cap] + [ids.eos]
+      for key, piece in zip(texts, (q, c, a)):
+        report["truncated"][key] += int(len(piece) > cap)
+      # Cap, then strip BOS, as the reference (a capped Llama piece keeps cap - 1 tokens).
+      q, c, a = q[:cap], _strip_bos(c[:cap], bos), _strip_bos(a[:cap], bos) + [ids.eos]
       if tuple(a) not in checked:
         value = str(records[j]["answer"])
         name = f"example {j} (answer {texts['answer'][j - start]!r})"
@@ -240,14 +238,10 @@ def tokenize_records(
       distill.append(checked[tuple(a)])
       kept.append(j)
   report["kept"] = len(kept)
-  if report["dropped"]["over_max_token_num"]:
-    dropped, longest = report["dropped"]["over_max_token_num"], report["longest_token_num"]
+  if n_long := report["dropped"]["over_max_token_num"]:
+    longest = report["longest_token_num"]
     logging.warning(
-      "Dropped %d of %d examples longer than max_token_num=%s tokens (longest %d).",
-      dropped,
-      len(records),
-      max_token_num,
-      longest,
+      f"Dropped {n_long} of {len(records)} examples over {max_token_num=} (longest: {longest})."
     )
   if any(report["truncated"].values()):
     logging.warning("Truncated pieces to %d tokens: %s.", cap, report["truncated"])
@@ -276,6 +270,13 @@ def fit_shapes(examples: CodiExamples, buckets: int | Sequence[int] = 32) -> Sha
   """The bucketed max lengths of `examples`: one shape for every batch, so one compilation."""
   lengths = examples.lengths()
   return Shapes(**{k: bucket_size(int(v.max()), buckets) for k, v in lengths.items()})
+
+
+def check_fits(examples: CodiExamples, shapes: Shapes) -> None:
+  """Raises InputError if some example is longer than `shapes` allows."""
+  for key, lengths in examples.lengths().items():
+    if (longest := int(lengths.max())) > getattr(shapes, key):
+      raise InputError(f"{key} sequences up to {longest} tokens do not fit {shapes}")
 
 
 def pad_example(example: Mapping[str, Any], shapes: Shapes, ids: SpecialIds) -> dict:

@@ -17,8 +17,8 @@ import grain
 import jax
 from absl import logging
 
-from codi_jax.data.codi_batches import CodiExamples, Shapes, fit_shapes, pad_example
-from codi_jax.data.codi_batches import tokenize_records
+from codi_jax.data import codi_batches
+from codi_jax.data.codi_batches import CodiExamples, Shapes
 from codi_jax.errors import InputError
 from codi_jax.models.tokenizer import Tokenizer
 
@@ -66,7 +66,7 @@ def codi_dataset(
   ds = grain.MapDataset.source(examples)
   ds = ds[: per_process * count][index::count]
   ds = ds.shuffle(seed)
-  ds = ds.map(functools.partial(pad_example, shapes=shapes, ids=examples.ids))
+  ds = ds.map(functools.partial(codi_batches.pad_example, shapes=shapes, ids=examples.ids))
   ds = ds.repeat(num_epochs)
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
@@ -87,6 +87,7 @@ def train_data(
   buckets: int | Sequence[int] = 32,
   shapes: Shapes | None = None,
   num_epochs: int | None = None,
+  prefetch: int = 8,
   worker_count: int = 0,
   **tokenize_kwargs: Any,
 ) -> TrainData:
@@ -95,10 +96,12 @@ def train_data(
   `shapes` overrides the fitted ones (e.g. to share them with another run); `tokenize_kwargs` go to
   `tokenize_records` (distill_offset, max_piece_tokens, max_token_num, strip_piece_bos, ...).
   """
-  examples, report = tokenize_records(
+  examples, report = codi_batches.tokenize_records(
     records, tokenizer, pad_id=pad_id, bot_id=bot_id, eot_id=eot_id, **tokenize_kwargs
   )
-  shapes = shapes or fit_shapes(examples, buckets)
+  if shapes is None:
+    shapes = codi_batches.fit_shapes(examples, buckets)
+  codi_batches.check_fits(examples, shapes)
   count = jax.process_count()
   ds = codi_dataset(
     examples,
@@ -107,6 +110,7 @@ def train_data(
     seed=seed,
     num_epochs=num_epochs,
     process_count=count,
+    prefetch=prefetch,
     worker_count=worker_count,
   )
   steps = len(examples) // count // batch_size

@@ -70,9 +70,12 @@ EVAL_SETS = {
 
 
 def is_local(source: str | os.PathLike) -> bool:
-  """Whether `source` names a local file (it exists, or ends in .json/.jsonl) not a hub id."""
+  """Whether `source` names a local JSON/JSONL file (an existing file, or a .json/.jsonl path).
+
+  Anything else (a hub id, a local dataset folder) goes to `datasets.load_dataset`.
+  """
   path = os.fspath(source)
-  return os.path.exists(path) or path.endswith((".json", ".jsonl"))
+  return os.path.isfile(path) or path.endswith((".json", ".jsonl"))
 
 
 def read_rows(

@@ -1,0 +1,110 @@
+"""The grain pipeline: one batch shape for the whole run, epochs, per-process shares, resume."""
+
+import numpy as np
+import pytest
+
+from codi_jax.data import codi_batches, pipeline, readers, synthetic
+from codi_jax.errors import InputError
+from codi_jax.models import tokenizer as tok_lib
+
+V = 50257
+IDS = dict(pad_id=V, bot_id=V + 1, eot_id=V + 2)
+N, B = 70, 8
+
+
+@pytest.fixture(scope="module")
+def data():
+  records, _ = readers.prepare_train_records(synthetic.generate("train", N, seed=0))
+  return pipeline.train_data(records, tok_lib.gpt2_default(), batch_size=B, seed=1, **IDS)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_fixed_shapes_across_epochs(data):
+  assert data.steps_per_epoch == N // B
+  s = data.shapes
+  expected = {
+    "encoder_ids": (B, s.question),
+    "encoder_mask": (B, s.question),
+    "teacher_ids": (B, s.teacher),
+    "teacher_labels": (B, s.teacher),
+    "teacher_mask": (B, s.teacher),
+    "teacher_distill_index": (B,),
+    "decoder_ids": (B, s.decoder),
+    "decoder_labels": (B, s.decoder),
+    "decoder_mask": (B, s.decoder),
+    "decoder_distill_index": (B,),
+    "index": (B,),
+  }
+  colon = data.examples[0]["answer"][3]  # The ":" of "The answer is:".
+  for batch in _take(iter(data.dataset), 3 * data.steps_per_epoch):
+    assert {k: v.shape for k, v in batch.items()} == expected
+    assert batch["teacher_ids"].dtype == np.int32 and batch["teacher_mask"].dtype == bool
+    for key in ("teacher", "decoder"):
+      index = batch[f"{key}_distill_index"][:, None]
+      assert (np.take_along_axis(batch[f"{key}_ids"], index, 1) == colon).all()
+
+
+def test_epoch_covers_each_example_once(data):
+  one_epoch = pipeline.codi_dataset(data.examples, data.shapes, batch_size=B, seed=1, num_epochs=1)
+  seen = np.concatenate([b["index"] for b in one_epoch])
+  assert len(seen) == N // B * B and len(set(seen.tolist())) == len(seen)
+  two = pipeline.codi_dataset(data.examples, data.shapes, batch_size=10, seed=1, num_epochs=2)
+  batches = [b["index"].tolist() for b in two]
+  assert len(batches) == 14 and sorted(sum(batches[:7], [])) == list(range(N))
+  assert batches[:7] != batches[7:]  # Reshuffled each epoch.
+
+
+def test_process_shares(data):
+  shares = [
+    np.concatenate([
+      b["index"]
+      for b in pipeline.codi_dataset(
+        data.examples, data.shapes, batch_size=5, num_epochs=1, process_index=i, process_count=3
+      )
+    ]).tolist()
+    for i in range(3)
+  ]
+  assert [len(s) for s in shares] == [20, 20, 20]  # 70 // 3 = 23 each, 4 batches of 5.
+  assert not set(shares[0]) & set(shares[1]) and not set(shares[1]) & set(shares[2])
+  with pytest.raises(InputError, match="fewer than batch_size"):
+    pipeline.codi_dataset(data.examples, data.shapes, batch_size=40, process_count=2)
+
+
+def test_shapes_override(data):
+  records, _ = readers.prepare_train_records(synthetic.generate("train", 16, seed=0))
+  tok = tok_lib.gpt2_default()
+  wide = pipeline.train_data(records, tok, batch_size=4, shapes=data.shapes, prefetch=0, **IDS)
+  assert next(iter(wide.dataset))["teacher_ids"].shape == (4, data.shapes.teacher)
+  small = codi_batches.Shapes(question=8, teacher=8, decoder=8)
+  with pytest.raises(InputError, match="do not fit"):
+    pipeline.train_data(records, tok, batch_size=4, shapes=small, **IDS)
+
+
+def test_iterator_resume(data):
+  it = iter(data.dataset)
+  _take(it, 11)  # Past the first epoch boundary.
+  state = it.get_state()
+  expected = _take(it, 4)
+  restored = iter(data.dataset)
+  restored.set_state(state)
+  for a, b in zip(expected, _take(restored, 4)):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_workers_see_every_example(data):
+  ds = pipeline.codi_dataset(
+    data.examples, data.shapes, batch_size=B, seed=1, num_epochs=1, worker_count=2
+  )
+  it = iter(ds)
+  try:
+    seen = sorted(np.concatenate([b["index"] for b in it]).tolist())
+  finally:
+    it.close()  # Stops the worker processes now, not at interpreter exit.
+  serial = pipeline.codi_dataset(data.examples, data.shapes, batch_size=B, seed=1, num_epochs=1)
+  assert seen == sorted(np.concatenate([b["index"] for b in serial]).tolist())
+  assert len(seen) == N // B * B
