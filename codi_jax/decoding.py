@@ -53,17 +53,26 @@ def prefill(model: Transformer, ids_BxP, mask_BxP, capacity: int):
   return out.logits, out.cache, pos[:, -1] + 1
 
 
-def greedy_loop(model: Transformer, logits_BxV, cache, pos_B, max_new: int, eos_E, pad_id: int):
-  """Greedy continuation from prefill logits: tokens [B, N] (pad after a row's stop) and lengths [B]."""
+def greedy_loop(model: Transformer, logits_BxV, cache, pos_B, max_new: int, eos_E, pad_id: int,
+                suppress=()):
+  """Greedy continuation from prefill logits: tokens [B, N] (pad after a row's stop) and lengths [B].
+
+  `suppress` lists token ids that are never emitted (e.g. CODI's pad/bot/eot).
+  """
   B = logits_BxV.shape[0]
-  tok0 = jnp.argmax(logits_BxV, -1).astype(jnp.int32)
+  banned = jnp.zeros((logits_BxV.shape[-1],), bool).at[jnp.asarray(suppress, jnp.int32)].set(True)
+
+  def pick(logits):
+    return jnp.argmax(jnp.where(banned, -jnp.inf, logits), -1).astype(jnp.int32)
+
+  tok0 = pick(logits_BxV)
   buf = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(tok0)
   done = jnp.isin(tok0, eos_E)
   n = jnp.ones((B,), jnp.int32)
 
   def next_input(state, out: StepOut, i):
     buf, done, n = state
-    tok = jnp.where(done, pad_id, jnp.argmax(out.logits, -1).astype(jnp.int32))
+    tok = jnp.where(done, pad_id, pick(out.logits))
     buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], i + 1, axis=1)
     n = n + (~done).astype(jnp.int32)
     done = done | jnp.isin(tok, eos_E)

@@ -120,18 +120,20 @@ def _positions(mask_BxL, start_B=None):
   return pos if start_B is None else pos + start_B[:, None]
 
 
-def encode_and_think(codi: Codi, batch, rng=None, enc_embeds=None):
+def encode_and_think(codi: Codi, batch, rng=None, enc_embeds=None, capacity_extra=None):
   """Encodes [question][bot] into a fresh cache, then runs N continuous thoughts on it.
 
   Returns (cache ready for the answer pass, next position [B], thoughts [N, B, D]: the input
   embeddings fed at each latent step). enc_embeds [B, Lq, D] replaces the question ids if given.
+  The cache leaves room for the decoder batch (or `capacity_extra` slots when decoding).
   """
   cfg, bb = codi.cfg, codi.backbone
-  enc_ids, enc_mask = batch["enc_ids"], batch["enc_mask"]
+  enc_ids, enc_mask = batch["encoder_ids"], batch["encoder_mask"]
   B, Lq = enc_ids.shape
   N = cfg.num_latent
   official = cfg.padding_mode != "masked"
-  cache = kvc.init_cache(bb.cfg, B, Lq + N + batch["dec_ids"].shape[1])
+  extra = batch["decoder_ids"].shape[1] if capacity_extra is None else capacity_extra
+  cache = kvc.init_cache(bb.cfg, B, Lq + N + extra)
   enc_pos = jnp.broadcast_to(jnp.arange(Lq), (B, Lq)) if official else _positions(enc_mask)
   enc = bb(None if enc_embeds is not None else enc_ids, embeds=enc_embeds, positions=enc_pos, mask=enc_mask,
            cache=cache, logits="none", rng=fold(rng, 1))
@@ -163,14 +165,14 @@ def student_forward(codi: Codi, batch, rng=None, enc_embeds=None):
   """Encoder -> N thoughts -> teacher-forced [eot][answer] on the cache (hidden states on)."""
   bb, official = codi.backbone, codi.cfg.padding_mode != "masked"
   cache, next_pos, _ = encode_and_think(codi, batch, rng, enc_embeds)
-  dec_ids, dec_mask = batch["dec_ids"], batch["dec_mask"]
+  dec_ids, dec_mask = batch["decoder_ids"], batch["decoder_mask"]
   dec_pos = next_pos[:, None] + (jnp.arange(dec_ids.shape[1])[None] if official else _positions(dec_mask))
   return bb(embeds=bb.embed_tokens(dec_ids), positions=dec_pos, mask=dec_mask, cache=cache,
             hidden_states=True, rng=fold(rng, 5))
 
 
 def teacher_forward(codi: Codi, batch, rng=None, hidden_states=True):
-  ids, mask = batch["tea_ids"], batch["tea_mask"]
+  ids, mask = batch["teacher_ids"], batch["teacher_mask"]
   pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)  # right-padded, starts at 0 in every mode
   return codi.backbone(ids, positions=pos, mask=mask, hidden_states=hidden_states, rng=rng)
 
@@ -186,19 +188,19 @@ def codi_loss(codi: Codi, batch, rng=None):
   loss = 0.0
   if cfg.method in ("codi", "cot_sft"):
     tea = teacher_forward(codi, batch, fold(rng, 10), hidden_states=cfg.method == "codi")
-    ce_t = masked_ce(tea.logits, batch["tea_labels"])
+    ce_t = masked_ce(tea.logits, batch["teacher_labels"])
     metrics["ce_teacher"] = ce_t
     loss = loss + (cfg.gamma if cfg.method == "codi" else 1.0) * ce_t
   if cfg.method in ("codi", "no_cot_sft"):
     stu = student_forward(codi, batch, fold(rng, 20))
-    ce_s = masked_ce(stu.logits, batch["dec_labels"])
+    ce_s = masked_ce(stu.logits, batch["decoder_labels"])
     metrics["ce_student"] = ce_s
     loss = loss + (cfg.alpha if cfg.method == "codi" else 1.0) * ce_s
   if cfg.method == "codi":
     if cfg.separate_teacher_target_pass:
       tea = teacher_forward(codi, batch, fold(rng, 11))
-    s = [_gather(h, batch["dec_distill_idx"]) for h in stu.hidden_states]
-    t = [_gather(h, batch["tea_distill_idx"]) for h in tea.hidden_states]
+    s = [_gather(h, batch["decoder_distill_index"]) for h in stu.hidden_states]
+    t = [_gather(h, batch["teacher_distill_index"]) for h in tea.hidden_states]
     if cfg.distill_layers == "blocks_only":
       s, t = s[1:], t[1:]
     terms = distill_terms(s, t, cfg.distill_loss, cfg.distill_div_std)

@@ -569,3 +569,26 @@ def from_hf_dir(path: str | os.PathLike) -> Tokenizer:
     chat_template=chat_template,
     source=path,
   )
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 512, eos: str = _GPT2_EOS) -> Tokenizer:
+  """A small byte-level BPE fitted to `texts` (for models trained from scratch, e.g. the CPU demo).
+
+  Digits are split one per token (arithmetic stays learnable); the GPT-2 split keeps punctuation
+  apart from words, so "The answer is:" ends in its own ":" token. Deterministic for the same texts.
+  """
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+
+  backend = tokenizers.Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.Sequence([
+    pre_tokenizers.Digits(individual_digits=True),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+  ])
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  backend.train_from_iterator(list(texts), trainer=trainer)
+  eos_id = backend.token_to_id(eos)
+  return Tokenizer(backend, bos_id=eos_id, eos_id=eos_id, unk_id=eos_id, source="train_bpe")
