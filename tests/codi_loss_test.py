@@ -42,31 +42,31 @@ def make_batch(rng, B=3, Lq=6, La=7, Lt=14):
   dec_labels = np.where(dec_mask, dec, -100)
   tea_labels = np.where(tea_mask, tea, -100)
   tea_labels[:, :Lq] = -100  # question positions carry no loss
-  return dict(enc_ids=enc, enc_mask=np.ones((B, Lq), bool), dec_ids=dec, dec_mask=dec_mask, dec_labels=dec_labels,
-              tea_ids=tea, tea_mask=tea_mask, tea_labels=tea_labels,
-              dec_distill_idx=np.array([4, 3, 2]), tea_distill_idx=np.array([11, 8, 9]))
+  return dict(encoder_ids=enc, encoder_mask=np.ones((B, Lq), bool), decoder_ids=dec, decoder_mask=dec_mask, decoder_labels=dec_labels,
+              teacher_ids=tea, teacher_mask=tea_mask, teacher_labels=tea_labels,
+              decoder_distill_index=np.array([4, 3, 2]), teacher_distill_index=np.array([11, 8, 9]))
 
 
 def torch_reference(model, prj, b, beta, gamma):
   """The official CODI forward (zhenyi4/codi src/model.py), re-written from the spec in PyTorch."""
   T = lambda k: torch.tensor(b[k])  # noqa: E731
-  out = model(input_ids=T("enc_ids"), attention_mask=T("enc_mask").long(), use_cache=True, output_hidden_states=True)
+  out = model(input_ids=T("encoder_ids"), attention_mask=T("encoder_mask").long(), use_cache=True, output_hidden_states=True)
   past = out.past_key_values
   z = prj(out.hidden_states[-1][:, -1:, :])
   for i in range(N):
     out = model(inputs_embeds=z, past_key_values=past, use_cache=True, output_hidden_states=True)
     past = out.past_key_values
     z = prj(out.hidden_states[-1][:, -1:, :])
-  dec = model(inputs_embeds=model.get_input_embeddings()(T("dec_ids")), past_key_values=past,
+  dec = model(inputs_embeds=model.get_input_embeddings()(T("decoder_ids")), past_key_values=past,
               output_hidden_states=True)
   ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
-  ce_s = ce(dec.logits[:, :-1].reshape(-1, V), T("dec_labels")[:, 1:].reshape(-1))
-  tea = model(input_ids=T("tea_ids"), attention_mask=T("tea_mask").long(), output_hidden_states=True)
-  ce_t = ce(tea.logits[:, :-1].reshape(-1, V), T("tea_labels")[:, 1:].reshape(-1))
-  rows = torch.arange(len(b["enc_ids"]))
+  ce_s = ce(dec.logits[:, :-1].reshape(-1, V), T("decoder_labels")[:, 1:].reshape(-1))
+  tea = model(input_ids=T("teacher_ids"), attention_mask=T("teacher_mask").long(), output_hidden_states=True)
+  ce_t = ce(tea.logits[:, :-1].reshape(-1, V), T("teacher_labels")[:, 1:].reshape(-1))
+  rows = torch.arange(len(b["encoder_ids"]))
   kd = 0
   for hs, ht in zip(dec.hidden_states, tea.hidden_states):
-    s, t = hs[rows, T("dec_distill_idx")], ht[rows, T("tea_distill_idx")].detach()
+    s, t = hs[rows, T("decoder_distill_index")], ht[rows, T("teacher_distill_index")].detach()
     kd = kd + torch.nn.functional.smooth_l1_loss(s, t) / t.std()
   kd = kd / len(dec.hidden_states)
   return ce_s, ce_t, kd, ce_s + beta * kd + gamma * ce_t
@@ -109,7 +109,7 @@ def test_gradients_reach_question_through_every_thought():
   b = {k: jnp.asarray(v) for k, v in make_batch(np.random.default_rng(1)).items()}
   codi = Codi(transformer.build(cfg, seed=2), CodiConfig(num_latent=4), nnx.Rngs(0))
   graphdef, state = nnx.split(codi)
-  q = codi.backbone.embed_tokens(b["enc_ids"])
+  q = codi.backbone.embed_tokens(b["encoder_ids"])
 
   def thought(q_emb, i):
     return encode_and_think(nnx.merge(graphdef, state), b, enc_embeds=q_emb)[2][i].sum()
@@ -118,5 +118,5 @@ def test_gradients_reach_question_through_every_thought():
     g = jax.jit(jax.grad(thought), static_argnums=1)(q, i)
     assert float(jnp.abs(g).sum()) > 0, i
   g = jax.jit(jax.grad(lambda q_emb: masked_ce(
-      student_forward(nnx.merge(graphdef, state), b, enc_embeds=q_emb).logits, b["dec_labels"])))(q)
+      student_forward(nnx.merge(graphdef, state), b, enc_embeds=q_emb).logits, b["decoder_labels"])))(q)
   assert float(jnp.abs(g).sum()) > 0
