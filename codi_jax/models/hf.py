@@ -76,7 +76,7 @@ def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float3
       num_kv_heads=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or D // H,
       d_ff=need("intermediate_size"), max_positions=hf.get("max_position_embeddings", 2048),
       norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta or 10000.0), rope_scaling=scaling,
-      tie_embeddings=hf.get("tie_word_embeddings", arch == "qwen2" and False), qkv_bias=arch == "qwen2")
+      tie_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=arch == "qwen2")
 
 
 # ----------------------------------------------------------------------------------------- names
