@@ -135,11 +135,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
   return jnp.where(medium, smoothed, inv_l)
 
 
-def rope(x_BxLxHxDh, pos_BxL, inv_freq):
-  """Rotate-half RoPE (HF convention); angles in f32, cast to x's dtype like HF."""
+def rope_tables(pos_BxL, inv_freq, dtype):
+  """cos/sin [B, L, 1, Dh] for rotate-half RoPE; angles in f32, cast to the compute dtype like HF."""
   ang_BxLxF = pos_BxL.astype(jnp.float32)[..., None] * inv_freq
   ang = jnp.concatenate([ang_BxLxF, ang_BxLxF], -1)[:, :, None, :]
-  cos, sin = jnp.cos(ang).astype(x_BxLxHxDh.dtype), jnp.sin(ang).astype(x_BxLxHxDh.dtype)
+  return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
+
+
+def rope(x_BxLxHxDh, cos_sin):
+  """Applies rotate-half RoPE (HF convention) with tables from `rope_tables`."""
+  cos, sin = cos_sin
   x1, x2 = jnp.split(x_BxLxHxDh, 2, axis=-1)
   return x_BxLxHxDh * cos + jnp.concatenate([-x2, x1], -1) * sin
 

@@ -21,7 +21,7 @@ from flax import nnx
 from codi_jax.models import cache as kvc
 from codi_jax.models.config import ModelConfig
 from codi_jax.models.layers import (
-    Embed, LayerNorm, Linear, RMSNorm, attention, dropout, fold, rope, rope_inv_freq,
+    Embed, LayerNorm, Linear, RMSNorm, attention, dropout, fold, rope, rope_inv_freq, rope_tables,
 )
 
 
@@ -60,8 +60,8 @@ class GPT2Block(nnx.Module):
     self.c_fc = _linear(cfg, "mlp.c_fc", D, F, True, ("embed", "mlp"), rngs)
     self.mlp_c_proj = _linear(cfg, "mlp.c_proj", F, D, True, ("mlp", "embed"), rngs, resid_std)
 
-  def __call__(self, x_BxLxD, pos_BxL, kv, allowed, end, rng):
-    del pos_BxL  # GPT-2 adds learned positions at the embedding
+  def __call__(self, x_BxLxD, rope_cs, kv, allowed, end, rng):
+    del rope_cs  # GPT-2 adds learned positions at the embedding
     cfg, (B, L, D) = self.cfg, x_BxLxD.shape
     h = self.ln_1(x_BxLxD)
     q, k, v = jnp.split(self.c_attn(h, fold(rng, 0)), 3, axis=-1)
@@ -92,12 +92,11 @@ class LlamaBlock(nnx.Module):
     self.up_proj = _linear(cfg, "mlp.up_proj", D, F, False, ("embed", "mlp"), rngs)
     self.down_proj = _linear(cfg, "mlp.down_proj", F, D, False, ("mlp", "embed"), rngs, resid_std)
 
-  def __call__(self, x_BxLxD, pos_BxL, kv, allowed, end, rng):
+  def __call__(self, x_BxLxD, rope_cs, kv, allowed, end, rng):
     cfg, (B, L, _) = self.cfg, x_BxLxD.shape
-    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     h = self.input_layernorm(x_BxLxD)
-    q = rope(self.q_proj(h, fold(rng, 0)).reshape(B, L, cfg.num_heads, cfg.head_dim), pos_BxL, inv_freq)
-    k = rope(self.k_proj(h, fold(rng, 1)).reshape(B, L, cfg.num_kv_heads, cfg.head_dim), pos_BxL, inv_freq)
+    q = rope(self.q_proj(h, fold(rng, 0)).reshape(B, L, cfg.num_heads, cfg.head_dim), rope_cs)
+    k = rope(self.k_proj(h, fold(rng, 1)).reshape(B, L, cfg.num_kv_heads, cfg.head_dim), rope_cs)
     v = self.v_proj(h, fold(rng, 2)).reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
     o, kv = _attend_cached(q, k, v, kv, end, allowed, cfg, fold(rng, 3))
     x_BxLxD = x_BxLxD + self.o_proj(o, fold(rng, 4))
@@ -165,12 +164,14 @@ class Transformer(nnx.Module):
     T = key_valid_BxT.shape[1]
     allowed_BxLxT = key_valid_BxT[:, None, :] & (jnp.arange(T)[None, None, :] <= q_slot[None, :, None])
 
+    rope_cs = None if self.pos_embed is not None else rope_tables(
+        positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), x_BxLxD.dtype)
     all_h = []
     new_k, new_v = [], []
     for i, blk in enumerate(self.blocks):
       if hidden_states:
         all_h.append(x_BxLxD)
-      x_BxLxD, (k, v) = blk(x_BxLxD, positions, kvs[i], allowed_BxLxT, end, fold(rng, i + 1))
+      x_BxLxD, (k, v) = blk(x_BxLxD, rope_cs, kvs[i], allowed_BxLxT, end, fold(rng, i + 1))
       new_k.append(k)
       new_v.append(v)
     h_BxLxD = self.final_norm(x_BxLxD)
