@@ -104,13 +104,10 @@ def build_model(config, tokenizer):
   backbone.resize_vocab(base_vocab + 3, jax.random.key(config.seed + 1))
   eos = tokenizer.eos_id
   special = SpecialIds(pad=ids[0], bot=ids[1], eot=ids[2], eos=eos)
-  cc = config.codi
-  ccfg = CodiConfig(
-      num_latent=0 if cc.method == "no_cot_sft" else cc.num_latent, prj_dim=cc.prj_dim, use_prj=cc.use_prj,
-      prj_layernorm=cc.prj_layernorm, prj_dropout=cc.prj_dropout, distill_loss=cc.distill_loss,
-      distill_layers=cc.distill_layers, distill_div_std=cc.distill_div_std, alpha=cc.alpha, beta=cc.beta,
-      gamma=cc.gamma, padding_mode=cc.padding_mode, separate_teacher_target_pass=cc.separate_teacher_target_pass,
-      method=cc.method)
+  cc = config.codi.to_dict()
+  ccfg = CodiConfig(**{f.name: cc[f.name] for f in dataclasses.fields(CodiConfig) if f.name in cc})
+  if ccfg.method == "no_cot_sft":  # the student reads [question][bot][eot][answer]: no thoughts
+    ccfg = dataclasses.replace(ccfg, num_latent=0)
   return Codi(backbone, ccfg, nnx.Rngs(params=config.seed + 2)), tokenizer, special
 
 
