@@ -44,10 +44,13 @@ def positions_from_mask(mask_BxP: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def prefill(model: Transformer, ids_BxP, mask_BxP, capacity: int):
-  """Runs the prompt into a fresh cache; returns (last-position logits [B, V], cache, next pos [B])."""
+def prefill(model: Transformer, ids_BxP, mask_BxP, capacity: int, positions=None):
+  """Runs the prompt into a fresh cache; returns (last-position logits [B, V], cache, next pos [B]).
+
+  positions default to counting from each row's first real token.
+  """
   B, _ = ids_BxP.shape
-  pos = positions_from_mask(mask_BxP)
+  pos = positions_from_mask(mask_BxP) if positions is None else positions
   out = model(ids_BxP, positions=pos, mask=mask_BxP, cache=kvc.init_cache(model.cfg, B, capacity),
               logits="last")
   return out.logits, out.cache, pos[:, -1] + 1
@@ -89,7 +92,6 @@ class Generator:
 
   def __init__(self, model: Transformer, pad_id: int, eos_ids: Sequence[int]):
     self.graphdef, self.state = nnx.split(model)
-    self.cfg = model.cfg
     self.pad_id = int(pad_id)
     self.eos = jnp.asarray(sorted(set(int(e) for e in eos_ids)), jnp.int32)
     self.compiles = 0

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 
 import jax
@@ -192,8 +193,6 @@ def save_final(workdir, state, config, tokenizer, special, summary):
   final = os.path.join(os.path.abspath(workdir), "final")
   tmp = final + ".tmp"
   if os.path.exists(tmp):
-    import shutil  # pylint: disable=import-outside-toplevel
-
     shutil.rmtree(tmp)
   os.makedirs(tmp)
   with ocp.StandardCheckpointer() as ckpt:
@@ -204,8 +203,6 @@ def save_final(workdir, state, config, tokenizer, special, summary):
   with open(os.path.join(tmp, "run.json"), "w") as f:
     json.dump({"special_ids": dataclasses.asdict(special), "eos_ids": list(tokenizer.eos_ids), **summary}, f, indent=2)
   if os.path.exists(final):
-    import shutil  # pylint: disable=import-outside-toplevel
-
     shutil.rmtree(final)
   os.replace(tmp, final)
   return final

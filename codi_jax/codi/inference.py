@@ -10,8 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from codi_jax.codi.model import Codi, encode_and_think
-from codi_jax.decoding import greedy_loop, positions_from_mask
-from codi_jax.models import cache as kvc
+from codi_jax.decoding import greedy_loop, prefill
 from codi_jax.models.step import step
 
 
@@ -32,10 +31,6 @@ def teacher_generate(codi: Codi, q_ids_BxLq, q_mask_BxLq, *, max_new: int, eos_i
   """Explicit CoT decoding from the question alone (the teacher / CoT-SFT mode)."""
   bb = codi.backbone
   B, Lq = q_ids_BxLq.shape
-  pos = positions_from_mask(q_mask_BxLq)
-  if codi.cfg.padding_mode != "masked":
-    pos = jnp.broadcast_to(jnp.arange(Lq), (B, Lq))
-  out = bb(q_ids_BxLq, positions=pos, mask=q_mask_BxLq, cache=kvc.init_cache(bb.cfg, B, Lq + max_new),
-           logits="last")
-  return greedy_loop(bb, out.logits, out.cache, pos[:, -1] + 1, max_new, jnp.asarray(eos_ids, jnp.int32),
-                     pad_id, suppress)
+  pos = None if codi.cfg.padding_mode == "masked" else jnp.broadcast_to(jnp.arange(Lq), (B, Lq))
+  logits, cache, next_pos = prefill(bb, q_ids_BxLq, q_mask_BxLq, Lq + max_new, pos)
+  return greedy_loop(bb, logits, cache, next_pos, max_new, jnp.asarray(eos_ids, jnp.int32), pad_id, suppress)

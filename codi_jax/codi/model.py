@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from codi_jax.decoding import positions_from_mask
 from codi_jax.models import cache as kvc
 from codi_jax.models.layers import LayerNorm, dropout, fold, param
 from codi_jax.models.step import Loop, scan_steps
@@ -115,11 +116,6 @@ def distill_terms(student, teacher, kind: str, div_std: bool):
   return jnp.stack(out)
 
 
-def _positions(mask_BxL, start_B=None):
-  pos = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0)
-  return pos if start_B is None else pos + start_B[:, None]
-
-
 def encode_and_think(codi: Codi, batch, rng=None, enc_embeds=None, capacity_extra=None):
   """Encodes [question][bot] into a fresh cache, then runs N continuous thoughts on it.
 
@@ -134,7 +130,7 @@ def encode_and_think(codi: Codi, batch, rng=None, enc_embeds=None, capacity_extr
   official = cfg.padding_mode != "masked"
   extra = batch["decoder_ids"].shape[1] if capacity_extra is None else capacity_extra
   cache = kvc.init_cache(bb.cfg, B, Lq + N + extra)
-  enc_pos = jnp.broadcast_to(jnp.arange(Lq), (B, Lq)) if official else _positions(enc_mask)
+  enc_pos = jnp.broadcast_to(jnp.arange(Lq), (B, Lq)) if official else positions_from_mask(enc_mask)
   enc = bb(None if enc_embeds is not None else enc_ids, embeds=enc_embeds, positions=enc_pos, mask=enc_mask,
            cache=cache, logits="none", rng=fold(rng, 1))
   cache = enc.cache
@@ -166,7 +162,7 @@ def student_forward(codi: Codi, batch, rng=None, enc_embeds=None):
   bb, official = codi.backbone, codi.cfg.padding_mode != "masked"
   cache, next_pos, _ = encode_and_think(codi, batch, rng, enc_embeds)
   dec_ids, dec_mask = batch["decoder_ids"], batch["decoder_mask"]
-  dec_pos = next_pos[:, None] + (jnp.arange(dec_ids.shape[1])[None] if official else _positions(dec_mask))
+  dec_pos = next_pos[:, None] + (jnp.arange(dec_ids.shape[1])[None] if official else positions_from_mask(dec_mask))
   return bb(embeds=bb.embed_tokens(dec_ids), positions=dec_pos, mask=dec_mask, cache=cache,
             hidden_states=True, rng=fold(rng, 5))
 
