@@ -1,0 +1,212 @@
+"""`python -m codi_jax.evaluate` on tiny saved runs: files, counts, batch invariance, compiles."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from train_test import tiny_config
+
+from codi_jax import evaluate as ev
+from codi_jax import train_lib
+from codi_jax.errors import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROG = "codi_jax.evaluate"
+
+
+def _save_run(workdir, method):
+  """A tiny untrained run saved as training saves one (the plumbing is tested, not accuracy)."""
+  c = tiny_config(method)
+  c.data.buckets = 160  # every synthetic question in one bucket: one compile per test
+  c.data.synthetic.test = 24
+  c.eval.batch_size = 8
+  train, _, _ = train_lib.load_records(c)
+  codi, tok, special = train_lib.build_model(c, train_lib.build_tokenizer(c, train))
+  train_lib.save_final(str(workdir), nnx.state(codi, nnx.Param), c, tok, special, {"steps": 0})
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("runs")
+  return {m: _save_run(root / m, m) for m in ("codi", "cot_sft")}
+
+
+@pytest.fixture(scope="module")
+def finals(runs):
+  return {m: ev.load_final(w) for m, w in runs.items()}
+
+
+def run_cli(tmp_path, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CODI_JAX_CACHE=str(tmp_path / "xla"))
+  return subprocess.run(
+    [sys.executable, "-m", PROG, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+
+
+def assert_one_line_error(proc, *needles):
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+  assert lines[0].startswith(f"{PROG}: error: "), lines[0]
+  for needle in needles:
+    assert str(needle) in lines[0], lines[0]
+
+
+def read_jsonl(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_cli_end_to_end_with_efficiency_and_probe(runs, tmp_path):
+  out = tmp_path / "eval"
+  proc = run_cli(
+    tmp_path,
+    f"--workdir={runs['codi']}",
+    f"--cot_workdir={runs['cot_sft']}",
+    "--limit=6",
+    "--batch_size=4",
+    "--probe",
+    "--probe_all",
+    "--latency_calls=2",
+    f"--out={out}",
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert "synthetic_test" in proc.stdout and "compression" in proc.stdout  # the printed tables
+  summary = json.loads((out / "synthetic_test.json").read_text())
+  examples = read_jsonl(out / "synthetic_test.examples.jsonl")
+  assert summary["n"] == len(examples) == 6
+  assert [e["index"] for e in examples] == list(range(6))
+  assert summary["correct"] == sum(e["correct"] for e in examples)
+  assert summary["accuracy"] == pytest.approx(np.mean([e["correct"] for e in examples]))
+  assert summary["mean_generated_tokens"] == pytest.approx(
+    np.mean([e["n_tokens"] for e in examples])
+  )
+  assert all(len(e["tokens"]) == e["n_tokens"] for e in examples)
+  assert summary["mode"] == "student" and summary["thoughts"] == 2
+  assert summary["compiles"] == len(summary["buckets"]) == 1
+
+  eff = json.loads((out / "synthetic_test.efficiency.json").read_text())
+  codi, cot = eff["codi"], eff["cot_sft"]
+  assert codi["thoughts"] == 2 and cot["thoughts"] == 0 and cot["mode"] == "teacher"
+  assert codi["tokens_per_problem"] == pytest.approx(2 + summary["mean_generated_tokens"])
+  assert eff["compression_paper"] == pytest.approx(cot["mean_generated_tokens"] / 4)
+  assert eff["compression_tokens"] == pytest.approx(
+    cot["tokens_per_problem"] / codi["tokens_per_problem"]
+  )
+  for m in (codi, cot):
+    for name, bs in (("batch1", 1), ("batched", 4)):
+      lat = m["latency"][name]
+      assert lat["batch_size"] == bs and lat["calls"] == 2 and lat["per_problem_s"] > 0
+      assert lat["per_problem_s"] == pytest.approx(lat["median_call_s"] / bs)
+  assert eff["speedup"]["batch1"] == pytest.approx(
+    cot["latency"]["batch1"]["per_problem_s"] / codi["latency"]["batch1"]["per_problem_s"]
+  )
+
+  probe = json.loads((out / "synthetic_test.probe.json").read_text())
+  assert len(probe["examples"]) == 6 and probe["top_k"] == 5 and probe["source"] == "pre_prj"
+  first = probe["examples"][0]
+  assert len(first["tokens"]) == 3 and all(len(t) == 5 for t in first["tokens"])  # bot + 2 thoughts
+  assert all(np.all(np.diff(p) <= 0) for p in first["probs"])  # most likely first
+  assert len(first["results"]) == len(first["found"]) == len(first["cot"].split())
+  assert (
+    probe["table3"]["steps"][0]["problems"] == 6 and summary["probe"]["table3"] == probe["table3"]
+  )
+  text = (out / "synthetic_test.probe.txt").read_text()
+  assert text.count("\nproblem ") == 6 and "after thought 2:" in text
+  assert not [f for f in os.listdir(out) if ".tmp" in f]  # atomic writes leave no temporaries
+
+
+@pytest.mark.parametrize("method,mode", [("codi", "student"), ("cot_sft", "teacher")])
+def test_batched_equals_batch_one(finals, method, mode):
+  data = ev.load_eval_data("test", finals[method].config, limit=6)
+  runner = ev.Runner(finals[method], mode, max_new_tokens=6)
+  _, batched, _ = runner.run(data, 4, progress=False)
+  _, single, _ = runner.run(data, 1, progress=False)
+  assert [e["tokens"] for e in batched] == [e["tokens"] for e in single]
+  assert [e["prediction"] for e in batched] == [e["prediction"] for e in single]
+
+
+def test_one_compile_per_bucket(finals):
+  final = ev.Final(
+    **{**vars(finals["codi"]), "config": finals["codi"].config.copy_and_resolve_references()}
+  )
+  final.config.data.buckets = 16
+  short, long_ = "Tom has 3 apples.", "Tom has 3 apples and buys 4 more. " * 3 + "How many?"
+  data = ev.EvalData(
+    "mixed",
+    "math",
+    [short, long_, short, long_, short],
+    [3.0, 7.0, 3.0, 7.0, 3.0],
+    [[]] * 5,
+    [None] * 5,
+    {"source": "test"},
+  )
+  runner = ev.Runner(final, "student", max_new_tokens=4)
+  summary, examples, _ = runner.run(data, 2, progress=False)
+  assert len(summary["buckets"]) == 2 and summary["compiles"] == 2
+  assert [e["index"] for e in examples] == [0, 1, 2, 3, 4]
+  assert (
+    examples[0]["tokens"] == examples[2]["tokens"] == examples[4]["tokens"]
+  )  # same question, any batch
+  again, _, _ = runner.run(data, 2, progress=False)
+  assert again["compiles"] == 0
+
+
+def test_missing_final_is_a_one_line_error(tmp_path):
+  proc = run_cli(tmp_path, f"--workdir={tmp_path}")
+  assert_one_line_error(proc, str(tmp_path), "no finished run")
+  (tmp_path / "final.tmp").mkdir()
+  with pytest.raises(InputError, match="unfinished run"):
+    ev.load_final(str(tmp_path))
+  (tmp_path / "final").mkdir()
+  with pytest.raises(InputError, match="incomplete checkpoint"):
+    ev.load_final(str(tmp_path))
+
+
+def test_malformed_data_line_names_file_and_line(runs, tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"question": "Tom has 2 apples.", "answer": "2"}\n{"question": oops}\n')
+  proc = run_cli(tmp_path, f"--workdir={runs['codi']}", f"--data={path}")
+  assert_one_line_error(proc, str(path), "line 2")
+  assert not os.path.exists(os.path.join(runs["codi"], "eval", "bad.json"))
+
+
+def test_data_specs(finals, tmp_path):
+  config = finals["codi"].config
+  path = tmp_path / "gsm.jsonl"
+  rows = [
+    {"question": " Q1  here ", "answer": "She sold 48/2 = <<48/2=24>>24.\n#### 24"},
+    {"question": "Q2", "answer": "#### 1,000"},
+  ]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  plain = ev.load_eval_data(str(path), config, steps=True)
+  assert (plain.name, plain.task, plain.golds, plain.steps) == (
+    "gsm",
+    "math",
+    [24.0, 1000.0],
+    [[24.0], []],
+  )
+  assert plain.questions == ["Q1 here", "Q2"]
+  named = ev.load_eval_data(f"gsm8k={path}", config, limit=1)
+  assert (named.name, named.golds, named.steps) == (
+    "gsm8k",
+    [24.0],
+    [[]],
+  )  # steps only when probing
+  syn = ev.load_eval_data("synthetic:valid", config, limit=3)
+  assert syn.name == "synthetic_valid" and len(syn.questions) == 3 and all(syn.steps)
+  with pytest.raises(InputError, match="not a .json/.jsonl file"):
+    ev.load_eval_data("nope", config)
+  with pytest.raises(InputError, match="unknown evaluation set"):
+    ev.load_eval_data(f"nope={path}", config)
