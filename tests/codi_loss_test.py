@@ -11,6 +11,7 @@ from flax import nnx
 from codi_jax.codi.model import Codi, CodiConfig, codi_loss, encode_and_think, masked_ce, student_forward
 from codi_jax.models import config as mcfg
 from codi_jax.models import hf, transformer
+from codi_jax.models.params import split_trainable
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -120,3 +121,29 @@ def test_gradients_reach_question_through_every_thought():
   g = jax.jit(jax.grad(lambda q_emb: masked_ce(
       student_forward(nnx.merge(graphdef, state), b, enc_embeds=q_emb).logits, b["decoder_labels"])))(q)
   assert float(jnp.abs(g).sum()) > 0
+
+
+@pytest.mark.parametrize("train_special", [False, True])
+def test_special_rows_train_only_with_the_flag(train_special):
+  """Under LoRA the table is frozen: bot/eot rows move only through the separate `special` param."""
+  cfg = mcfg.tiny("gpt2", vocab_size=V).replace(lora=mcfg.LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
+  b = make_batch(np.random.default_rng(3))
+  b["encoder_ids"][:, -1] = V - 2  # the question ends with bot (row V-2 of the table)
+  b["decoder_ids"][:, 0] = V - 1  # the answer starts with eot
+  b = {k: jnp.asarray(v) for k, v in b.items()}
+  codi = Codi(transformer.build(cfg, seed=2), CodiConfig(num_latent=2, train_special_embeddings=train_special),
+              nnx.Rngs(0))
+  extra = ("prj", "special") if train_special else ("prj",)
+  graphdef, trainable, frozen = split_trainable(codi, extra=extra)
+  grads = jax.grad(lambda t: codi_loss(nnx.merge(graphdef, t, frozen), b)[0])(trainable)
+  names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
+  assert ("special" in names) == train_special
+  assert not any("embed/embedding" in n for n in names)  # the table itself never trains under LoRA
+  if train_special:
+    g = np.asarray(grads["special"][...])
+    assert np.abs(g[1:]).sum() > 0  # bot and eot rows get gradients
+    moved = nnx.merge(graphdef, trainable, frozen)
+    moved.special.set_value(moved.special[...] + 1.0)
+    table = np.asarray(moved.sync_special_rows().backbone.embed.embedding[...])
+    np.testing.assert_allclose(table[-3:], np.asarray(moved.special[...]), atol=0)
+    np.testing.assert_allclose(table[:-3], np.asarray(codi.backbone.embed.embedding[...])[:-3], atol=0)

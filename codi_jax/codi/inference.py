@@ -18,6 +18,7 @@ def student_generate(codi: Codi, enc_ids_BxLq, enc_mask_BxLq, *, eot_id: int, ma
                      pad_id: int, suppress=()):
   """[question][bot] -> N thoughts -> [eot] -> greedy answer. Returns (tokens [B, N], lengths [B])."""
   batch = {"encoder_ids": enc_ids_BxLq, "encoder_mask": enc_mask_BxLq}
+  codi.sync_special_rows()
   cache, pos, _ = encode_and_think(codi, batch, capacity_extra=max_new + 1)
   bb = codi.backbone
   B = enc_ids_BxLq.shape[0]
@@ -29,7 +30,7 @@ def student_generate(codi: Codi, enc_ids_BxLq, enc_mask_BxLq, *, eot_id: int, ma
 
 def teacher_generate(codi: Codi, q_ids_BxLq, q_mask_BxLq, *, max_new: int, eos_ids, pad_id: int, suppress=()):
   """Explicit CoT decoding from the question alone (the teacher / CoT-SFT mode)."""
-  bb = codi.backbone
+  bb = codi.sync_special_rows().backbone
   B, Lq = q_ids_BxLq.shape
   pos = None if codi.cfg.padding_mode == "masked" else jnp.broadcast_to(jnp.arange(Lq), (B, Lq))
   logits, cache, next_pos = prefill(bb, q_ids_BxLq, q_mask_BxLq, Lq + max_new, pos)

@@ -37,6 +37,10 @@ class CodiConfig:
     indices) or "official_fixmask" (reference fix_attn_mask=True: only the answer pass is masked).
   separate_teacher_target_pass: reference runs the teacher twice (no-grad targets + CE pass, two
     dropout masks); ours by default runs it once and stops gradients on its hidden states.
+  train_special_embeddings: reference (False): under LoRA the embedding table is frozen, so pad/bot/eot
+    keep their random rows although the paper calls them learnable. True: the table's last 3 rows
+    (where train_lib puts pad/bot/eot) live in a separate [3, D] parameter `special` that trains and
+    is written into the table at every forward. Moot under full fine-tuning (the table trains).
   """
 
   num_latent: int = 6
@@ -53,6 +57,7 @@ class CodiConfig:
   padding_mode: Literal["masked", "official", "official_fixmask"] = "masked"
   separate_teacher_target_pass: bool = False
   method: Literal["codi", "cot_sft", "no_cot_sft"] = "codi"
+  train_special_embeddings: bool = False
 
 
 class Projection(nnx.Module):
@@ -83,6 +88,16 @@ class Codi(nnx.Module):
     d = backbone.cfg.d_model
     self.prj = Projection(d, cfg.prj_dim or d, layernorm=cfg.prj_layernorm, dropout_rate=cfg.prj_dropout,
                           rngs=rngs) if cfg.use_prj else None
+    table = backbone.embed.embedding
+    self.special = (param(table[...][-3:].astype(jnp.float32), (None, "embed"))
+                    if cfg.train_special_embeddings else None)
+
+  def sync_special_rows(self):
+    """Writes the trainable pad/bot/eot rows into the embedding table (no-op unless they train)."""
+    if self.special is not None:
+      table = self.backbone.embed.embedding  # replaced, not mutated: the frozen tree may be a closure
+      self.backbone.embed.embedding = table.replace(table[...].at[-3:].set(self.special[...].astype(table.dtype)))
+    return self
 
   def project(self, h_BxD, rng=None):
     return h_BxD if self.prj is None else self.prj(h_BxD, rng)
@@ -179,7 +194,7 @@ def _gather(h_BxLxD, idx_B):
 
 def codi_loss(codi: Codi, batch, rng=None):
   """(loss, metrics): alpha * CE_student + beta * L_KD + gamma * CE_teacher (per method)."""
-  cfg = codi.cfg
+  cfg = codi.sync_special_rows().cfg
   metrics = {}
   loss = 0.0
   if cfg.method in ("codi", "cot_sft"):

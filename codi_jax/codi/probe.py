@@ -51,6 +51,7 @@ def thought_states(codi: Codi, enc_ids_BxLq, enc_mask_BxLq, source: Source = "pr
   if source not in SOURCES:
     raise ValueError(f"probe source must be one of {SOURCES}, got {source!r}")
   batch = {"encoder_ids": enc_ids_BxLq, "encoder_mask": enc_mask_BxLq}
+  codi.sync_special_rows()
   cache, next_pos, thoughts_NxBxD = encode_and_think(codi, batch, capacity_extra=0)
   thoughts = jnp.swapaxes(thoughts_NxBxD, 0, 1)
   if source == "post_prj":
