@@ -156,12 +156,23 @@ def attention(q_BxLxHxDh, k_BxTxKxDh, v_BxTxKxDh, allowed_BxLxT, *, attn_dropout
   Fully masked query rows (padding) get a uniform, finite distribution instead of NaN.
   """
   B, L, H, Dh = q_BxLxHxDh.shape
-  K = k_BxTxKxDh.shape[2]
-  q = q_BxLxHxDh.reshape(B, L, K, H // K, Dh)
-  s_BxKxGxLxT = jnp.einsum("blkgd,btkd->bkglt", q, k_BxTxKxDh, preferred_element_type=jnp.float32)
+  T, K = k_BxTxKxDh.shape[1:3]
+  G = H // K
+  if L == 1:  # decoding: leave the cache in place (a transpose would copy it every step)
+    q = q_BxLxHxDh.reshape(B, L, K, G, Dh)
+    s_BxKxGxLxT = jnp.einsum("blkgd,btkd->bkglt", q, k_BxTxKxDh, preferred_element_type=jnp.float32)
+  else:  # prefill/training: [B*K] batched matmuls over contiguous operands run ~2x faster on XLA:CPU
+    q = q_BxLxHxDh.reshape(B, L, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B * K, G * L, Dh)
+    k = k_BxTxKxDh.transpose(0, 2, 1, 3).reshape(B * K, T, Dh)
+    s = jnp.einsum("nqd,ntd->nqt", q, k, preferred_element_type=jnp.float32)
+    s_BxKxGxLxT = s.reshape(B, K, G, L, T)
   s_BxKxGxLxT = s_BxKxGxLxT / math.sqrt(Dh)
   s_BxKxGxLxT = jnp.where(allowed_BxLxT[:, None, None], s_BxKxGxLxT, _NEG)
   p = jax.nn.softmax(s_BxKxGxLxT, axis=-1)
   p = dropout(p, attn_dropout, rng).astype(v_BxTxKxDh.dtype)
-  o = jnp.einsum("bkglt,btkd->blkgd", p, v_BxTxKxDh)
-  return o.reshape(B, L, H * Dh)
+  if L == 1:
+    o = jnp.einsum("bkglt,btkd->blkgd", p, v_BxTxKxDh)
+    return o.reshape(B, L, H * Dh)
+  v = v_BxTxKxDh.transpose(0, 2, 1, 3).reshape(B * K, T, Dh)
+  o = jnp.einsum("nqt,ntd->nqd", p.reshape(B * K, G * L, T), v)
+  return o.reshape(B, K, G, L, Dh).transpose(0, 3, 1, 2, 4).reshape(B, L, H * Dh)
