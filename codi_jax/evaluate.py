@@ -173,12 +173,7 @@ def config_task(config) -> str:
 
 def _synthetic(config, split: str, limit: int | None) -> EvalData:
   s = config.data.synthetic
-  difficulty = synthetic.Difficulty(
-    **{
-      f.name: tuple(s[f.name]) if f.name == "ops" else s[f.name]
-      for f in dataclasses.fields(synthetic.Difficulty)
-    }
-  )
+  difficulty = synthetic.Difficulty.from_config(s.to_dict())
   size = s.test if split == "test" else s.valid
   recs = synthetic.generate(
     split, min(size, limit or size), seed=config.seed, difficulty=difficulty

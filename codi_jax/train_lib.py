@@ -42,8 +42,7 @@ def load_records(config):
   d = config.data
   if d.source == "synthetic":
     s = d.synthetic
-    diff = synthetic.Difficulty(min_steps=s.min_steps, max_steps=s.max_steps, min_operand=s.min_operand,
-                                max_operand=s.max_operand, max_value=s.max_value, ops=tuple(s.ops))
+    diff = synthetic.Difficulty.from_config(s.to_dict())
     kw = dict(include_last_cot=d.include_last_cot, keep_non_digit_answers=d.keep_non_digit_answers)
     train, rep_t = readers.prepare_train_records(
         synthetic.generate("train", s.train, seed=config.seed, difficulty=diff), kind="aug", source="synthetic:train", **kw)
@@ -242,7 +241,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if full_ft:
     graphdef, train_state, frozen = nnx.split(codi, nnx.Param, ...)  # frozen: empty
   else:
-    graphdef, train_state, frozen = split_trainable(codi, extra=("prj",))
+    graphdef, train_state, frozen = split_trainable(
+        codi, extra=("prj", "special") if codi.cfg.train_special_embeddings else ("prj",))
   tx, sched = make_optimizer(config, num_steps)  # MultiSteps advances the schedule once per step
   opt_state = tx.init(train_state)
   n_train = sum(x.size for x in jax.tree.leaves(train_state))
@@ -309,7 +309,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_seconds = time.time() - t_loop
   summary = {"steps": num_steps, "train_seconds": round(train_seconds, 1), "step_compiles": len(traces),
              "total_seconds": round(time.time() - t_start, 1), **last_eval}
-  params = nnx.state(nnx.merge(graphdef, train_state, frozen), nnx.Param)
+  params = nnx.state(nnx.merge(graphdef, train_state, frozen).sync_special_rows(), nnx.Param)
   final = save_final(workdir, params, config, tokenizer, special, summary) if jax.process_index() == 0 else None
   writer.close()
   summary["final"] = final

@@ -36,7 +36,8 @@ def get_config():
       prj_dim=0, use_prj=True, prj_layernorm=True, prj_dropout=0.0,
       distill_loss="smooth_l1", distill_layers="all_plus_embedding", distill_div_std=True,
       alpha=1.0, beta=1.0, gamma=1.0,
-      padding_mode="masked", separate_teacher_target_pass=False))
+      padding_mode="masked", separate_teacher_target_pass=False,
+      train_special_embeddings=False))  # reference: pad/bot/eot rows stay frozen under LoRA
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "synthetic"  # synthetic | gsm8k-aug | gsm8k-aug-nl | commonsense | strategy
@@ -45,7 +46,7 @@ def get_config():
   config.data.valid_size = 500
   config.data.synthetic = ml_collections.ConfigDict(dict(
       train=20000, valid=500, test=1000, min_steps=3, max_steps=4, min_operand=2, max_operand=12,
-      max_value=999, ops=("+", "-", "*", "/")))
+      max_value=999, ops=("+", "-", "*", "/"), style="story"))
   config.data.include_last_cot = False  # reference: drop the last CoT step
   config.data.keep_non_digit_answers = False  # reference: drop answers not starting with a digit
   config.data.max_token_num = 1000

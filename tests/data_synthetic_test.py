@@ -88,3 +88,24 @@ def test_cleaned_like_gsm8k_aug():
   for r, c in zip(raw, records):
     assert c["cot"] == " ".join(r["steps"][:-1]) and c["answer"] == r["answer"]
     assert c["results"] == [float(x) for x in r["results"]]
+
+
+def test_terse_style_keeps_chains_and_shortens_questions():
+  story = synthetic.generate("train", 100, seed=5)
+  terse = synthetic.generate("train", 100, seed=5, difficulty=synthetic.Difficulty(style="terse"))
+  assert [r["cot"] for r in terse] == [r["cot"] for r in story]  # same chains, same splits
+  words = lambda rs: sum(len(r["question"].split()) for r in rs)  # noqa: E731
+  assert words(terse) < 0.7 * words(story)
+  for r in terse:  # every operand of the chain is stated in the question
+    a, _, n, _ = _parse(r)[0]
+    assert str(a) in r["question"] and str(n) in r["question"]
+    assert all(str(n) in r["question"] for _, _, n, _ in _parse(r)[1:])
+
+
+def test_difficulty_from_config():
+  d = synthetic.Difficulty.from_config({"train": 10, "valid": 2, "test": 2, "ops": ["+"], "style": "terse"})
+  assert d == synthetic.Difficulty(ops=("+",), style="terse")
+  with pytest.raises(InputError, match="unknown keys.*stlye"):
+    synthetic.Difficulty.from_config({"stlye": "terse"})
+  with pytest.raises(InputError, match="style"):
+    synthetic.generate("train", 1, difficulty=synthetic.Difficulty(style="poem"))

@@ -76,10 +76,29 @@ _QUESTIONS = (
   "How many {items} does {name} have at the end?",
 )
 
+# style="terse": the same chains in about half the tokens (cheaper steps for CPU-scale runs).
+_TERSE_OPENINGS = {
+  "+": ("{name} has {x} {items}, gets {n} more.",),
+  "-": ("{name} has {x} {items}, loses {n}.",),
+  "*": ("{name} has {x} {containers} of {n} {items}.",),
+  "/": ("{name} splits {x} {items} into {n} {containers}, keeps one.",),
+}
+_TERSE_STEPS = {
+  "+": ("Gets {n} more.", "Buys {n} more."),
+  "-": ("Loses {n}.", "Sells {n}."),
+  "*": ("Gets {n} times as many.",),
+  "/": ("Keeps one of {n} equal parts.",),
+}
+_TERSE_QUESTIONS = ("How many now?",)
+_STYLES = {
+  "story": (_OPENINGS, _STEPS, _QUESTIONS),
+  "terse": (_TERSE_OPENINGS, _TERSE_STEPS, _TERSE_QUESTIONS),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
-  """Generator knobs: steps per chain, operand range, cap on every value, allowed operators."""
+  """Generator knobs: steps per chain, operand range, cap on every value, operators, wording."""
 
   min_steps: int = 3
   max_steps: int = 4
@@ -87,6 +106,7 @@ class Difficulty:
   max_operand: int = 12
   max_value: int = 999
   ops: tuple[str, ...] = OPS
+  style: str = "story"  # "story" | "terse" (shorter questions; the same chains and CoT)
 
   def validate(self) -> None:
     if not 1 <= self.min_steps <= self.max_steps:
@@ -95,6 +115,18 @@ class Difficulty:
       raise InputError(f"synthetic: need 1 <= min_operand <= max_operand <= max_value, got {self}")
     if not self.ops or any(op not in OPS for op in self.ops):
       raise InputError(f"synthetic: ops must be a non-empty subset of {OPS}, got {self.ops}")
+    if self.style not in _STYLES:
+      raise InputError(f"synthetic: style must be one of {sorted(_STYLES)}, got {self.style!r}")
+
+  @classmethod
+  def from_config(cls, cfg: Mapping) -> Difficulty:
+    """The difficulty fields of a `config.data.synthetic` mapping (split sizes are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(cfg) - names - set(SPLITS)
+    if unknown:
+      raise InputError(f"config.data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+    kw = {k: (tuple(v) if k == "ops" else v) for k, v in cfg.items() if k in names}
+    return cls(**kw)
 
 
 def split_of(cot: str) -> str:
@@ -142,14 +174,15 @@ def _draw_chain(rng: random.Random, d: Difficulty) -> list[tuple[int, str, int, 
   return chain
 
 
-def _render(rng: random.Random, chain: list[tuple[int, str, int, int]]) -> str:
+def _render(rng: random.Random, chain: list[tuple[int, str, int, int]], style: str = "story") -> str:
+  openings, steps, questions = _STYLES[style]
   name, he, him, his = rng.choice(_PEOPLE)
   words = dict(name=name, he=he, He=he.capitalize(), him=him, his=his)
   words.update(items=rng.choice(_ITEMS), containers=rng.choice(_CONTAINERS))
   x, op, n, _ = chain[0]
-  sentences = [rng.choice(_OPENINGS[op]).format(x=x, n=n, **words)]
-  sentences += [rng.choice(_STEPS[op]).format(n=n, **words) for _, op, n, _ in chain[1:]]
-  sentences.append(rng.choice(_QUESTIONS).format(**words))
+  sentences = [rng.choice(openings[op]).format(x=x, n=n, **words)]
+  sentences += [rng.choice(steps[op]).format(n=n, **words) for _, op, n, _ in chain[1:]]
+  sentences.append(rng.choice(questions).format(**words))
   return " ".join(sentences)
 
 
@@ -179,9 +212,12 @@ def generate(
     if cot in seen or split_of(cot) != split:
       continue
     seen.add(cot)
+    question = _render(rng, chain)  # always drawn, so every style sees the same chains
+    if difficulty.style != "story":
+      question = _render(random.Random(f"{seed}/{cot}"), chain, difficulty.style)
     out.append(
       dict(
-        question=_render(rng, chain),
+        question=question,
         cot=cot,
         answer=str(chain[-1][3]),
         steps=steps,
