@@ -238,3 +238,119 @@ def test_zero_max_new_tokens(tmp_path):
     "--max_new_tokens",
     "0",
   )
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft Thinking modes (--mode and sampler flags, --config)
+
+SOFT_MODES = ["greedy", "sample", "soft", "dirichlet", "gumbel"]
+
+
+def test_soft_mode_json_tiny(tmp_path, tiny_dir):
+  # w9 plays `</think>`: a single token of the word-level vocabulary; the budget forces it.
+  out = last_json(
+    run_cli(
+      tmp_path,
+      f"--model={tiny_dir}",
+      "--prompt=w7 w8 w9",
+      "--mode=soft",
+      "--max_topk=3",
+      "--think_end=w9",
+      "--max_thinking_tokens=3",
+      "--max_new_tokens=6",
+      "--json",
+    )
+  )
+  assert out["mode"] == "soft" and out["think_end_id"] == 9
+  assert out["prompt_tokens"] == [7, 8, 9]
+  assert out["thinking_tokens"] <= 3 and 9 in out["tokens"][:3]
+  assert out["sampler"]["max_topk"] == 3 and out["sampler"]["temperature"] == 0.6
+  loaded_tok = loader.load(tiny_dir).tokenizer
+  assert out["text"] == loaded_tok.decode(out["tokens"])
+  assert out["answer_text"] == loaded_tok.decode(out["tokens"][out["thinking_tokens"] :])
+
+
+def test_greedy_mode_json_has_thinking_tokens(tmp_path, tiny_dir):
+  out = last_json(
+    run_cli(
+      tmp_path, f"--model={tiny_dir}", "--prompt=w20", "--mode=greedy", "--max_new_tokens=5", "--json"
+    )
+  )
+  assert out["mode"] == "greedy"
+  assert out["tokens"] == _in_process(tiny_dir, [out["prompt_tokens"]], 5)[0]
+  # `</think>` is not in this vocabulary (it encodes to <unk>, which must not be taken for it).
+  assert out["think_end_id"] is None and out["thinking_tokens"] == len(out["tokens"])
+
+
+def test_config_file_with_flag_overrides(tmp_path, tiny_dir):
+  out = last_json(
+    run_cli(
+      tmp_path,
+      "--config=configs/soft/smollm2.py:gumbel",
+      f"--model={tiny_dir}",
+      "--prompt=w7 w8",
+      "--chat=false",
+      "--gumbel_tau=0.7",
+      "--config.sampler.max_topk=5",
+      "--max_new_tokens=4",
+      "--json",
+    )
+  )
+  s = out["sampler"]
+  assert out["mode"] == "gumbel" and out["model"] == tiny_dir
+  assert out["prompt_tokens"] == [7, 8]  # --chat=false won over the config's chat template
+  assert s["gumbel_tau"] == 0.7 and s["max_topk"] == 5  # flag and --config.* overrides
+  assert s["entropy_normalized"] is True and s["min_p"] == 0.0  # the SST preset
+  assert 1 <= len(out["tokens"]) <= 4
+
+
+@pytest.mark.parametrize(
+  "args, needles",
+  [
+    (["--mode=beam"], ["--mode", "beam"]),
+    (["--mode=soft", "--max_topk=40"], ["--max_topk", "40", "top_k"]),
+    (["--mode=soft", "--temperature=-1"], ["--temperature", "-1"]),
+    (["--mode=dirichlet", "--dirichlet_alpha=0"], ["--dirichlet_alpha"]),
+    (["--mode=gumbel", "--gumbel_tau=-0.5"], ["--gumbel_tau"]),
+    (["--mode=soft", "--top_p=1.5"], ["--top_p"]),
+    (["--mode=soft", "--after_temperature=hot"], ["--after_temperature", "hot"]),
+  ],
+)
+def test_bad_sampler_flags(tmp_path, args, needles):
+  # Checked before any model is loaded, so a missing model does not matter.
+  assert_usage_error(
+    run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", *args), *needles
+  )
+
+
+def test_multi_token_think_end(tmp_path, tiny_dir):
+  assert_usage_error(
+    run_cli(tmp_path, f"--model={tiny_dir}", "--prompt=w7", "--mode=soft", "--think_end=w7 w8"),
+    "--think_end",
+    "2 tokens",
+  )
+
+
+@pytest.mark.slow
+def test_every_mode_smollm2(tmp_path, smol):
+  tok = smol.tokenizer
+  for mode in SOFT_MODES:
+    out = last_json(
+      run_cli(
+        tmp_path,
+        "--model=smollm2",
+        "--prompt=What is 12 + 7?",
+        "--chat",
+        f"--mode={mode}",
+        "--max_new_tokens=8",
+        "--max_thinking_tokens=4" if mode != "greedy" else "--seed=0",
+        "--json",
+      )
+    )
+    assert out["mode"] == mode
+    assert 1 <= len(out["tokens"]) <= 8 and out["text"] == tok.decode(out["tokens"])
+    if mode == "greedy":
+      want = Generator(smol.model, pad_id=tok.pad_id, eos_ids=tok.eos_ids)([out["prompt_tokens"]], 8)
+      assert out["tokens"] == want[0] and out["thinking_tokens"] == len(out["tokens"])
+    else:
+      assert out["thinking_tokens"] == min(4, len(out["tokens"]))  # no `</think>`: the budget

@@ -1,0 +1,63 @@
+"""Soft Thinking presets shared by the per-model configs (shared/spec/soft_thinking.md section 5).
+
+A per-model file calls `preset(variant, model=...)` and overrides what differs. Variants:
+
+  soft       vanilla Soft Thinking, the 2505.15778 settings (the default)
+  dirichlet  Stochastic Soft Thinking with Dirichlet resampling, the 2508.03440 scripts
+  gumbel     Stochastic Soft Thinking with Gumbel-Softmax, the 2508.03440 scripts
+  sample     token sampling (the CoT baseline of both papers)
+  greedy     token greedy decoding
+"""
+
+import ml_collections
+
+VARIANTS = ("soft", "dirichlet", "gumbel", "sample", "greedy")
+
+
+def preset(variant=None, *, model: str, dtype: str = "bfloat16", max_new_tokens: int = 32768,
+           chat: bool = True) -> ml_collections.ConfigDict:
+  """The ConfigDict read by `python -m soft_jax.generate --config=...`; variant None = soft."""
+  variant = variant or "soft"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+  config = ml_collections.ConfigDict()
+  config.model = model  # alias | HF directory | .gguf | hub id
+  config.mode = variant  # greedy | sample | soft | dirichlet | gumbel
+  config.chat = chat  # one user turn through the chat template, no system prompt (spec 7.2)
+  config.dtype = dtype  # compute and parameter dtype
+  config.max_new_tokens = max_new_tokens  # one budget for thinking + answer (reference: 32768)
+  config.length_bucket = 32  # prompt lengths padded to a multiple: one compile per bucket
+  config.seed = 0  # the reference runs use seed 0
+  config.think_end = "auto"  # "auto": a single `</think>` token if the vocabulary has one; "none"
+  config.think_end_last_id = False  # True: the last id of a multi-token `</think>` (official rule)
+
+  s = ml_collections.ConfigDict()
+  s.temperature = 0.6  # every script of both papers uses 0.6 in both phases
+  s.top_k = 30
+  s.top_p = 0.95
+  s.min_p = 0.001  # the Soft Thinking value; the SST scripts and token baselines use 0.0
+  s.max_topk = 10  # K: README range 5-20; the driver default (15) and ServerArgs (30) differ
+  s.dirichlet_alpha = 4.0  # gamma: the SST grid {1..10}, best 4
+  s.gumbel_tau = 0.5  # tau: SST AIME/AMC/code value (0.6 for MATH500, GPQA)
+  s.after_temperature = 0.6  # applied (the reference ignored it; identical to T in every script)
+  s.after_top_k = 30
+  s.after_top_p = 0.95
+  s.after_min_p = 0.0
+  s.cold_stop_entropy = 0.01  # theta in nats: the README default (range 0-0.1)
+  s.cold_stop_patience = 256  # P: the README default (range 256-1024)
+  s.entropy_normalized = False  # nats ([ST]); True divides by ln V ([SST])
+  s.max_thinking_tokens = 0  # off, for parity: the reference has no thinking budget
+  s.answer_phase = "sample"  # the intended answer phase; "legacy_argmax" = published numbers
+  s.answer_low_entropy_abort = False  # HEAD-only abort, added after both papers
+  s.embed_mix_dtype = "float32"  # f32 accumulation; "model" = the reference's model-dtype sum
+  config.sampler = s
+
+  if variant in ("dirichlet", "gumbel"):
+    s.min_p = 0.0  # the SST scripts
+    # SST ran theta = 0.1 on the ln V-normalised entropy with P = the token budget: Cold Stop off.
+    s.entropy_normalized = True
+    s.cold_stop_entropy = 0.1
+    s.cold_stop_patience = max_new_tokens
+  if variant in ("sample", "greedy"):
+    s.min_p = 0.0  # the token baselines' min-p
+  return config

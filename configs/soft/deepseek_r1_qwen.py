@@ -1,0 +1,18 @@
+r"""DeepSeek-R1-Distill-Qwen (Qwen2 architecture), a model of both papers (hub id or local path).
+
+  python -m soft_jax.generate --config=configs/soft/deepseek_r1_qwen.py --prompt="..." --json
+  python -m soft_jax.generate --config=configs/soft/deepseek_r1_qwen.py:gumbel --prompt="..."
+  python -m soft_jax.generate --config=configs/soft/deepseek_r1_qwen.py \
+      --config.model=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --prompt="..."
+
+Variants after the colon: soft (default), dirichlet, gumbel, sample, greedy (configs/soft).
+The chat template already opens `<think>`; `</think>` is one token.
+"""
+
+from configs.soft import preset
+
+
+def get_config(arg=None):
+  # 32B is the papers' size (~64 GB of bf16 weights: one 80 GB GPU at batch 1); 1.5B/7B/14B share
+  # the tokenizer and settings, swap with --config.model.
+  return preset(arg, model="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")

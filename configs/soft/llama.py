@@ -1,0 +1,17 @@
+r"""DeepSeek-R1-Distill-Llama (Llama architecture) as the Llama reasoning model (hub id or path).
+
+  python -m soft_jax.generate --config=configs/soft/llama.py --prompt="..." --json
+  python -m soft_jax.generate --config=configs/soft/llama.py:gumbel --prompt="..."
+  python -m soft_jax.generate --config=configs/soft/llama.py \
+      --config.model=deepseek-ai/DeepSeek-R1-Distill-Llama-70B --prompt="..."
+
+Variants after the colon: soft (default), dirichlet, gumbel, sample, greedy (configs/soft).
+The chat template already opens `<think>`; `</think>` is one token.
+"""
+
+from configs.soft import preset
+
+
+def get_config(arg=None):
+  # Soft Thinking used the 70B (does not fit one GPU unsharded); 8B shares tokenizer and template.
+  return preset(arg, model="deepseek-ai/DeepSeek-R1-Distill-Llama-8B")

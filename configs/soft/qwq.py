@@ -1,0 +1,15 @@
+r"""QwQ-32B (Qwen2 architecture), the main model of Soft Thinking (hub id or local path).
+
+  python -m soft_jax.generate --config=configs/soft/qwq.py --prompt="..." --json
+  python -m soft_jax.generate --config=configs/soft/qwq.py:dirichlet --prompt="..."
+
+Variants after the colon: soft (default), dirichlet, gumbel, sample, greedy (configs/soft).
+The chat template already opens `<think>`; `</think>` is one token.
+"""
+
+from configs.soft import preset
+
+
+def get_config(arg=None):
+  # ~64 GB of bf16 weights: one 80 GB GPU at batch 1 with the 32768-token cache (~8 GB).
+  return preset(arg, model="Qwen/QwQ-32B")

@@ -1,0 +1,305 @@
+"""Batched Soft Thinking decoding: prefill once, then one jitted fixed-shape loop on the shared step.
+
+Every row starts in the thinking phase. Per step (shared/spec/soft_thinking.md sections 2-3):
+`sampling.sample_step` gives the row's emitted token and the thinking concept token; then, per row
+and with `jnp.where` only, Cold Stop (soft modes: P consecutive thinking steps with entropy < theta
+replace the token with `</think>`), the thinking budget (`max_thinking_tokens`), the `</think>`
+switch (the row enters the answer phase: after-thinking parameters, one-hot inputs), EOS and the
+length limit. Thinking rows of the soft modes feed the concept token's embedding mixture; all other
+rows feed their emitted token one-hot, i.e. exactly its embedding.
+
+Models without a single `</think>` token (e.g. SmolLM2): pass think_end_id=None; thinking then ends
+only by Cold Stop or the thinking budget, and the emitted token is kept as is.
+
+The loop is `step.while_steps` (chunks of `step.scan_steps`), so it is the one shared step; for
+analyses, `soft_step` is that step on one input embedding and `emit` is the pure per-step update.
+
+Shape legend: B batch, P padded prompt length, N max new tokens, V vocab, K concept width
+(max_topk), D model, E stop ids.
+"""
+# pylint: disable=invalid-name
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from codi_jax.decoding import bucket, left_pad, prefill
+from codi_jax.errors import InputError
+from codi_jax.models.cache import KVCache
+from codi_jax.models.step import Loop, StepOut, merge, step, while_steps
+from codi_jax.models.transformer import Transformer
+from soft_jax import sampling
+from soft_jax.sampling import Sampled, SamplerParams
+
+STOP_NONE, STOP_EOS, STOP_ABORT = 0, 1, 2
+STOP_REASONS = {STOP_NONE: "length", STOP_EOS: "eos", STOP_ABORT: "abort"}
+
+
+class Records(NamedTuple):
+  """Per-step analysis buffers (record=True); entry t belongs to emitted token t."""
+
+  idx: jax.Array  # [B, N, K] int32 the input fed after token t (concept token, or one-hot)
+  w: jax.Array  # [B, N, K] f32 its weights
+  entropy: jax.Array  # [B, N] f32 entropy of the distribution token t was drawn from (thinking T)
+  thinking: jax.Array  # [B, N] bool token t was emitted in the thinking phase (`</think>` included)
+
+
+class DecodeState(NamedTuple):
+  """Loop state (fixed shapes). After the loop: the batched result."""
+
+  tokens: jax.Array  # [B, N] int32 emitted tokens, pad after the row stopped
+  n: jax.Array  # [B] int32 tokens emitted
+  n_think: jax.Array  # [B] int32 tokens emitted in the thinking phase (`</think>` included)
+  in_think: jax.Array  # [B] bool
+  done: jax.Array  # [B] bool
+  low_run: jax.Array  # [B] int32 consecutive steps with entropy < theta (reset by the switch)
+  stop: jax.Array  # [B] int32 STOP_* code
+  records: Records | None
+
+
+@dataclasses.dataclass
+class SoftResult:
+  """One prompt's continuation."""
+
+  tokens: list[int]  # everything emitted: thinking trace (per-step top-1), `</think>`, answer, stop id
+  thinking_tokens: int  # tokens emitted while thinking (`</think>` included)
+  answer_tokens: list[int]  # tokens[thinking_tokens:]; empty if thinking never ended
+  stop_reason: str  # eos | length | abort
+  thinking_closed: bool  # whether the row reached the answer phase
+  records: dict[str, np.ndarray] | None = None  # Records fields cut to [len(tokens), ...]
+
+
+def init_state(batch: int, max_new: int, k: int, pad_id: int, record: bool = False) -> DecodeState:
+  """Every row thinking, nothing emitted."""
+  B, N = batch, max_new
+  zi = jnp.zeros((B,), jnp.int32)
+  recs = None
+  if record:
+    recs = Records(jnp.zeros((B, N, k), jnp.int32), jnp.zeros((B, N, k), jnp.float32),
+                   jnp.zeros((B, N), jnp.float32), jnp.zeros((B, N), bool))
+  return DecodeState(jnp.full((B, N), pad_id, jnp.int32), zi, zi, jnp.ones((B,), bool),
+                     jnp.zeros((B,), bool), zi, zi, recs)
+
+
+def transition(params: SamplerParams, st: DecodeState, s: Sampled, i, *, think_end_id, eos_ids,
+               pad_id: int, max_new: int) -> tuple[DecodeState, jax.Array, jax.Array]:
+  """Writes token i of every row and advances its phase; returns (state, next idx, next w).
+
+  Pure, per-row (`jnp.where` only). think_end_id: an id, or None / a negative value for none (may
+  be traced). Rows already done emit nothing (their next input is irrelevant).
+  """
+  think_end = jnp.asarray(-1 if think_end_id is None else think_end_id, jnp.int32)
+  has_end = think_end >= 0
+  theta = params.cold_stop_entropy
+  active = ~st.done
+  thinking = st.in_think & active
+  low_run = jnp.where(active & (s.entropy < theta), st.low_run + 1, 0)
+  n_think = st.n_think + thinking.astype(jnp.int32)
+  cold = thinking & (theta > 0) & (low_run >= params.cold_stop_patience)
+  if not params.soft:
+    cold = jnp.zeros_like(cold)  # Cold Stop is part of soft thinking, not of the token baselines
+  budget = thinking & (params.max_thinking_tokens > 0) & (n_think >= params.max_thinking_tokens)
+  forced = cold | budget
+  # A forced end emits `</think>` in place of the sampled token (without one, the token is kept).
+  tok = jnp.where(forced & has_end, think_end, s.token)
+  ended = thinking & (forced | (has_end & (tok == think_end)))
+  abort = jnp.zeros_like(active)
+  if params.answer_low_entropy_abort:
+    abort = active & ~st.in_think & (theta > 0) & (low_run >= params.cold_stop_patience)
+
+  K = params.max_topk
+  hot_idx, hot_w = sampling.one_hot_input(tok, K)
+  soft_next = (thinking & ~ended)[:, None] if params.soft else jnp.zeros((tok.shape[0], 1), bool)
+  idx = jnp.where(soft_next, s.idx, hot_idx)
+  w = jnp.where(soft_next, s.w, hot_w)
+
+  tokens = st.tokens.at[:, i].set(jnp.where(active, tok, pad_id), mode="drop")
+  n = st.n + active.astype(jnp.int32)
+  eos = active & jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32))
+  stop = jnp.where(eos, STOP_EOS, jnp.where(abort, STOP_ABORT, st.stop))
+  recs = st.records
+  if recs is not None:
+    recs = Records(recs.idx.at[:, i].set(idx, mode="drop"), recs.w.at[:, i].set(w, mode="drop"),
+                   recs.entropy.at[:, i].set(s.entropy, mode="drop"),
+                   recs.thinking.at[:, i].set(thinking, mode="drop"))
+  new = DecodeState(tokens, n, n_think, st.in_think & ~ended, st.done | eos | abort | (n >= max_new),
+                    jnp.where(ended, 0, low_run), stop, recs)
+  return new, idx, w
+
+
+def row_keys(key: jax.Array, sample_ids_B: jax.Array) -> jax.Array:
+  """One key per row from the call's key and the row's sample id (batch-invariant draws)."""
+  return sampling.fold_keys(jnp.broadcast_to(key, sample_ids_B.shape), sample_ids_B)
+
+
+def embedding_table(model: Transformer) -> jax.Array:
+  """The input embedding table [V, D] (param dtype)."""
+  return model.embed.embedding[...]
+
+
+def embed_input(model: Transformer, params: SamplerParams, idx_BxK, w_BxK) -> jax.Array:
+  """Next input embedding [B, D] in the model's compute dtype."""
+  dtype = jnp.dtype(model.cfg.dtype)
+  accum = jnp.float32 if params.embed_mix_dtype == "float32" else dtype
+  return sampling.mix_embeddings(embedding_table(model), idx_BxK, w_BxK, dtype, accum)
+
+
+def soft_step(model: Transformer, x_BxD: jax.Array, pos_B: jax.Array, cache: KVCache, *,
+              hidden_states: bool = False) -> StepOut:
+  """One input embedding per row at positions pos -> logits [B, V], new cache (= `step.step`)."""
+  return step(model, x_BxD[:, None], pos_B[:, None], cache, hidden_states=hidden_states)
+
+
+def emit(model: Transformer, params: SamplerParams, st: DecodeState, logits_BxV, keys_B, i, *,
+         think_end_id, eos_ids, pad_id: int, max_new: int):
+  """Samples token i from its logits, updates the state; returns (state, next input [B, D])."""
+  s = sampling.sample_step(params, logits_BxV, sampling.fold_keys(keys_B, i), st.in_think)
+  st, idx, w = transition(params, st, s, i, think_end_id=think_end_id, eos_ids=eos_ids,
+                          pad_id=pad_id, max_new=max_new)
+  return st, embed_input(model, params, idx, w)
+
+
+def decode_loop(model: Transformer, params: SamplerParams, logits_BxV, cache: KVCache, pos_B, *,
+                max_new: int, key: jax.Array, sample_ids=None, eos_ids, pad_id: int,
+                think_end_id, record: bool = False, chunk: int = 8) -> DecodeState:
+  """Continues every row from its prefill logits for at most max_new tokens (jit-friendly).
+
+  The first token already comes from the prefill's last-position distribution, so the first
+  decode step is soft (reference). Runs `while_steps` in chunks until every row is done.
+  """
+  B = logits_BxV.shape[0]
+  sample_ids = jnp.arange(B) if sample_ids is None else sample_ids
+  keys = row_keys(key, sample_ids)
+  kw = {"think_end_id": think_end_id, "eos_ids": eos_ids, "pad_id": pad_id, "max_new": max_new}
+  st, x = emit(model, params, init_state(B, max_new, params.max_topk, pad_id, record), logits_BxV,
+               keys, 0, **kw)
+
+  def next_input(st, out: StepOut, i):
+    st, x = emit(model, params, st, out.logits, keys, i + 1, **kw)
+    return x, st, None
+
+  loop, _ = while_steps(model, Loop(x, pos_B, cache, st), next_input, max_new - 1,
+                        lambda s: jnp.all(s.done), chunk=chunk)
+  return loop.state
+
+
+def _single_token(tokenizer, text: str) -> int | None:
+  """The id of `text` if it is one vocabulary entry that also encodes alone to that id."""
+  tid = tokenizer.token_to_id(text)
+  if tid is None or tokenizer.encode(text, add_special_tokens=False) != [tid]:
+    return None
+  return int(tid)
+
+
+def resolve_think_end(tokenizer, text: str = "auto", *, last_id: bool = False,
+                      flag: str = "--think_end") -> int | None:
+  """The `</think>` id: "auto" (the `</think>` vocabulary entry if it encodes to itself, else None),
+  "" or "none" (None), or a text that must encode to one token (last_id: its last id, official rule).
+  """
+  if text in ("", "none"):
+    return None
+  if text == "auto":
+    return _single_token(tokenizer, "</think>")
+  ids = tokenizer.encode(text, add_special_tokens=False)
+  if len(ids) == 1:
+    return int(ids[0])
+  if last_id and ids:
+    return int(ids[-1])
+  raise InputError(f"{flag}: {text!r} is {len(ids)} tokens for this tokenizer, not one; pass "
+                   f"{flag}_last_id to use its last id (official rule) or {flag}=none")
+
+
+def open_thinking(tokenizer, ids: list[int], think_start: str = "<think>") -> list[int]:
+  """Appends `<think>\\n` unless the (templated) prompt already opened thinking (spec 3.1).
+
+  Only for tokenizers with a `<think>` vocabulary entry; prompts whose last 4 tokens hold it are
+  kept as they are.
+  """
+  start = _single_token(tokenizer, think_start)
+  if start is None or start in ids[-4:]:
+    return list(ids)
+  return list(ids) + tokenizer.encode(think_start + "\n", add_special_tokens=False)
+
+
+class SoftDecoder:
+  """Jitted soft/stochastic-soft/token decoding for one model.
+
+  Splits the model once, compiles once per (B, P, max_new, record, static sampler fields) and
+  counts compiles in `.compiles`. Float sampler knobs (temperatures, p's, gamma, tau, theta, P,
+  budget) are traced: `params=` overrides per call without recompiling. The attributes `eos_ids`
+  and `think_end_id` (None: no `</think>`) are read at each call and traced too.
+  """
+
+  def __init__(self, model: Transformer, params: SamplerParams, *, pad_id: int,
+               eos_ids: Sequence[int], think_end_id: int | None = None, chunk: int = 8):
+    self.vocab = model.cfg.vocab_size
+    self.params = params.validate(vocab=self.vocab)
+    self.graphdef, self.state = nnx.split(model)
+    self.pad_id = int(pad_id)
+    # Both are read at call time and traced: changing them between calls does not recompile
+    # (a different number of stop ids does).
+    self.eos_ids = tuple(sorted({int(e) for e in eos_ids}))
+    self.think_end_id = think_end_id
+    self.chunk = int(chunk)
+    self.compiles = 0
+    self._fn = jax.jit(self._decode, static_argnames=("max_new", "record"))
+
+  def _decode(self, state, ids, mask, eos, think_end, key, sample_ids, params, *, max_new: int,
+              record: bool):
+    self.compiles += 1  # runs at trace time only
+    model = merge(self.graphdef, state)
+    logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
+    return decode_loop(model, params, logits, cache, pos, max_new=max_new, key=key,
+                       sample_ids=sample_ids, eos_ids=eos, pad_id=self.pad_id,
+                       think_end_id=think_end, record=record, chunk=self.chunk)
+
+  def run(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int = 0,
+          record: bool = False, params: SamplerParams | None = None, sample_ids=None,
+          length_bucket: int = 32, batch: int | None = None) -> DecodeState:
+    """The batched device result ([B, ...] arrays; rows past len(prompts) are padding).
+
+    sample_ids [B] (default 0..B-1) seed each row's draws with the call's seed.
+    """
+    if max_new_tokens < 1:
+      raise InputError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if not prompts:
+      raise InputError("prompts: no prompt given")
+    params = self.params if params is None else params.validate(vocab=self.vocab)
+    B = batch or len(prompts)
+    rows = list(prompts) + [[self.pad_id]] * (B - len(prompts))
+    ids, mask = left_pad(rows, self.pad_id, bucket(max(len(p) for p in rows), length_bucket))
+    sids = np.arange(B) if sample_ids is None else np.asarray(sample_ids)
+    if sids.shape != (B,):
+      raise InputError(f"sample_ids: expected {B} ids, got shape {sids.shape}")
+    end = -1 if self.think_end_id is None else int(self.think_end_id)
+    if not -1 <= end < self.vocab:
+      raise InputError(f"think_end_id: {end} is outside the vocabulary of {self.vocab}")
+    return self._fn(self.state, jnp.asarray(ids), jnp.asarray(mask),
+                    jnp.asarray(self.eos_ids, jnp.int32), jnp.asarray(end, jnp.int32),
+                    jax.random.key(seed), jnp.asarray(sids, jnp.int32), params,
+                    max_new=max_new_tokens, record=record)
+
+  def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int = 0,
+               record: bool = False, params: SamplerParams | None = None, sample_ids=None,
+               length_bucket: int = 32, batch: int | None = None) -> list[SoftResult]:
+    """One SoftResult per prompt (stop id included in tokens)."""
+    out = jax.device_get(self.run(prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                  record=record, params=params, sample_ids=sample_ids,
+                                  length_bucket=length_bucket, batch=batch))
+    results = []
+    for b in range(len(prompts)):
+      n, nt = int(out.n[b]), int(out.n_think[b])
+      toks = out.tokens[b, :n].tolist()
+      recs = None
+      if out.records is not None:
+        recs = {f: np.asarray(getattr(out.records, f)[b, :n]) for f in Records._fields}
+      results.append(SoftResult(toks, nt, toks[nt:], STOP_REASONS[int(out.stop[b])],
+                                not bool(out.in_think[b]), recs))
+    return results
