@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from flax import nnx
 
 from codi_jax import train_lib
 from codi_jax.errors import InputError
@@ -65,3 +67,35 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
   assert r.returncode != 0
   assert "no_such_key" in r.stderr and "Traceback" not in r.stderr
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow  # ~1 minute of XLA compiles for the bf16 LoRA step
+def test_lora_bf16_run_trains_only_adapters_and_prj(tmp_path):
+  """LoRA on a loaded HF model with bf16 compute: one compile, finite losses, the base untouched."""
+  transformers = pytest.importorskip("transformers")
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+  from codi_jax import evaluate  # pylint: disable=import-outside-toplevel
+
+  hf_dir = tmp_path / "hf"
+  hf_cfg = transformers.GPT2Config(vocab_size=400, n_positions=256, n_embd=32, n_layer=2, n_head=2)
+  transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(hf_dir)
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<eos>": 0, "<unk>": 1}, unk_token="<unk>"))
+  backend.save(str(hf_dir / "tokenizer.json"))
+  (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "unk_token": "<unk>"}))
+
+  c = tiny_config()
+  c.model.spec = str(hf_dir)
+  c.model.lora_rank, c.model.lora_alpha, c.model.lora_dropout = 4, 8.0, 0.0
+  c.model.dtype = "bfloat16"
+  summary = train_lib.train_and_evaluate(c, str(tmp_path / "run"))
+  assert summary["step_compiles"] == 1
+  lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8")]
+  assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
+
+  params = nnx.to_pure_dict(nnx.state(evaluate.load_final(str(tmp_path / "run")).codi, nnx.Param))
+  wte = load_file(str(hf_dir / "model.safetensors"))["transformer.wte.weight"]
+  np.testing.assert_array_equal(np.asarray(params["backbone"]["embed"]["embedding"])[:400], wte)
+  lora_b = [np.asarray(v) for p, v in nnx.traversals.flatten_mapping(params).items() if p[-1] == "lora_b"]
+  assert lora_b and any(np.abs(b).sum() > 0 for b in lora_b)  # adapters moved (B starts at 0)
