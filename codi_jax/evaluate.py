@@ -706,58 +706,64 @@ def _efficiency(
 
 # ---------------------------------------------------------------------------------------- CLI
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  None,
-  "Optional config (configs/*.py): its data, eval and seed settings replace the run's.",
-)
-_WORKDIR = flags.DEFINE_string(
-  "workdir", None, "Run directory holding final/ (from codi_jax.train)."
-)
-flags.DEFINE_multi_string(
-  "data",
-  [],
-  "Dataset (repeatable): test | valid | synthetic:<split> | gsm8k | svamp | gsm-hard | "
-  "multiarith | commonsense | <name>=<file>[,<file>] | <file>.json(l). Default: --split.",
-)
-flags.DEFINE_enum(
-  "split", "test", ["test", "valid"], "The run's split to evaluate when --data is absent."
-)
-flags.DEFINE_enum(
-  "mode",
-  "auto",
-  list(MODES),
-  "auto: the student for codi / no_cot_sft runs, explicit CoT for cot_sft runs.",
-)
-flags.DEFINE_string("cot_workdir", None, "A CoT-SFT run to compare with (efficiency report).")
-flags.DEFINE_bool("efficiency", False, "Write the efficiency report (implied by --cot_workdir).")
-flags.DEFINE_integer("batch_size", None, "Evaluation batch (default: config.eval.batch_size).")
-flags.DEFINE_integer("max_new_tokens", None, "Decoding cap (default: config.eval.max_new_tokens).")
-flags.DEFINE_integer(
-  "num_latent", None, "Continuous thoughts at inference (default: as configured)."
-)
-flags.DEFINE_integer(
-  "limit", None, "First N examples per dataset (default: config.eval.num_examples)."
-)
-flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
-flags.DEFINE_enum(
-  "mask_special",
-  "all",
-  ["all", "eot_only"],
-  "Never emit pad/bot/eot (all), or only eot (the reference's test.py).",
-)
-flags.DEFINE_bool("probe", False, "Decode each continuous thought through the LM head; Table 3.")
-flags.DEFINE_integer("probe_topk", 5, "Decoded tokens per probed vector.")
-flags.DEFINE_enum(
-  "probe_source",
-  "pre_prj",
-  ["pre_prj", "post_prj"],
-  "pre_prj: last hidden state before the projection (the paper); post_prj: the thoughts.",
-)
-flags.DEFINE_bool(
-  "probe_all", False, "Probe every problem (default: only correctly answered ones)."
-)
-flags.DEFINE_integer("latency_calls", 5, "Timed calls per latency figure, after one warm-up call.")
+_CONFIG = _WORKDIR = None  # flag holders, set by _define_flags()
+
+
+def _define_flags():
+  """CLI flags, defined only when run as a program, so that importing this module defines none."""
+  global _CONFIG, _WORKDIR  # pylint: disable=global-statement
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Optional config (configs/*.py): its data, eval and seed settings replace the run's.",
+  )
+  _WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory holding final/ (from codi_jax.train)."
+  )
+  flags.DEFINE_multi_string(
+    "data",
+    [],
+    "Dataset (repeatable): test | valid | synthetic:<split> | gsm8k | svamp | gsm-hard | "
+    "multiarith | commonsense | <name>=<file>[,<file>] | <file>.json(l). Default: --split.",
+  )
+  flags.DEFINE_enum(
+    "split", "test", ["test", "valid"], "The run's split to evaluate when --data is absent."
+  )
+  flags.DEFINE_enum(
+    "mode",
+    "auto",
+    list(MODES),
+    "auto: the student for codi / no_cot_sft runs, explicit CoT for cot_sft runs.",
+  )
+  flags.DEFINE_string("cot_workdir", None, "A CoT-SFT run to compare with (efficiency report).")
+  flags.DEFINE_bool("efficiency", False, "Write the efficiency report (implied by --cot_workdir).")
+  flags.DEFINE_integer("batch_size", None, "Evaluation batch (default: config.eval.batch_size).")
+  flags.DEFINE_integer("max_new_tokens", None, "Decoding cap (default: config.eval.max_new_tokens).")
+  flags.DEFINE_integer(
+    "num_latent", None, "Continuous thoughts at inference (default: as configured)."
+  )
+  flags.DEFINE_integer(
+    "limit", None, "First N examples per dataset (default: config.eval.num_examples)."
+  )
+  flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
+  flags.DEFINE_enum(
+    "mask_special",
+    "all",
+    ["all", "eot_only"],
+    "Never emit pad/bot/eot (all), or only eot (the reference's test.py).",
+  )
+  flags.DEFINE_bool("probe", False, "Decode each continuous thought through the LM head; Table 3.")
+  flags.DEFINE_integer("probe_topk", 5, "Decoded tokens per probed vector.")
+  flags.DEFINE_enum(
+    "probe_source",
+    "pre_prj",
+    ["pre_prj", "post_prj"],
+    "pre_prj: last hidden state before the projection (the paper); post_prj: the thoughts.",
+  )
+  flags.DEFINE_bool(
+    "probe_all", False, "Probe every problem (default: only correctly answered ones)."
+  )
+  flags.DEFINE_integer("latency_calls", 5, "Timed calls per latency figure, after one warm-up call.")
 
 
 def main(argv):
@@ -792,4 +798,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)
