@@ -38,7 +38,7 @@ def test_tiny_run_compiles_step_once_and_saves(tmp_path, method):
   assert summary["step_compiles"] == 1  # 6 steps, 2 evaluations: the train step traced once
   assert os.path.isfile(tmp_path / "final" / "run.json")
   assert os.path.isfile(tmp_path / "final" / "tokenizer.json")
-  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl", encoding="utf-8")]
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_lines = [x for x in lines if "loss" in x]
   assert [x["step"] for x in train_lines] == [1, 2, 3, 4, 5, 6]
   want = {"codi": ("ce_student", "ce_teacher", "distill"), "cot_sft": ("ce_teacher",),
@@ -91,7 +91,7 @@ def test_lora_bf16_run_trains_only_adapters_and_prj(tmp_path):
   c.model.dtype = "bfloat16"
   summary = train_lib.train_and_evaluate(c, str(tmp_path / "run"))
   assert summary["step_compiles"] == 1
-  lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8")]
+  lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
 
   params = nnx.to_pure_dict(nnx.state(evaluate.load_final(str(tmp_path / "run")).codi, nnx.Param))
