@@ -3,7 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 DEMO_PROMPT ?= What is 12 + 7? Answer briefly.
 
-.PHONY: install install-test demo test bench
+.PHONY: install install-test demo generate test bench
 
 install:
 	$(PIP) install -q -e .
@@ -13,7 +13,11 @@ install:
 install-test: install
 	$(PIP) install -q -r requirements-test.txt
 
+# The main job on the embedded default: CODI on a tiny model trained from scratch on the built-in task.
 demo: install
+	$(PY) -m codi_jax.train --config=configs/demo.py --config.overwrite=True
+
+generate: install
 	$(PY) -m soft_jax.generate --model=smollm2 --chat --max_new_tokens=32 --prompt="$(DEMO_PROMPT)"
 
 test: install-test
