@@ -8,7 +8,8 @@ thoughts, LoRA r=128 alpha=32 on c_attn/c_proj/c_fc, f32. A step is loss + backw
 AdamW + schedule, with dropout 0.1 as in training.
 
 Ours is the step `codi_jax.train_lib.train_and_evaluate` builds (build_model, split_trainable,
-make_optimizer, codi_loss; its step body is repeated here because it is a closure there). The
+make_optimizer, make_train_step on a batch from the data pipeline's `collate`, whose labelled
+window makes the teacher's LM head run on CoT + answer positions only). The
 reference (`benchmarks/_torch_codi.py`) follows the official forward: Python loop of one-token
 latent passes over `past_key_values`, a second no-grad teacher pass, a per-step debug softmax; a
 "lean" variant without the last two is timed too. Both start from the same weights (ours copied
@@ -31,7 +32,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 import transformers
 from absl import app, flags
@@ -104,7 +104,8 @@ def make_batch(batch: int, special, seed: int) -> dict:
   examples = [{"question": rng.integers(0, VOCAB, Q_LEN), "cot": rng.integers(0, VOCAB, COT_LEN),
                "answer": np.array([*ANSWER_PROMPT, int(rng.integers(15, 50)), EOS]),
                "distill": len(ANSWER_PROMPT) - 1, "index": i} for i in range(batch)]
-  shapes = Shapes(question=Q_LEN + 1, teacher=Q_LEN + COT_LEN + ANS_LEN, decoder=ANS_LEN + 1)
+  shapes = Shapes(question=Q_LEN + 1, teacher=Q_LEN + COT_LEN + ANS_LEN, decoder=ANS_LEN + 1,
+                  teacher_span=COT_LEN + ANS_LEN)
   out = collate(examples, shapes, special)
   out.pop("index")
   return out
@@ -135,22 +136,9 @@ class Ours:
     self.frozen, self.batch = frozen, batch
     tx, _ = train_lib.make_optimizer(config, SCHEDULE_STEPS)
     self.opt = tx.init(self.state)
-    key = jax.random.key(config.seed)
-
-    def train_step(train_state, opt_state, frozen, batch, step):  # train_and_evaluate's step body
-      rng = jax.random.fold_in(key, step) if dropout else None
-
-      def loss_fn(ts):
-        return codi_loss(nnx.merge(graphdef, ts, frozen), batch, rng)
-
-      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_state)
-      updates, opt_state = tx.update(grads, opt_state, train_state)
-      metrics["grad_norm"] = optax.tree.norm(grads)
-      return optax.apply_updates(train_state, updates), opt_state, metrics
-
+    step_fn = train_lib.make_train_step(graphdef, tx, jax.random.key(config.seed), dropout)
     t0 = time.perf_counter()
-    self.step_fn = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-        self.state, self.opt, frozen, batch, jnp.int32(0)).compile()
+    self.step_fn = step_fn.lower(self.state, self.opt, frozen, batch, jnp.int32(0)).compile()
     self.compile_s = time.perf_counter() - t0
     cost = self.step_fn.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}

@@ -207,6 +207,30 @@ def save_final(workdir, state, config, tokenizer, special, summary):
   return final
 
 
+def make_train_step(graphdef, tx, key, dropout_on: bool, traces: list | None = None):
+  """The jitted training step `(train_state, opt_state, frozen, batch, step) -> (train_state,
+  opt_state, metrics)`: `codi_loss` + gradients + `tx` update, metrics with the gradient norm.
+
+  Dropout keys are `fold_in(key, step)` when `dropout_on`; train and opt states are donated. Each
+  trace appends to `traces` (if given), so callers can check the step compiles once.
+  """
+
+  def train_step(train_state, opt_state, frozen, batch, step):
+    if traces is not None:
+      traces.append(1)  # trace-time only: counts compiles
+    rng = jax.random.fold_in(key, step) if dropout_on else None
+
+    def loss_fn(ts):
+      return codi_loss(nnx.merge(graphdef, ts, frozen), batch, rng)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_state)
+    updates, opt_state = tx.update(grads, opt_state, train_state)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return optax.apply_updates(train_state, updates), opt_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0, 1))
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs one training job; returns the final summary (also written to <workdir>/final/run.json)."""
   # --- Set-up -------------------------------------------------------------------------------------
@@ -252,22 +276,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   dropout_on = any(r > 0 for r in (codi.backbone.cfg.embed_dropout, codi.backbone.cfg.attn_dropout,
                                    codi.backbone.cfg.resid_dropout, codi.cfg.prj_dropout)) or (
                                        codi.backbone.cfg.lora is not None and codi.backbone.cfg.lora.dropout > 0)
-  key = jax.random.key(config.seed)
   traces = []
-
-  def train_step(train_state, opt_state, frozen, batch, step):
-    traces.append(1)  # trace-time only: counts compiles
-    rng = jax.random.fold_in(key, step) if dropout_on else None
-
-    def loss_fn(ts):
-      return codi_loss(nnx.merge(graphdef, ts, frozen), batch, rng)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_state)
-    updates, opt_state = tx.update(grads, opt_state, train_state)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return optax.apply_updates(train_state, updates), opt_state, metrics
-
-  step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+  step_fn = make_train_step(graphdef, tx, jax.random.key(config.seed), dropout_on, traces)
   num_latent = codi.cfg.num_latent if config.codi.num_latent_infer < 0 else config.codi.num_latent_infer
   eval_graphdef = graphdef if num_latent == codi.cfg.num_latent else nnx.split(
       Codi(codi.backbone, dataclasses.replace(codi.cfg, num_latent=num_latent), nnx.Rngs(0)), nnx.Param, ...)[0]

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from codi_jax.codi.model import Codi, CodiConfig, codi_loss, encode_and_think, masked_ce, student_forward
+from codi_jax.codi.model import (Codi, CodiConfig, codi_loss, encode_and_think, masked_ce, student_forward,
+                                  teacher_label_window)
+from codi_jax.data import codi_batches as cb
 from codi_jax.models import config as mcfg
 from codi_jax.models import hf, transformer
 from codi_jax.models.params import split_trainable
@@ -147,3 +149,45 @@ def test_special_rows_train_only_with_the_flag(train_special):
     table = np.asarray(moved.sync_special_rows().backbone.embed.embedding[...])
     np.testing.assert_allclose(table[-3:], np.asarray(moved.special[...]), atol=0)
     np.testing.assert_allclose(table[:-3], np.asarray(codi.backbone.embed.embedding[...])[:-3], atol=0)
+
+
+def collated_batch():
+  """A batch from the data pipeline's own `collate`: question lengths 5/9/1/7, CoT 6/0/11/3, so
+  the labelled windows start at different positions and the shortest runs past Lt (clipped)."""
+  rng = np.random.default_rng(4)
+  q_lens, c_lens = (5, 9, 1, 7), (6, 0, 11, 3)
+  answer = [np.array([10, 11, 12, int(rng.integers(13, 20)), 0]) for _ in q_lens]  # eos = 0
+  questions = [rng.integers(1, V - 3, n) for n in q_lens]
+  cots = [rng.integers(1, V - 3, n) for n in c_lens]
+  examples = cb.CodiExamples(questions, cots, answer, [2] * len(q_lens), range(len(q_lens)),
+                             cb.SpecialIds(pad=V - 3, bot=V - 2, eot=V - 1, eos=0))
+  shapes = cb.fit_shapes(examples, 4)
+  assert shapes.teacher_span == 16 and shapes.teacher == 20  # window: 16 of 20 teacher positions
+  batch = cb.collate(list(examples), shapes, examples.ids)
+  batch.pop("index")
+  return batch
+
+
+@pytest.mark.parametrize("method", ["codi", "cot_sft"])
+def test_sparse_teacher_logits_match_full(method):
+  """The teacher CE over the labelled window (logits at Lw positions) equals the CE over all Lt
+  positions (the path taken by batches without `teacher_label_pos`), with the same gradients."""
+  b = {k: jnp.asarray(v) for k, v in collated_batch().items()}
+  full = {k: v for k, v in b.items() if k != "teacher_label_pos"}
+  _, labels = teacher_label_window(b)
+  assert int((labels >= 0).sum()) == int((b["teacher_labels"][:, 1:] >= 0).sum())  # each label once
+  backbone = transformer.build(mcfg.tiny("gpt2", vocab_size=V), seed=5)
+  graphdef, state = nnx.split(Codi(backbone, CodiConfig(num_latent=2, method=method), nnx.Rngs(0)))
+
+  def loss_fn(s, batch):
+    return codi_loss(nnx.merge(graphdef, s), batch)
+
+  loss_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (_, m_sparse), g_sparse = loss_grad(state, b)
+  (_, m_full), g_full = loss_grad(state, full)
+  assert m_sparse.keys() == m_full.keys()
+  for k in m_full:
+    np.testing.assert_allclose(np.asarray(m_sparse[k]), np.asarray(m_full[k]), atol=1e-5, rtol=0,
+                               err_msg=k)
+  for a, c in zip(jax.tree.leaves(g_sparse), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=0)

@@ -50,6 +50,9 @@ def test_layout_and_distill_index(tok, records):
     assert (row["teacher_labels"][: len(q)] == -100).all()
     np.testing.assert_array_equal(row["teacher_labels"][len(q) : len(teacher)], teacher[len(q) :])
     assert (row["teacher_labels"][len(teacher) :] == -100).all()
+    # Labelled window: from the last question token (it predicts the first CoT label) onwards.
+    window = len(q) - 1 + np.arange(shapes.teacher_span)
+    np.testing.assert_array_equal(row["teacher_label_pos"], window)
     # Encoder: left-padded [Q][bot].
     assert row["encoder_mask"][-1] and not row["encoder_mask"][0]
     assert list(_real(row, "encoder")) == q + [BOT]
@@ -134,10 +137,24 @@ def test_buckets_and_shapes(tok, records):
   examples, _ = cb.tokenize_records(records, tok, **IDS)
   shapes = cb.fit_shapes(examples, 32)
   lengths = examples.lengths()
-  for key in ("question", "teacher", "decoder"):
+  for key in ("question", "teacher", "decoder", "teacher_span"):
     size = getattr(shapes, key)
     assert size % 32 == 0 and size - 32 < lengths[key].max() <= size
+  q_lens = np.array([len(examples[i]["question"]) for i in range(len(examples))])
+  np.testing.assert_array_equal(lengths["teacher_span"], lengths["teacher"] - q_lens)  # CoT + answer
+  assert shapes.teacher_span <= shapes.teacher
   cb.check_fits(examples, shapes)
+  # A window too narrow for the longest CoT + answer is rejected; no window (0) checks nothing.
+  widest = int(lengths["teacher_span"].max())
+  narrow = cb.Shapes(shapes.question, shapes.teacher, shapes.decoder, widest - 1)
+  with pytest.raises(InputError, match=r"^teacher_span sequences up to \d+ tokens do not fit"):
+    cb.check_fits(examples, narrow)
+  longest = examples[int(np.argmax(lengths["teacher_span"]))]
+  with pytest.raises(InputError, match="exceed"):
+    cb.pad_example(longest, narrow, examples.ids)
+  no_window = cb.Shapes(shapes.question, shapes.teacher, shapes.decoder)
+  cb.check_fits(examples, no_window)
+  assert "teacher_label_pos" not in cb.pad_example(longest, no_window, examples.ids)
   small = cb.Shapes(question=8, teacher=8, decoder=8)
   with pytest.raises(InputError, match="exceed"):
     cb.pad_example(examples[0], small, examples.ids)

@@ -32,6 +32,7 @@ def test_fixed_shapes_across_epochs(data):
     "teacher_labels": (B, s.teacher),
     "teacher_mask": (B, s.teacher),
     "teacher_distill_index": (B,),
+    "teacher_label_pos": (B, s.teacher_span),
     "decoder_ids": (B, s.decoder),
     "decoder_labels": (B, s.decoder),
     "decoder_mask": (B, s.decoder),

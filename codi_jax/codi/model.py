@@ -103,12 +103,36 @@ class Codi(nnx.Module):
     return h_BxD if self.prj is None else self.prj(h_BxD, rng)
 
 
+def token_ce(logits_BxNxV, labels_BxN):
+  """Token-level mean CE of logits against labels at the same index, ignoring labels < 0 (HF -100).
+
+  nll = logsumexp(logits) - logits[label] in f32: no [.., V] log-probability array is built.
+  """
+  lg = logits_BxNxV.astype(jnp.float32)
+  valid = labels_BxN >= 0
+  picked = jnp.take_along_axis(lg, jnp.maximum(labels_BxN, 0)[..., None], -1)[..., 0]
+  nll = jax.nn.logsumexp(lg, axis=-1) - picked
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
 def masked_ce(logits_BxLxV, labels_BxL):
   """Token-level mean CE of logits[:, :-1] against labels[:, 1:], ignoring labels < 0 (HF -100)."""
-  lg, lb = logits_BxLxV[:, :-1].astype(jnp.float32), labels_BxL[:, 1:]
-  valid = lb >= 0
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(lg), jnp.maximum(lb, 0)[..., None], -1)[..., 0]
-  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
+  return token_ce(logits_BxLxV[:, :-1], labels_BxL[:, 1:])
+
+
+def teacher_label_window(batch):
+  """(positions [B, Lw], labels [B, Lw]) of the teacher's labelled window, or None without one.
+
+  Position p predicts teacher_labels[p + 1]; positions at or past Lt - 1 are clipped and their
+  label set to -100, so `token_ce` over the window equals `masked_ce` over all Lt positions.
+  """
+  if "teacher_label_pos" not in batch:
+    return None
+  pos, labels = batch["teacher_label_pos"], batch["teacher_labels"]
+  Lt = labels.shape[1]
+  nxt = pos + 1
+  lb = jnp.take_along_axis(labels, jnp.minimum(nxt, Lt - 1), axis=1)
+  return jnp.minimum(pos, Lt - 1), jnp.where(nxt < Lt, lb, -100)
 
 
 def distill_terms(student, teacher, kind: str, div_std: bool):
@@ -182,10 +206,12 @@ def student_forward(codi: Codi, batch, rng=None, enc_embeds=None):
             hidden_states=True, rng=fold(rng, 5))
 
 
-def teacher_forward(codi: Codi, batch, rng=None, hidden_states=True):
+def teacher_forward(codi: Codi, batch, rng=None, hidden_states=True, logits="all"):
+  """Teacher pass over [question][CoT][answer]; logits "all", "none" or at positions [B, N]."""
   ids, mask = batch["teacher_ids"], batch["teacher_mask"]
   pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)  # right-padded, starts at 0 in every mode
-  return codi.backbone(ids, positions=pos, mask=mask, hidden_states=hidden_states, rng=rng)
+  return codi.backbone(ids, positions=pos, mask=mask, hidden_states=hidden_states, logits=logits,
+                       rng=rng)
 
 
 def _gather(h_BxLxD, idx_B):
@@ -198,8 +224,11 @@ def codi_loss(codi: Codi, batch, rng=None):
   metrics = {}
   loss = 0.0
   if cfg.method in ("codi", "cot_sft"):
-    tea = teacher_forward(codi, batch, fold(rng, 10), hidden_states=cfg.method == "codi")
-    ce_t = masked_ce(tea.logits, batch["teacher_labels"])
+    window = teacher_label_window(batch)  # logits at the labelled positions only, if batched
+    tea = teacher_forward(codi, batch, fold(rng, 10), hidden_states=cfg.method == "codi",
+                          logits="all" if window is None else window[0])
+    ce_t = (masked_ce(tea.logits, batch["teacher_labels"]) if window is None
+            else token_ce(tea.logits, window[1]))
     metrics["ce_teacher"] = ce_t
     loss = loss + (cfg.gamma if cfg.method == "codi" else 1.0) * ce_t
   if cfg.method in ("codi", "no_cot_sft"):
@@ -209,7 +238,7 @@ def codi_loss(codi: Codi, batch, rng=None):
     loss = loss + (cfg.alpha if cfg.method == "codi" else 1.0) * ce_s
   if cfg.method == "codi":
     if cfg.separate_teacher_target_pass:
-      tea = teacher_forward(codi, batch, fold(rng, 11))
+      tea = teacher_forward(codi, batch, fold(rng, 11), logits="none")  # hidden-state targets only
     s = [_gather(h, batch["decoder_distill_index"]) for h in stu.hidden_states]
     t = [_gather(h, batch["teacher_distill_index"]) for h in tea.hidden_states]
     if cfg.distill_layers == "blocks_only":

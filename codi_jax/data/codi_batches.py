@@ -5,7 +5,9 @@ Sequences per example (Lq, Lt, La: padded lengths):
   teacher [Q][CoT][The answer is: N][eos], right-padded to Lt, labels -100 over Q;
   student decoder [eot][The answer is: N][eos], right-padded to La.
 Labels are aligned with the ids (unshifted, as the reference: the loss pairs logits[:, :-1] with
-labels[:, 1:]); padding and the decoder's position 0 are -100.
+labels[:, 1:]); padding and the decoder's position 0 are -100. Only the teacher positions whose
+next label is valid (one per CoT + answer token) need LM-head logits: `teacher_label_pos` lists
+them in a fixed window of Lw (`Shapes.teacher_span`) so the loss computes teacher logits there only.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ class SpecialIds:
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-  """Padded lengths: student encoder (Lq), teacher (Lt), student decoder (La)."""
+  """Padded lengths: student encoder (Lq), teacher (Lt), student decoder (La), and the teacher's
+  labelled window (Lw: positions whose next label is valid, i.e. CoT + answer; 0: no window, the
+  batch has no `teacher_label_pos` and the loss computes logits at all Lt positions)."""
 
   question: int
   teacher: int
   decoder: int
+  teacher_span: int = 0
 
 
 def _pack(pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -88,9 +93,11 @@ class CodiExamples(Sequence):
     )
 
   def lengths(self) -> dict[str, np.ndarray]:
-    """Unpadded lengths of each example's encoder, teacher and decoder sequences."""
+    """Unpadded lengths of each example's encoder, teacher and decoder sequences, and the number
+    of teacher positions whose next label is valid (`teacher_span`, the `Shapes` field)."""
     q, c, a = np.diff(self._q_off), np.diff(self._c_off), np.diff(self._a_off)
-    return dict(question=q + 1, teacher=q + c + a, decoder=a + 1)
+    return dict(question=q + 1, teacher=q + c + a, decoder=a + 1,
+                teacher_span=teacher_span(q, q + c + a))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +261,12 @@ def tokenize_records(
 # Fixed shapes
 
 
+def teacher_span(question_len, teacher_len):
+  """Teacher positions whose next label is valid: labels cover [len(q), lt) and position p
+  predicts label p + 1, so p runs over [max(len(q), 1) - 1, lt - 1)."""
+  return teacher_len - np.maximum(question_len, 1)
+
+
 def bucket_size(length: int, buckets: int | Sequence[int]) -> int:
   """`length` rounded up to a multiple of `buckets` (an int) or to the next listed size."""
   if isinstance(buckets, int):
@@ -268,23 +281,33 @@ def bucket_size(length: int, buckets: int | Sequence[int]) -> int:
 
 def fit_shapes(examples: CodiExamples, buckets: int | Sequence[int] = 32) -> Shapes:
   """The bucketed max lengths of `examples`: one shape for every batch, so one compilation."""
-  lengths = examples.lengths()
-  return Shapes(**{k: bucket_size(int(v.max()), buckets) for k, v in lengths.items()})
+  sizes = {k: bucket_size(int(v.max()), buckets) for k, v in examples.lengths().items()}
+  sizes["teacher_span"] = min(sizes["teacher_span"], sizes["teacher"])  # never wider than Lt
+  return Shapes(**sizes)
 
 
 def check_fits(examples: CodiExamples, shapes: Shapes) -> None:
   """Raises InputError if some example is longer than `shapes` allows."""
   for key, lengths in examples.lengths().items():
+    if key == "teacher_span" and not shapes.teacher_span:
+      continue  # no window: full teacher logits
     if (longest := int(lengths.max())) > getattr(shapes, key):
       raise InputError(f"{key} sequences up to {longest} tokens do not fit {shapes}")
 
 
 def pad_example(example: Mapping[str, Any], shapes: Shapes, ids: SpecialIds) -> dict:
-  """One example as fixed-shape arrays (ids/labels int32, masks bool, indices int32 scalars)."""
+  """One example as fixed-shape arrays (ids/labels int32, masks bool, indices int32 scalars).
+
+  With `shapes.teacher_span` > 0 it also holds `teacher_label_pos` [Lw]: the teacher positions
+  whose next label is valid, then the positions after them (their next label is -100 or past Lt;
+  the loss clips and masks them).
+  """
   q, c, a = example["question"], example["cot"], example["answer"]
   lq, lt, la = len(q) + 1, len(q) + len(c) + len(a), len(a) + 1
-  if lq > shapes.question or lt > shapes.teacher or la > shapes.decoder:
-    raise InputError(f"example {example['index']}: lengths {(lq, lt, la)} exceed {shapes}")
+  span = int(teacher_span(len(q), lt))
+  if (lq > shapes.question or lt > shapes.teacher or la > shapes.decoder
+      or (shapes.teacher_span and span > shapes.teacher_span)):
+    raise InputError(f"example {example['index']}: lengths {(lq, lt, la, span)} exceed {shapes}")
 
   encoder_ids = np.full(shapes.question, ids.pad, np.int32)
   encoder_ids[shapes.question - lq :] = np.concatenate([q, [ids.bot]])
@@ -296,6 +319,10 @@ def pad_example(example: Mapping[str, Any], shapes: Shapes, ids: SpecialIds) -> 
   decoder_ids[:la] = np.concatenate([[ids.eot], a])
   decoder_labels = np.full(shapes.decoder, IGNORE, np.int32)
   decoder_labels[1:la] = a
+  window = {}
+  if shapes.teacher_span:
+    start = max(len(q), 1) - 1
+    window["teacher_label_pos"] = (start + np.arange(shapes.teacher_span)).astype(np.int32)
   return dict(
     encoder_ids=encoder_ids,
     encoder_mask=np.arange(shapes.question) >= shapes.question - lq,
@@ -303,6 +330,7 @@ def pad_example(example: Mapping[str, Any], shapes: Shapes, ids: SpecialIds) -> 
     teacher_labels=teacher_labels,
     teacher_mask=np.arange(shapes.teacher) < lt,
     teacher_distill_index=np.int32(len(q) + len(c) + example["distill"]),
+    **window,
     decoder_ids=decoder_ids,
     decoder_labels=decoder_labels,
     decoder_mask=np.arange(shapes.decoder) < la,
