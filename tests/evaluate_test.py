@@ -2,9 +2,8 @@
 
 import json
 import os
-import subprocess
-import sys
 
+import cli_util
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +13,6 @@ from codi_jax import evaluate as ev
 from codi_jax import train_lib
 from codi_jax.errors import InputError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = "codi_jax.evaluate"
 
 
@@ -42,25 +40,11 @@ def finals(runs):
 
 
 def run_cli(tmp_path, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", CODI_JAX_CACHE=str(tmp_path / "xla"))
-  return subprocess.run(
-    [sys.executable, "-m", PROG, *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
+  return cli_util.run_module(PROG, tmp_path, *args)
 
 
 def assert_one_line_error(proc, *needles):
-  lines = proc.stderr.strip().splitlines()
-  assert proc.returncode == 2, proc.stderr
-  assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
-  assert lines[0].startswith(f"{PROG}: error: "), lines[0]
-  for needle in needles:
-    assert str(needle) in lines[0], lines[0]
+  cli_util.assert_usage_error(proc, PROG, *needles)
 
 
 def read_jsonl(path):

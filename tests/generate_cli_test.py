@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
+import cli_util
 import pytest
 
 from codi_jax.decoding import Generator
 from codi_jax.models import loader
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = "soft_jax.generate"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 V = 100  # tiny vocabulary: "<eos>" (0), "<unk>" (1), "w2" ... "w99"
@@ -23,22 +22,7 @@ TEMPLATE = (
 
 
 def run_cli(tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
-  env = dict(
-    os.environ,
-    CODI_JAX_CACHE=str(tmp_path / "xla"),
-    JAX_PLATFORMS="cpu",
-    HF_HUB_OFFLINE="1",
-    HF_HUB_CACHE=str(tmp_path / "hub"),
-  )
-  return subprocess.run(
-    [sys.executable, "-m", PROG, *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    check=False,
-  )
+  return cli_util.run_module(PROG, tmp_path, *args, timeout=timeout)
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -47,15 +31,8 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def assert_usage_error(proc: subprocess.CompletedProcess, *needles):
-  """Exit 2 and exactly one stderr line `soft_jax.generate: error: ...` naming every needle."""
-  lines = proc.stderr.strip().splitlines()
-  assert proc.returncode == 2, proc.stderr
-  assert "Traceback" not in proc.stderr
-  assert len(lines) == 1, proc.stderr
-  assert lines[0].startswith(f"{PROG}: error: "), lines[0]
-  for n in needles:
-    assert str(n) in lines[0], lines[0]
+def assert_usage_error(proc, *needles):
+  cli_util.assert_usage_error(proc, PROG, *needles)
 
 
 def _smol_path() -> str:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 
+import cli_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +17,6 @@ import pytest
 from soft_jax import analyze
 from soft_jax.sampling import SamplerParams
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = "soft_jax.analyze"
 
 
@@ -155,10 +153,7 @@ def tiny_dir(tmp_path_factory) -> str:
 
 
 def run_cli(tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, CODI_JAX_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
-  return subprocess.run([sys.executable, "-m", PROG, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return cli_util.run_module(PROG, tmp_path, *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("name, extra", [

@@ -7,9 +7,9 @@ import json
 import math
 import os
 import subprocess
-import sys
 import zlib
 
+import cli_util
 import pytest
 
 from codi_jax.models import loader
@@ -66,20 +66,11 @@ def tiny(tiny_dir):
 
 
 def run_cli(tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, CODI_JAX_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
-  return subprocess.run([sys.executable, "-m", PROG, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return cli_util.run_module(PROG, tmp_path, *args, timeout=timeout)
 
 
 def assert_usage_error(proc, *needles):
-  lines = proc.stderr.strip().splitlines()
-  assert proc.returncode == 2, proc.stderr
-  assert "Traceback" not in proc.stderr
-  assert len(lines) == 1, proc.stderr
-  assert lines[0].startswith(f"{PROG}: error: "), lines[0]
-  for n in needles:
-    assert str(n) in lines[0], lines[0]
+  cli_util.assert_usage_error(proc, PROG, *needles)
 
 
 def pass_at_k_comb(n: int, c: int, k: int) -> float:

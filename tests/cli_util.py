@@ -1,0 +1,26 @@
+"""Running a `python -m` entry point in a subprocess and checking its one-line usage errors."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(prog: str, tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
+  """`python -m prog args...` from the repo root: CPU only, offline hub, XLA cache under tmp_path."""
+  env = dict(os.environ, CODI_JAX_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu",
+             HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+  return subprocess.run([sys.executable, "-m", prog, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, prog: str, *needles):
+  """Exit 2 and exactly one stderr line `prog: error: ...` naming every needle; no traceback."""
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith(f"{prog}: error: "), lines[0]
+  for n in needles:
+    assert str(n) in lines[0], lines[0]
