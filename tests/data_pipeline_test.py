@@ -59,19 +59,20 @@ def test_epoch_covers_each_example_once(data):
 
 
 def test_process_shares(data):
-  shares = [
-    np.concatenate([
-      b["index"]
-      for b in pipeline.codi_dataset(
-        data.examples, data.shapes, batch_size=5, num_epochs=1, process_index=i, process_count=3
-      )
-    ]).tolist()
-    for i in range(3)
-  ]
-  assert [len(s) for s in shares] == [20, 20, 20]  # 70 // 3 = 23 each, 4 batches of 5.
-  assert not set(shares[0]) & set(shares[1]) and not set(shares[1]) & set(shares[2])
+  def batches(**kw):
+    ds = pipeline.codi_dataset(data.examples, data.shapes, batch_size=15, num_epochs=1, **kw)
+    return [b["index"].tolist() for b in ds]
+
+  single = batches()
+  shares = [batches(process_index=i, process_count=3) for i in range(3)]
+  assert [len(s) for s in shares] == [4, 4, 4] and len(single) == 4  # 70 // 15 global batches.
+  assert all(len(b) == 5 for s in shares for b in s)
+  for t, whole in enumerate(single):  # Local batches of step t, in process order, = global batch t.
+    assert shares[0][t] + shares[1][t] + shares[2][t] == whole
+  with pytest.raises(InputError, match="not a multiple"):
+    pipeline.codi_dataset(data.examples, data.shapes, batch_size=16, process_count=3)
   with pytest.raises(InputError, match="fewer than batch_size"):
-    pipeline.codi_dataset(data.examples, data.shapes, batch_size=40, process_count=2)
+    pipeline.codi_dataset(data.examples, data.shapes, batch_size=80, process_count=2)
 
 
 def test_shapes_override(data):

@@ -34,6 +34,25 @@ class TrainData:
   steps_per_epoch: int
 
 
+class _ProcessRows(grain.MapDataset):
+  """This process's rows of every global batch: local element i is global element
+  (i // local) * global_ + first + i % local, so the union over processes of local batch t is
+  exactly global batch t, in the same row order (process 0's rows first)."""
+
+  def __init__(self, parent: grain.MapDataset, *, first: int, local: int, global_: int):
+    super().__init__(parent)
+    self._first, self._local, self._global = first, local, global_
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    q, r = divmod(index, self._local)
+    return self._parent[q * self._global + self._first + r]
+
+
 def codi_dataset(
   examples: CodiExamples,
   shapes: Shapes,
@@ -46,29 +65,28 @@ def codi_dataset(
   prefetch: int = 8,
   worker_count: int = 0,
 ) -> grain.IterDataset:
-  """This process's shuffled, repeated batches of `batch_size` padded examples (a dict each).
+  """This process's share of shuffled, repeated global batches of `batch_size` padded examples.
 
-  Each process takes every `process_count`-th example of a prefix of equal share (so all
-  processes run the same number of steps), reshuffled every epoch; `num_epochs=None` repeats
-  forever. Batches may straddle epochs; the last partial batch is dropped. `prefetch` batches are
-  prepared ahead by as many threads (grain's default, 500, holds far too many CODI batches);
-  `worker_count` > 0 adds that many worker processes.
+  One global order (shuffled with `seed`, reshuffled every epoch) serves every process count:
+  each of the `process_count` processes yields `batch_size // process_count` rows of each global
+  batch, and the union of the local batches of step t is global batch t of a 1-process run, so a
+  run's data does not depend on how many hosts feed it. `num_epochs=None` repeats forever; batches
+  may straddle epochs; the last partial batch is dropped. `prefetch` batches are prepared ahead by
+  as many threads (grain's default, 500, holds far too many CODI batches); `worker_count` > 0 adds
+  that many worker processes.
   """
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  per_process = len(examples) // count
-  if per_process < batch_size:
-    raise InputError(
-      f"{len(examples)} examples over {count} processes is fewer than batch_size={batch_size}"
-    )
-  if left_out := len(examples) % count:
-    logging.info("Leaving out %d examples to give each process an equal share.", left_out)
-  ds = grain.MapDataset.source(examples)
-  ds = ds[: per_process * count][index::count]
-  ds = ds.shuffle(seed)
+  if batch_size % count:
+    raise InputError(f"batch_size={batch_size} is not a multiple of the {count} processes feeding it")
+  if len(examples) < batch_size:
+    raise InputError(f"{len(examples)} examples is fewer than batch_size={batch_size}")
+  local = batch_size // count
+  ds = grain.MapDataset.source(examples).shuffle(seed).repeat(num_epochs)
+  if count > 1:
+    ds = _ProcessRows(ds, first=index * local, local=local, global_=batch_size)
   ds = ds.map(functools.partial(codi_batches.pad_example, shapes=shapes, ids=examples.ids))
-  ds = ds.repeat(num_epochs)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(local, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -113,6 +131,6 @@ def train_data(
     prefetch=prefetch,
     worker_count=worker_count,
   )
-  steps = len(examples) // count // batch_size
+  steps = len(examples) // batch_size
   logging.info("CODI data: %d examples, shapes %s, %d steps/epoch.", len(examples), shapes, steps)
   return TrainData(ds, examples, shapes, report, steps)
