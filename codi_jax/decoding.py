@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from codi_jax import sharding
 from codi_jax.models import cache as kvc
 from codi_jax.models.step import Loop, StepOut, merge, while_steps
 from codi_jax.models.transformer import Transformer
@@ -88,20 +89,28 @@ def greedy_loop(model: Transformer, logits_BxV, cache, pos_B, max_new: int, eos_
 
 
 class Generator:
-  """Jitted greedy generation for one model; compiles once per (B, P, max_new) and counts it."""
+  """Jitted greedy generation for one model; compiles once per (B, P, max_new) and counts it.
 
-  def __init__(self, model: Transformer, pad_id: int, eos_ids: Sequence[int]):
+  With a `mesh`, parameters are sharded by `rules` and prompts split along the batch axes.
+  """
+
+  def __init__(self, model: Transformer, pad_id: int, eos_ids: Sequence[int], *, mesh=None, rules=None):
     self.graphdef, self.state = nnx.split(model)
+    self.mesh, self.rules = mesh, (sharding.default_rules() if rules is None else rules)
+    if mesh is not None:
+      self.state = sharding.place(self.state, sharding.state_shardings(self.state, mesh, self.rules))
     self.pad_id = int(pad_id)
     self.eos = jnp.asarray(sorted(set(int(e) for e in eos_ids)), jnp.int32)
     self.compiles = 0
-    self._fn = jax.jit(self._generate, static_argnames=("max_new",))
+    self._fn = jax.jit(self._generate, static_argnames=("max_new",),
+                       out_shardings=sharding.replicate_out(mesh))
 
   def _generate(self, state, ids, mask, eos, *, max_new: int):
     self.compiles += 1  # runs at trace time only
-    model = merge(self.graphdef, state)
-    logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
-    return greedy_loop(model, logits, cache, pos, max_new, eos, self.pad_id)
+    with sharding.activations(self.mesh, self.rules):
+      model = merge(self.graphdef, state)
+      logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
+      return greedy_loop(model, logits, cache, pos, max_new, eos, self.pad_id)
 
   def __call__(self, prompts: Sequence[Sequence[int]], max_new: int, *, length_bucket: int = 32,
                batch: int | None = None) -> list[list[int]]:
@@ -111,6 +120,7 @@ class Generator:
     B = batch or len(prompts)
     rows = list(prompts) + [[self.pad_id]] * (B - len(prompts))
     ids, mask = left_pad(rows, self.pad_id, bucket(max(len(p) for p in rows), length_bucket))
-    toks, n = self._fn(self.state, jnp.asarray(ids), jnp.asarray(mask), self.eos, max_new=max_new)
+    ids, mask = (sharding.put_batch(x, self.mesh, self.rules) for x in (ids, mask))
+    toks, n = self._fn(self.state, ids, mask, self.eos, max_new=max_new)
     toks, n = np.asarray(toks), np.asarray(n)
     return [toks[i, : n[i]].tolist() for i in range(len(prompts))]

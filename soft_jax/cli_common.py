@@ -1,7 +1,7 @@
 """Flags and config plumbing shared by the soft_jax command lines (generate, evaluate, analyze).
 
 Defines (once per process) --model, --prompt, --data (and its layout/field/limit flags),
---n_samples, --out, --progress, --max_new_tokens, --dtype, --length_bucket, --config, --mode,
+--n_samples, --out, --progress, --mesh, --max_new_tokens, --dtype, --length_bucket, --config, --mode,
 --seed, --think_end, --think_end_last_id and one flag per SamplerParams knob. A flag given on the
 command line wins over the --config file, which wins over the flag default; sampler knobs given
 nowhere take the SamplerParams defaults (spec section 5). Bad values raise InputError naming the
@@ -39,6 +39,9 @@ LIMIT = flags.DEFINE_integer("limit", None, "Use only the first N problems.")
 N_SAMPLES = flags.DEFINE_integer("n_samples", 1, "Samples per problem / prompt.")
 OUT = flags.DEFINE_string("out", None, "Output directory.")
 PROGRESS = flags.DEFINE_bool("progress", True, "Show a tqdm progress bar on stderr.")
+MESH = flags.DEFINE_string(
+    "mesh", None, "Device mesh data,fsdp,tensor (one may be -1), e.g. 1,1,-1 for tensor parallelism "
+    "over every device; empty: one device.")
 # Sampler flags: None = the config's value, else the SamplerParams default (spec section 5).
 SAMPLER_FLAGS = {
     "temperature": flags.DEFINE_float("temperature", None, "Thinking temperature (0 = argmax)."),
@@ -121,6 +124,22 @@ class Settings:
   think_end: str
   think_end_last_id: bool
   config: Any  # the ConfigDict or None
+  mesh: Any = None  # jax Mesh or None (one device)
+
+
+def make_mesh(text: str | None):
+  """--mesh "data,fsdp,tensor" -> an Auto mesh over every device, or None for ""."""
+  if not text:
+    return None
+  from codi_jax import sharding  # pylint: disable=import-outside-toplevel
+
+  try:
+    sizes = [int(x) for x in text.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3:
+    raise InputError(f"--mesh: expected three integers data,fsdp,tensor (one may be -1), got {text!r}")
+  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)), where="--mesh")
 
 
 def settings(default_mode: str = "greedy") -> Settings:
@@ -137,4 +156,5 @@ def settings(default_mode: str = "greedy") -> Settings:
   seed = SEED.value if SEED.value is not None else (cfg.get("seed", 0) if cfg is not None else 0)
   return Settings(setting("model", cfg, MODEL.value), setting("max_new_tokens", cfg, MAX_NEW.value),
                   setting("dtype", cfg, DTYPE.value), setting("length_bucket", cfg, BUCKET.value),
-                  mode, params, int(seed), think_end, bool(last_id), cfg)
+                  mode, params, int(seed), think_end, bool(last_id), cfg,
+                  make_mesh(setting("mesh", cfg, MESH.value)))

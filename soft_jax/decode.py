@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from codi_jax import sharding
 from codi_jax.decoding import bucket, left_pad, prefill
 from codi_jax.errors import InputError
 from codi_jax.models.cache import KVCache
@@ -234,14 +235,20 @@ class SoftDecoder:
   Splits the model once, compiles once per (B, P, max_new, record, static sampler fields) and
   counts compiles in `.compiles`. Float sampler knobs (temperatures, p's, gamma, tau, theta, P,
   budget) are traced: `params=` overrides per call without recompiling. The attributes `eos_ids`
-  and `think_end_id` (None: no `</think>`) are read at each call and traced too.
+  and `think_end_id` (None: no `</think>`) are read at each call and traced too. With a `mesh`,
+  parameters are sharded by `rules` (default `sharding.DEFAULT_RULES`), prompts split along the
+  batch axes, and results come back replicated.
   """
 
   def __init__(self, model: Transformer, params: SamplerParams, *, pad_id: int,
-               eos_ids: Sequence[int], think_end_id: int | None = None, chunk: int = 8):
+               eos_ids: Sequence[int], think_end_id: int | None = None, chunk: int = 8,
+               mesh=None, rules=None):
     self.vocab = model.cfg.vocab_size
     self.params = params.validate(vocab=self.vocab)
     self.graphdef, self.state = nnx.split(model)
+    self.mesh, self.rules = mesh, (sharding.default_rules() if rules is None else rules)
+    if mesh is not None:
+      self.state = sharding.place(self.state, sharding.state_shardings(self.state, mesh, self.rules))
     self.pad_id = int(pad_id)
     # Both are read at call time and traced: changing them between calls does not recompile
     # (a different number of stop ids does).
@@ -249,16 +256,18 @@ class SoftDecoder:
     self.think_end_id = think_end_id
     self.chunk = int(chunk)
     self.compiles = 0
-    self._fn = jax.jit(self._decode, static_argnames=("max_new", "record"))
+    self._fn = jax.jit(self._decode, static_argnames=("max_new", "record"),
+                       out_shardings=sharding.replicate_out(mesh))
 
   def _decode(self, state, ids, mask, eos, think_end, key, sample_ids, params, *, max_new: int,
               record: bool):
     self.compiles += 1  # runs at trace time only
-    model = merge(self.graphdef, state)
-    logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
-    return decode_loop(model, params, logits, cache, pos, max_new=max_new, key=key,
-                       sample_ids=sample_ids, eos_ids=eos, pad_id=self.pad_id,
-                       think_end_id=think_end, record=record, chunk=self.chunk)
+    with sharding.activations(self.mesh, self.rules):
+      model = merge(self.graphdef, state)
+      logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
+      return decode_loop(model, params, logits, cache, pos, max_new=max_new, key=key,
+                         sample_ids=sample_ids, eos_ids=eos, pad_id=self.pad_id,
+                         think_end_id=think_end, record=record, chunk=self.chunk)
 
   def run(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int = 0,
           record: bool = False, params: SamplerParams | None = None, sample_ids=None,
@@ -281,7 +290,8 @@ class SoftDecoder:
     end = -1 if self.think_end_id is None else int(self.think_end_id)
     if not -1 <= end < self.vocab:
       raise InputError(f"think_end_id: {end} is outside the vocabulary of {self.vocab}")
-    return self._fn(self.state, jnp.asarray(ids), jnp.asarray(mask),
+    ids, mask = (sharding.put_batch(x, self.mesh, self.rules) for x in (ids, mask))
+    return self._fn(self.state, ids, mask,
                     jnp.asarray(self.eos_ids, jnp.int32), jnp.asarray(end, jnp.int32),
                     jax.random.key(seed), jnp.asarray(sids, jnp.int32), params,
                     max_new=max_new_tokens, record=record)

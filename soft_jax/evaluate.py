@@ -89,7 +89,7 @@ def prompt_ids(tokenizer, question: str, think_end_id: int | None) -> list[int]:
 def evaluate(model, tokenizer, problems, params, *, n_samples: int, ks: Sequence[int],
              max_new_tokens: int, batch_size: int = 8, seed: int = 0,
              think_end_id: int | None = None, length_bucket: int = 32, judge: str = "auto",
-             progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             progress: bool = False, mesh=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Decodes n samples of every problem, judges them and summarizes.
 
   Args:
@@ -106,6 +106,7 @@ def evaluate(model, tokenizer, problems, params, *, n_samples: int, ks: Sequence
     length_bucket: Prompt lengths are padded to one multiple of this for the whole set.
     judge: `math_answers.check_answer` judge.
     progress: Show a tqdm bar.
+    mesh: Optional device mesh: parameters sharded, rows split along its batch axes.
 
   Returns:
     (summary, samples): `metrics.summarize` output plus timing, and one dict per sample.
@@ -126,7 +127,7 @@ def evaluate(model, tokenizer, problems, params, *, n_samples: int, ks: Sequence
   params = params.validate(prefix="--", vocab=model.cfg.vocab_size)
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
   dec = decode.SoftDecoder(model, params, pad_id=pad, eos_ids=tokenizer.eos_ids,
-                           think_end_id=think_end_id)
+                           think_end_id=think_end_id, mesh=mesh)
   ids = [prompt_ids(tokenizer, p.question, think_end_id) for p in problems]
   width = bucket(max(len(i) for i in ids), length_bucket)  # one prompt shape for every batch
   rows = [(pi, s) for pi in range(len(problems)) for s in range(n_samples)]
@@ -222,7 +223,7 @@ def main(argv):
         loaded.model, loaded.tokenizer, probs, st.params, n_samples=_N_SAMPLES.value, ks=ks,
         max_new_tokens=st.max_new_tokens, batch_size=_BATCH.value, seed=st.seed,
         think_end_id=end_id, length_bucket=st.length_bucket, judge=_JUDGE.value,
-        progress=_PROGRESS.value)
+        progress=_PROGRESS.value, mesh=st.mesh)
     import jax  # pylint: disable=import-outside-toplevel
 
     summary["settings"] = {

@@ -39,7 +39,7 @@ def _thinking_length(tokens: list[int], think_end_id: int | None) -> int:
 
 def run(model_spec: str, prompts: list[str], max_new: int, *, chat: bool, dtype: str, bucket: int,
         mode: str = "greedy", params=None, seed: int = 0, think_end: str = "auto",
-        think_end_last_id: bool = False) -> list[dict]:
+        think_end_last_id: bool = False, mesh=None) -> list[dict]:
   """Loads the model, generates for every prompt in one batch, returns one record per prompt.
 
   mode=greedy without a thinking budget uses the greedy Generator; every other case SoftDecoder.
@@ -69,12 +69,13 @@ def run(model_spec: str, prompts: list[str], max_new: int, *, chat: bool, dtype:
   pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
   t0 = time.perf_counter()
   if params.mode == "greedy" and not params.max_thinking_tokens:
-    outs = Generator(loaded.model, pad_id=pad, eos_ids=tok.eos_ids)(ids, max_new, length_bucket=bucket)
+    gen = Generator(loaded.model, pad_id=pad, eos_ids=tok.eos_ids, mesh=mesh)
+    outs = gen(ids, max_new, length_bucket=bucket)
     eos = set(tok.eos_ids)
     rows = [(o, _thinking_length(o, end_id), "eos" if o and o[-1] in eos else "length") for o in outs]
   else:
     dec = decode.SoftDecoder(loaded.model, params, pad_id=pad, eos_ids=tok.eos_ids,
-                             think_end_id=end_id)
+                             think_end_id=end_id, mesh=mesh)
     outs = dec(ids, max_new_tokens=max_new, seed=seed, length_bucket=bucket)
     rows = [(r.tokens, r.thinking_tokens, r.stop_reason) for r in outs]
   seconds = time.perf_counter() - t0
@@ -92,11 +93,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   runtime.setup_cli()
   with exit_on_input_error("soft_jax.generate"):
+    from codi_jax import distributed  # pylint: disable=import-outside-toplevel
+
+    distributed.maybe_initialize()
     st = settings()
     records = run(st.model, _PROMPT.value or [], st.max_new_tokens,
                   chat=setting("chat", st.config, _CHAT.value), dtype=st.dtype,
                   bucket=st.length_bucket, mode=st.mode, params=st.params, seed=st.seed,
-                  think_end=st.think_end, think_end_last_id=st.think_end_last_id)
+                  think_end=st.think_end, think_end_last_id=st.think_end_last_id, mesh=st.mesh)
+  if not distributed.is_main():  # every process decoded the same batch; one prints it
+    return
   for r in records:
     print(r["text"])
   if _JSON.value:

@@ -185,10 +185,13 @@ def top_candidates(z_BxV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
   The optimization barrier keeps XLA from decomposing TopK into a full-vocabulary sort when its
   outputs are sliced in different ways downstream (seen on CPU: a sort of [B, V] per step, 50-200x
-  slower at V = 49152); the outputs are only [B, k], so the barrier costs nothing else.
+  slower at V = 49152); the outputs are only [B, k], so the barrier costs nothing else. The barrier
+  takes (ids, vals), not TopK's own (vals, ids) order: under SPMD partitioning XLA folds an
+  identical tuple into the TopK itself, which crashes XLA:CPU's TopK decomposer (jax 0.10.2).
   """
   vals, ids = jax.lax.top_k(z_BxV.astype(jnp.float32), k)
-  return jax.lax.optimization_barrier((vals, ids.astype(jnp.int32)))
+  ids, vals = jax.lax.optimization_barrier((ids.astype(jnp.int32), vals))
+  return vals, ids
 
 
 def _renorm(q):

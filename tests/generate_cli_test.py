@@ -331,3 +331,21 @@ def test_every_mode_smollm2(tmp_path, smol):
       assert out["tokens"] == want[0] and out["thinking_tokens"] == len(out["tokens"])
     else:
       assert out["thinking_tokens"] == min(4, len(out["tokens"]))  # no `</think>`: the budget
+
+
+@pytest.mark.parametrize("mode", ["greedy", "gumbel"])
+def test_mesh_flag_shards_and_keeps_tokens(tmp_path, tiny_dir, mode):
+  """--mesh on 4 simulated devices (tensor parallel x data) emits what one device does."""
+  args = [f"--model={tiny_dir}", "--prompt=w7 w8 w9", "--prompt=w20", f"--mode={mode}", "--max_new_tokens=6",
+          "--json"]
+  one = last_json(run_cli(tmp_path, *args))
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  four = last_json(cli_util.run_module(PROG, tmp_path, *args, "--mesh=2,1,-1", extra_env=env))
+  assert [r["tokens"] for r in four["results"]] == [r["tokens"] for r in one["results"]]
+
+
+def test_bad_mesh_flag(tmp_path):
+  assert_usage_error(run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", "--mesh=2,2"),
+                     "--mesh", "three integers")
+  assert_usage_error(run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", "--mesh=3,1,1"),
+                     "--mesh", "uses 3 devices")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from codi_jax.models.config import ModelConfig
+from codi_jax.models.partitioning import constrain
 
 
 class KVCache(NamedTuple):
@@ -31,8 +32,9 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCac
   """An empty cache of `capacity` slots per row."""
   dtype = jnp.dtype(dtype or cfg.dtype)
   shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-  k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-  v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # distinct buffers: donatable
+  axes = ("batch", "cache_len", "act_kv", None)
+  k = tuple(constrain(jnp.zeros(shape, dtype), axes) for _ in range(cfg.num_layers))
+  v = tuple(constrain(jnp.zeros(shape, dtype), axes) for _ in range(cfg.num_layers))  # distinct: donatable
   return KVCache(k, v, jnp.zeros((batch, capacity), bool), jnp.zeros((), jnp.int32))
 
 

@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from codi_jax.models import cache as kvc
@@ -23,6 +22,10 @@ from codi_jax.models.config import ModelConfig
 from codi_jax.models.layers import (
     Embed, LayerNorm, Linear, RMSNorm, attention, dropout, fold, rope, rope_inv_freq, rope_tables,
 )
+from codi_jax.models.partitioning import constrain
+
+
+_ACT = ("batch", None, "act_embed")  # the residual stream
 
 
 class Output(NamedTuple):
@@ -131,9 +134,11 @@ class Transformer(nnx.Module):
   def head(self, h_BxLxD):
     """LM-head logits in f32."""
     if self.lm_head is None:
-      return self.embed.attend(h_BxLxD)
-    return jnp.einsum("...d,dv->...v", h_BxLxD, self.lm_head.kernel[...].astype(h_BxLxD.dtype),
-                      preferred_element_type=jnp.float32)
+      out = self.embed.attend(h_BxLxD)
+    else:
+      out = jnp.einsum("...d,dv->...v", h_BxLxD, self.lm_head.kernel[...].astype(h_BxLxD.dtype),
+                       preferred_element_type=jnp.float32)
+    return constrain(out, ("batch",) + (None,) * (out.ndim - 2) + ("act_vocab",))
 
   def __call__(self, tokens=None, *, embeds=None, positions, mask=None, cache: kvc.KVCache | None = None,
                logits="all", hidden_states: bool = False, rng: jax.Array | None = None) -> Output:
@@ -150,7 +155,7 @@ class Transformer(nnx.Module):
     B, L = x_BxLxD.shape[:2]
     if self.pos_embed is not None:
       x_BxLxD = x_BxLxD + self.pos_embed(jnp.clip(positions, 0, cfg.max_positions - 1))
-    x_BxLxD = dropout(x_BxLxD, cfg.embed_dropout, fold(rng, 0))
+    x_BxLxD = constrain(dropout(x_BxLxD, cfg.embed_dropout, fold(rng, 0)), _ACT)
     mask_BxL = jnp.ones((B, L), bool) if mask is None else mask.astype(bool)
 
     q_slot = jnp.arange(L)
@@ -172,6 +177,7 @@ class Transformer(nnx.Module):
       if hidden_states:
         all_h.append(x_BxLxD)
       x_BxLxD, (k, v) = blk(x_BxLxD, rope_cs, kvs[i], allowed_BxLxT, end, fold(rng, i + 1))
+      x_BxLxD = constrain(x_BxLxD, _ACT)
       new_k.append(k)
       new_v.append(v)
     h_BxLxD = self.final_norm(x_BxLxD)
@@ -201,20 +207,20 @@ class Transformer(nnx.Module):
 
 
 def _mean_resize(w_VxD: jax.Array, new_size: int, key: jax.Array) -> jax.Array:
-  """HF `_init_added_embeddings_weights_with_mean`: sample N(mu, 1e-9 * Sigma), or mu if not PD."""
+  """HF `_init_added_embeddings_weights_with_mean` (in f32, as HF): N(mu, 1e-9 * Sigma) rows, or mu
+  where 1e-9 * Sigma is not positive definite. Traceable, so sharded init can jit it."""
   n_new = new_size - w_VxD.shape[0]
   if n_new == 0:
     return w_VxD
-  w = np.asarray(w_VxD, np.float64)
+  w = w_VxD.astype(jnp.float32)
   mu = w.mean(0)
-  cov = (w - mu).T @ (w - mu) / w.shape[0]
-  try:
-    chol = np.linalg.cholesky(1e-9 * cov)
-    z = np.asarray(jax.random.normal(key, (n_new, w.shape[1]), jnp.float32), np.float64)
-    rows = mu + z @ chol.T
-  except np.linalg.LinAlgError:
-    rows = np.repeat(mu[None], n_new, 0)
-  return jnp.concatenate([w_VxD, jnp.asarray(rows, w_VxD.dtype)], 0)
+  centered = w - mu
+  cov = jnp.matmul(centered.T, centered, precision=jax.lax.Precision.HIGHEST) / w.shape[0]
+  chol = jnp.linalg.cholesky(1e-9 * cov)
+  z = jax.random.normal(key, (n_new, w.shape[1]), jnp.float32)
+  sampled = mu + jnp.matmul(z, chol.T, precision=jax.lax.Precision.HIGHEST)
+  rows = jnp.where(jnp.all(jnp.isfinite(chol)), sampled, jnp.broadcast_to(mu, sampled.shape))
+  return jnp.concatenate([w_VxD, rows.astype(w_VxD.dtype)], 0)
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -1,0 +1,178 @@
+"""Device meshes and shardings from config: named axes, logical-axis rules as data, placement.
+
+The mesh has three named axes: `data` (pure data parallelism), `fsdp` (data parallelism with
+parameters and optimizer state sharded along their `embed` axis) and `tensor` (heads, kv heads,
+MLP width and vocabulary split across devices). `config.mesh` gives their sizes, one of them -1
+(inferred from the device count); `config.logical_axis_rules` maps the model's logical axis names
+to mesh axes. The mesh is Auto (GSPMD propagates shardings from inputs, parameters and the hints
+of `models.partitioning.constrain`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from codi_jax.errors import InputError
+from codi_jax.models.partitioning import Rules, activation_rules, spec_for
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Parameters: FSDP along `embed`, tensor parallelism along the
+# head/MLP/vocab axes (Megatron-style column/row splits). Activations: batch over both data axes,
+# the same tensor split inside attention and the MLP, residual stream replicated over `tensor`.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+    ("act_heads", ("tensor",)),
+    ("act_kv", ("tensor",)),
+    ("act_mlp", ("tensor",)),
+    ("act_vocab", ("tensor",)),
+    ("act_embed", ()),
+    ("cache_len", ()),
+)
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int, *, where: str = "--config.mesh") -> tuple[int, ...]:
+  """(data, fsdp, tensor) sizes with the one -1 inferred; InputError if they don't fit the devices."""
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise InputError(f"{where}: unknown mesh axes {unknown} (axes: {', '.join(MESH_AXES)})")
+  shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  free = [i for i, s in enumerate(shape) if s == -1]
+  if len(free) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise InputError(f"{where}: sizes {dict(zip(MESH_AXES, shape))} need positive values and at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if free:
+    if num_devices % known:
+      raise InputError(f"{where}: {dict(zip(MESH_AXES, shape))} does not divide the {num_devices} devices")
+    shape[free[0]] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise InputError(f"{where}: {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices, "
+                     f"{num_devices} are available")
+  return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None, *,
+              where: str = "--config.mesh") -> Mesh:
+  """An Auto-mode mesh over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(sizes, len(devices), where=where)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def rules_from_config(rules: Iterable, *, where: str = "--config.logical_axis_rules") -> dict[str, tuple[str, ...]]:
+  """[(logical, mesh axis | (mesh axes) | None), ...] -> {logical: (mesh axes)}; checks the names."""
+  out = {}
+  for entry in rules:
+    if len(entry) != 2:
+      raise InputError(f"{where}: {entry!r} is not a (logical axis, mesh axes) pair")
+    name, target = entry
+    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+      raise InputError(f"{where}: {name!r} maps to unknown mesh axes {bad} (axes: {', '.join(MESH_AXES)})")
+    out[str(name)] = axes
+  return out
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
+  """Leading axis over the batch mesh axes (if it divides), the rest replicated."""
+  return NamedSharding(mesh, spec_for(("batch",), shape, mesh, rules))
+
+
+def batch_axes_size(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the batch axis is split (the global batch must be a multiple of it)."""
+  return math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for an nnx.State (or abstract state) from each Variable's logical axes."""
+
+  def one(v):
+    value = v.get_value()
+    axes = v.get_metadata().get("out_sharding") or ()
+    return v.replace(NamedSharding(mesh, spec_for(axes, value.shape, mesh, rules)))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Optimizer-state shardings: parameter-shaped leaves (Adam moments) follow their parameter,
+  everything else (counts, MultiSteps bookkeeping) is replicated."""
+  abstract = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_shardings,
+                               transform_non_params=lambda _: replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Host (or single-device) values -> global arrays with `shardings`; every process passes the
+  same values and each device receives only its own shard."""
+
+  def one(x, sh):
+    if sh.is_fully_addressable:
+      return jax.device_put(x, sh)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays split along the batch mesh axes."""
+  out = {}
+  for k, v in local.items():
+    shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, rules, shape), v, shape)
+  return out
+
+
+def describe(state: Any, shardings: Any) -> list[str]:
+  """One line per parameter: path, shape, dtype, partition spec."""
+  lines = []
+  flat_sh = dict(nnx.to_flat_state(shardings))
+  for path, v in nnx.to_flat_state(state):
+    value, sh = v.get_value(), flat_sh[path].get_value()
+    lines.append(f"{'.'.join(map(str, path))} {tuple(value.shape)} {value.dtype} {sh.spec}")
+  return lines
+
+
+def activations(mesh: Mesh | None, rules: Rules | None):
+  """Context for tracing model code: activation hints follow `rules` on `mesh` (no-op without a mesh)."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return activation_rules(mesh, rules)
+
+
+def put_batch(x, mesh: Mesh | None, rules: Rules | None) -> jax.Array:
+  """A host batch (the same on every process) -> one array split along the batch mesh axes."""
+  if mesh is None:
+    return jax.numpy.asarray(x)
+  x = np.asarray(x)
+  return place(x, batch_sharding(mesh, rules, x.shape))
+
+
+def replicate_out(mesh: Mesh | None) -> NamedSharding | None:
+  """out_shardings for small results every process reads (None: let jit decide)."""
+  return None if mesh is None else replicated(mesh)
+
+
+def default_rules() -> dict[str, tuple[str, ...]]:
+  return rules_from_config(DEFAULT_RULES)
