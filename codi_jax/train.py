@@ -2,8 +2,14 @@ r"""Train CODI (or the CoT-SFT / No-CoT-SFT baselines).
 
   python -m codi_jax.train --config=configs/demo.py
   python -m codi_jax.train --config=configs/gpt2.py --workdir=runs/gpt2 --config.optim.lr=3e-3
+  python -m codi_jax.train --config=configs/gpt2.py --workdir=runs/gpt2 --config.mesh.fsdp=-1 --config.mesh.data=1
+
+A rerun with the same --workdir resumes from its newest complete checkpoint. SIGTERM (preemption)
+checkpoints and exits 0; a non-finite loss stops with exit 1 and leaves the last good checkpoint.
+Multi-host runs (launch/) initialize jax.distributed from the environment (codi_jax/distributed.py).
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -21,7 +27,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   runtime.setup_cli()
-  from codi_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from codi_jax import distributed, train_lib  # pylint: disable=import-outside-toplevel
+
+  with exit_on_input_error("codi_jax.train"):
+    distributed.maybe_initialize()
 
   try:
     config = _CONFIG.value
@@ -35,7 +44,12 @@ def main(argv):
       from codi_jax.errors import InputError  # pylint: disable=import-outside-toplevel
 
       raise InputError("--workdir: no output directory (set --workdir or config.workdir)")
-    train_lib.train_and_evaluate(config, workdir)
+    try:
+      train_lib.train_and_evaluate(config, workdir)
+    except FloatingPointError as e:
+      ckpt = os.path.join(workdir, "checkpoints")
+      print(f"codi_jax.train: error: {e}; stopped, the last good checkpoint stays in {ckpt}", file=sys.stderr)
+      sys.exit(1)
 
 
 def parse_flags(argv):

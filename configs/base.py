@@ -5,6 +5,8 @@ Values follow the reference (shared/spec/codi.md section 4) unless a comment say
 
 import ml_collections
 
+from codi_jax import sharding
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -60,4 +62,19 @@ def get_config():
   config.eval = ml_collections.ConfigDict(dict(
       every_steps=1000, num_examples=0, batch_size=128, max_new_tokens=256))  # num_examples 0 = all
   config.log_every = 25
+
+  # Device mesh: one size may be -1 (inferred from the device count). data = pure data parallel,
+  # fsdp = data parallel with parameters/optimizer sharded, tensor = heads/MLP/vocab split.
+  # GPT-2 and ~1B Llama fit FSDP on one axis; tensor parallelism is for models that don't.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis (model) -> mesh axes (codi_jax/sharding.py documents each name).
+  config.logical_axis_rules = sharding.DEFAULT_RULES
+
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=500,  # plus every evaluation step, the last step, and on SIGTERM
+      keep=2,  # the newest `keep`, plus the best by best_metric
+      best_metric="auto",  # "auto": student accuracy (teacher for cot_sft); "" keeps only the newest
+      best_mode="max",
+      async_save=True))
+  config.resume = True  # continue from <workdir>/checkpoints when it holds a checkpoint
   return config

@@ -8,7 +8,8 @@ per-step cost of each method, which the table reports), then is evaluated on the
 (never seen in training or validation): accuracy, tokens generated per problem (CODI's continuous
 thoughts counted as tokens), compression against CoT-SFT, and latency per problem at batch 1 and
 batched. A finished method is not retrained when the script is run again (its workdir/final is
-reused), so an interrupted sweep resumes where it stopped. Writes <out>/table.md and results.json.
+reused, and an interrupted one resumes from its last checkpoint), so an interrupted sweep resumes
+where it stopped. Writes <out>/table.md and results.json.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ def train_one(name: str, base, out: str) -> tuple[str, dict]:
   config.codi.method = method
   for k, v in overrides.items():
     config.codi[k] = v
-  config.workdir = workdir
-  config.overwrite = True  # an interrupted run left no final/: start it again
+  config.workdir = workdir  # an interrupted run resumes from its newest checkpoint
   print(f"== {name}: training ({method}, {overrides or 'defaults'})", flush=True)
   return workdir, train_lib.train_and_evaluate(config, workdir)
 

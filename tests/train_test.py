@@ -11,25 +11,13 @@ from flax import nnx
 
 from codi_jax import train_lib
 from codi_jax.errors import InputError
-from configs import demo
+import tiny_codi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(method="codi"):
-  c = demo.get_config()
-  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.d_ff = 2, 32, 2, 64
-  c.tokenizer = "train_bpe:300"
-  c.data.synthetic.train, c.data.synthetic.valid = 200, 24
-  c.data.batch_size = 8
-  c.codi.num_latent = 2
-  c.codi.method = method
-  c.optim.num_steps = 6
-  c.eval.every_steps = 3
-  c.eval.batch_size = 16
-  c.eval.max_new_tokens = 6
-  c.log_every = 1
-  return c
+  return tiny_codi.get_config(method)
 
 
 @pytest.mark.parametrize("method", ["codi", "cot_sft", "no_cot_sft"])
