@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from codi_jax import checkpoint, sharding
@@ -271,7 +272,6 @@ def save_final(workdir, state, config, tokenizer, special, summary):
   and moves `final.tmp/` to `final/` once all of it is on disk.
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
   final = os.path.join(os.path.abspath(workdir), "final")
   tmp = final + ".tmp"
@@ -398,8 +398,6 @@ class Preemption:
 
   def reached(self, step: int) -> bool:
     if self._multi:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
       return multihost_utils.reached_preemption_sync_point(step)
     return self._flag
 
@@ -425,8 +423,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if B % split or B % jax.process_count():
     raise InputError(f"--config.data.batch_size: {B} must be a multiple of the batch mesh axes ({split} devices) "
                      f"and of the {jax.process_count()} processes")
-  if config.overwrite and main and os.path.isdir(ckpt_dir):
-    shutil.rmtree(ckpt_dir)  # asked to start over
+  if config.overwrite:  # asked to start over: old checkpoints and metrics go
+    if main and os.path.isdir(ckpt_dir):
+      shutil.rmtree(ckpt_dir)
+    _truncate_metrics(workdir, 0)
+    multihost_utils.sync_global_devices("codi_jax:overwrite")
   train_recs, valid_recs, reports = load_records(config)
   tokenizer = build_tokenizer(config, train_recs)
   codi, tokenizer, special = init_model(config, tokenizer, mesh, rules)
