@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from codi_jax.errors import InputError
@@ -127,6 +128,7 @@ class Checkpoints:
       if os.path.exists(dest):
         shutil.rmtree(dest)
       shutil.move(path, dest)
+    multihost_utils.sync_global_devices(f"codi_jax:set_aside:{step}")  # every process sees it gone
     self._mngr.close()
     self._mngr = ocp.CheckpointManager(self.directory, options=self._options)  # forget the step
 
