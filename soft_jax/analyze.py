@@ -593,6 +593,8 @@ def main(argv):
                        f"{' '.join(argv[1:]) or 'none'}")
     name = argv[1]
     st = cli_common.settings(default_mode="soft")
+    if st.mesh is not None:
+      raise InputError("--mesh: the analyses run on one device (they are probes of a small model)")
     out_dir = cli_common.OUT.value
     if not out_dir:
       raise InputError("--out: no output directory given")
