@@ -97,8 +97,7 @@ class Generator:
   def __init__(self, model: Transformer, pad_id: int, eos_ids: Sequence[int], *, mesh=None, rules=None):
     self.graphdef, self.state = nnx.split(model)
     self.mesh, self.rules = mesh, (sharding.default_rules() if rules is None else rules)
-    if mesh is not None:
-      self.state = sharding.place(self.state, sharding.state_shardings(self.state, mesh, self.rules))
+    self.state = sharding.shard_state(self.state, mesh, self.rules)
     self.pad_id = int(pad_id)
     self.eos = jnp.asarray(sorted(set(int(e) for e in eos_ids)), jnp.int32)
     self.compiles = 0

@@ -10,6 +10,21 @@ import jax
 import numpy as np
 
 
+JSONL = "metrics.jsonl"
+
+
+def truncate(workdir: str, step: int):
+  """Drops records past `step` from `<workdir>/metrics.jsonl` (process 0; a resumed run rewrites them)."""
+  path = os.path.join(workdir, JSONL)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
 class MetricWriter:
   """write_scalars(step, dict) to `<workdir>/metrics.jsonl` and TensorBoard; no-op off process 0."""
 
@@ -20,7 +35,7 @@ class MetricWriter:
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._jsonl = open(os.path.join(workdir, JSONL), "a", encoding="utf-8")
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel

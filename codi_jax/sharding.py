@@ -135,6 +135,11 @@ def place(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(one, tree, shardings)
 
 
+def shard_state(state: Any, mesh: Mesh | None, rules: Rules) -> Any:
+  """An nnx.State placed by its logical axes on `mesh` (unchanged without a mesh)."""
+  return state if mesh is None else place(state, state_shardings(state, mesh, rules))
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays split along the batch mesh axes."""
   out = {}

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from codi_jax import checkpoint, sharding
+from codi_jax import metrics as metrics_lib
 from codi_jax.codi import inference
 from codi_jax.codi.model import Codi, CodiConfig, codi_loss
 from codi_jax.data import answers, readers, synthetic
@@ -146,7 +147,8 @@ def init_model(config, tokenizer, mesh, rules):
 
   From scratch: shapes first (`nnx.eval_shape`), then a jitted init whose outputs are created
   already sharded, so no device ever holds a full replica. Loaded weights are read and resized on
-  the host CPU, then each device receives only its shard. Same values as `build_model`.
+  the host CPU, then each device receives only its shard. The values are `build_model`'s (the
+  jitted init may round the last float bit differently; tested within 1e-7).
   """
   m = config.model
   if not m.spec:
@@ -163,8 +165,7 @@ def init_model(config, tokenizer, mesh, rules):
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
     codi, tokenizer, special = build_model(config, tokenizer)
   graphdef, state = nnx.split(codi)
-  state = sharding.place(state, sharding.state_shardings(state, mesh, rules))
-  return nnx.merge(graphdef, state), tokenizer, special
+  return nnx.merge(graphdef, sharding.shard_state(state, mesh, rules)), tokenizer, special
 
 
 def make_optimizer(config, num_steps: int):
@@ -367,18 +368,6 @@ def _check_resumable(saved: dict, config, where: str):
                      "same settings, or start over with --config.overwrite=True or a new --workdir")
 
 
-def _truncate_metrics(workdir: str, step: int):
-  """Drops metric records past `step` (written after the checkpoint a resumed run restarts from)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
-
-
 class Preemption:
   """SIGTERM -> stop at the next step boundary (all processes agree on which) and checkpoint."""
 
@@ -426,7 +415,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.overwrite:  # asked to start over: old checkpoints and metrics go
     if main and os.path.isdir(ckpt_dir):
       shutil.rmtree(ckpt_dir)
-    _truncate_metrics(workdir, 0)
+    metrics_lib.truncate(workdir, 0)
     multihost_utils.sync_global_devices("codi_jax:overwrite")
   train_recs, valid_recs, reports = load_records(config)
   tokenizer = build_tokenizer(config, train_recs)
@@ -509,7 +498,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       train_state, opt_state = st["params"], st["opt"]
       if not meta["data_restored"]:  # another process count: reposition by the step
         it.set_state({"next_index": start_step * micro})
-      _truncate_metrics(workdir, start_step)
+      metrics_lib.truncate(workdir, start_step)
       if main:
         print(f"resumed from {ckpt_dir}/{start_step} (step {start_step} of {num_steps})", flush=True)
   writer = MetricWriter(workdir)

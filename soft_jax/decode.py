@@ -247,8 +247,7 @@ class SoftDecoder:
     self.params = params.validate(vocab=self.vocab)
     self.graphdef, self.state = nnx.split(model)
     self.mesh, self.rules = mesh, (sharding.default_rules() if rules is None else rules)
-    if mesh is not None:
-      self.state = sharding.place(self.state, sharding.state_shardings(self.state, mesh, self.rules))
+    self.state = sharding.shard_state(self.state, mesh, self.rules)
     self.pad_id = int(pad_id)
     # Both are read at call time and traced: changing them between calls does not recompile
     # (a different number of stop ids does).
