@@ -87,3 +87,22 @@ def test_lora_bf16_run_trains_only_adapters_and_prj(tmp_path):
   np.testing.assert_array_equal(np.asarray(params["backbone"]["embed"]["embedding"])[:400], wte)
   lora_b = [np.asarray(v) for p, v in nnx.traversals.flatten_mapping(params).items() if p[-1] == "lora_b"]
   assert lora_b and any(np.abs(b).sum() > 0 for b in lora_b)  # adapters moved (B starts at 0)
+
+
+def test_sharded_init_equals_eager_build():
+  """init_model (eval_shape + jitted, sharded init) gives build_model's parameters and ids."""
+  from codi_jax import sharding  # pylint: disable=import-outside-toplevel
+
+  c = tiny_config()
+  recs, _, _ = train_lib.load_records(c)
+  eager, _, ids_a = train_lib.build_model(c, train_lib.build_tokenizer(c, recs))
+  mesh = sharding.make_mesh(c.mesh)
+  sharded, _, ids_b = train_lib.init_model(c, train_lib.build_tokenizer(c, recs), mesh,
+                                           sharding.rules_from_config(c.logical_axis_rules))
+  assert ids_a == ids_b
+  a = dict(nnx.to_flat_state(nnx.state(eager, nnx.Param)))
+  b = dict(nnx.to_flat_state(nnx.state(sharded, nnx.Param)))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(np.asarray(b[k].get_value()), np.asarray(a[k].get_value()), rtol=0, atol=1e-7,
+                               err_msg=str(k))
