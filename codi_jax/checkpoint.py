@@ -76,11 +76,14 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
+  def _meta(self, step: int) -> dict:
+    return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def newest_meta(self) -> dict:
     """The meta item of the newest checkpoint whose meta is readable ({} if none)."""
     for step in reversed(self.steps()):
       try:
-        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._meta(step)
       except Exception:  # pylint: disable=broad-except  (restore() then sets it aside)
         continue
     return {}
@@ -97,7 +100,7 @@ class Checkpoints:
     for step in reversed(self.steps()):
       tried.append(step)
       try:
-        meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self._meta(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if restore_data and meta.get("process_count") == jax.process_count():
           items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
