@@ -322,15 +322,20 @@ def test_gpu_multinode_failure_stops_the_others():
   assert "process 3 exited with 5" in proc.stderr
 
 
-def test_gpu_multinode_forwards_sigterm():
-  proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "gpu_multinode.sh"), "--", PY, "-c",
-                           _TRAINER_LIKE], cwd=REPO, env=_env(**GPU_ENV), text=True,
+def _forwards_sigterm(launcher: list[str], env: dict[str, str]) -> list[str]:
+  """Starts 2 trainer-like children through `launcher`, SIGTERMs it: exit 0, their sorted output."""
+  proc = subprocess.Popen(launcher + ["--", PY, "-c", _TRAINER_LIKE], cwd=REPO, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   _wait_for_ready(proc, 2)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=20)
   assert proc.returncode == 0, err
-  assert sorted(out.splitlines()) == ["[p2] got 15", "[p3] got 15"]
+  return sorted(out.splitlines())
+
+
+def test_gpu_multinode_forwards_sigterm():
+  out = _forwards_sigterm(["bash", os.path.join(LAUNCH, "gpu_multinode.sh")], _env(**GPU_ENV))
+  assert out == ["[p2] got 15", "[p3] got 15"]
 
 
 @pytest.mark.parametrize("env, args, needle", [
@@ -428,14 +433,8 @@ def test_local_sigkill_after_grace():
 
 
 def test_local_forwards_sigterm():
-  proc = subprocess.Popen([PY, os.path.join(LAUNCH, "local.py"), "--num_processes=2", "--", PY,
-                           "-c", _TRAINER_LIKE], cwd=REPO, env=_env(), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  _wait_for_ready(proc, 2)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=20)
-  assert proc.returncode == 0, err
-  assert sorted(out.splitlines()) == ["[p0] got 15", "[p1] got 15"]
+  out = _forwards_sigterm([PY, os.path.join(LAUNCH, "local.py"), "--num_processes=2"], _env())
+  assert out == ["[p0] got 15", "[p1] got 15"]
 
 
 def test_local_joins_jax_distributed():
