@@ -3,7 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 DEMO_PROMPT ?= What is 12 + 7? Answer briefly.
 
-.PHONY: install install-test demo generate test bench
+.PHONY: install install-test lint demo generate test bench
 
 install:
 	$(PIP) install -q -e .
@@ -20,7 +20,12 @@ demo: install
 generate: install
 	$(PY) -m soft_jax.generate --model=smollm2 --chat --max_new_tokens=32 --prompt="$(DEMO_PROMPT)"
 
-test: install-test
+# House style (settings in pyproject.toml): formatting and lint are checked before the tests.
+lint: install-test
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: install-test

@@ -50,14 +50,16 @@ class LoRAConv1D(nn.Module):
     return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
-               targets=("c_attn", "c_proj", "c_fc")) -> list[str]:
+def apply_lora(
+  model: nn.Module, rank: int, alpha: float, dropout: float, targets=("c_attn", "c_proj", "c_fc")
+) -> list[str]:
   """Freezes every base parameter and wraps each targeted Conv1D (peft name matching)."""
   for p in model.parameters():
     p.requires_grad_(False)
   conv1d = transformers.pytorch_utils.Conv1D
-  names = [n for n, m in model.named_modules()
-           if isinstance(m, conv1d) and n.split(".")[-1] in targets]
+  names = [
+    n for n, m in model.named_modules() if isinstance(m, conv1d) and n.split(".")[-1] in targets
+  ]
   for name in names:
     parent_name, child = name.rsplit(".", 1)
     parent = model.get_submodule(parent_name)
@@ -72,8 +74,17 @@ def make_prj(d: int, p: int, dropout: float = 0.0) -> nn.Sequential:
   return seq
 
 
-def codi_forward(model, prj, b: dict, *, num_latent: int, beta: float = 1.0, gamma: float = 1.0,
-                 separate_teacher_pass: bool = True, ref_stats_softmax: bool = True) -> dict:
+def codi_forward(
+  model,
+  prj,
+  b: dict,
+  *,
+  num_latent: int,
+  beta: float = 1.0,
+  gamma: float = 1.0,
+  separate_teacher_pass: bool = True,
+  ref_stats_softmax: bool = True,
+) -> dict:
   """The official `CODI.forward` on one batch of our layout (torch tensors); returns losses.
 
   `b` uses codi_jax's batch keys; the official argument names are in the comments. The official
@@ -81,8 +92,12 @@ def codi_forward(model, prj, b: dict, *, num_latent: int, beta: float = 1.0, gam
   distilled index (the ':' for GPT-2).
   """
   # Encode the question (encoder_input_ids, encoder_attention_mask); HF computes full logits here.
-  out = model(input_ids=b["encoder_ids"], attention_mask=b["encoder_mask"].long(), use_cache=True,
-              output_hidden_states=True)
+  out = model(
+    input_ids=b["encoder_ids"],
+    attention_mask=b["encoder_mask"].long(),
+    use_cache=True,
+    output_hidden_states=True,
+  )
   past = out.past_key_values
   latent = prj(out.hidden_states[-1][:, -1, :].unsqueeze(1))
 
@@ -103,14 +118,16 @@ def codi_forward(model, prj, b: dict, *, num_latent: int, beta: float = 1.0, gam
   ce = nn.CrossEntropyLoss(ignore_index=IGNORE)
   smooth_l1 = nn.SmoothL1Loss()
   for i in range(num_latent):
-    out = model(inputs_embeds=latent, use_cache=True, output_hidden_states=True,
-                past_key_values=past)
+    out = model(
+      inputs_embeds=latent, use_cache=True, output_hidden_states=True, past_key_values=past
+    )
     past = out.past_key_values
     latent = prj(out.hidden_states[-1][:, -1, :].unsqueeze(1))  # z_{N+1} too, as the reference
     if i == num_latent - 1:
       embds = model.get_input_embeddings()(b["decoder_ids"])
-      out = model(inputs_embeds=embds, use_cache=True, output_hidden_states=True,
-                  past_key_values=past)
+      out = model(
+        inputs_embeds=embds, use_cache=True, output_hidden_states=True, past_key_values=past
+      )
       distill = 0
       for hs, ht in zip(out.hidden_states, ref.hidden_states):
         t = ht.gather(1, b["teacher_distill_index"][:, None, None].expand(-1, -1, ht.size(-1)))
@@ -118,14 +135,20 @@ def codi_forward(model, prj, b: dict, *, num_latent: int, beta: float = 1.0, gam
         distill = distill + smooth_l1(s, t.detach()) / t.std()
       distill = distill / len(out.hidden_states)
       logits = out.logits
-      ce_student = ce(logits[:, :-1].reshape(-1, logits.size(-1)),
-                      b["decoder_labels"][:, 1:].reshape(-1))
+      ce_student = ce(
+        logits[:, :-1].reshape(-1, logits.size(-1)), b["decoder_labels"][:, 1:].reshape(-1)
+      )
   ref_logits = ref_grad.logits
-  ce_teacher = ce(ref_logits[:, :-1].reshape(-1, ref_logits.size(-1)),
-                  b["teacher_labels"][:, 1:].reshape(-1))
+  ce_teacher = ce(
+    ref_logits[:, :-1].reshape(-1, ref_logits.size(-1)), b["teacher_labels"][:, 1:].reshape(-1)
+  )
   loss = ce_student + beta * distill + gamma * ce_teacher
-  return {"loss": loss, "ce_student": ce_student.detach().item(),
-          "distill": distill.detach().item(), "ce_teacher": ce_teacher.detach().item()}
+  return {
+    "loss": loss,
+    "ce_student": ce_student.detach().item(),
+    "distill": distill.detach().item(),
+    "ce_teacher": ce_teacher.detach().item(),
+  }
 
 
 def param_groups(named_params, weight_decay: float) -> list[dict]:
@@ -136,8 +159,10 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
       continue
     norm = ".ln" in name or "layernorm" in name.lower()
     (no_decay if name.endswith("bias") or norm else decay).append(p)
-  return [{"params": decay, "weight_decay": weight_decay},
-          {"params": no_decay, "weight_decay": 0.0}]
+  return [
+    {"params": decay, "weight_decay": weight_decay},
+    {"params": no_decay, "weight_decay": 0.0},
+  ]
 
 
 def _tensor(a) -> torch.Tensor:
@@ -147,24 +172,45 @@ def _tensor(a) -> torch.Tensor:
 class TorchCodi:
   """GPT-2 + LoRA + prj and an AdamW/cosine/clipping step, as HF Trainer runs the reference."""
 
-  def __init__(self, hf_config: transformers.GPT2Config, *, lora_rank: int, lora_alpha: float,
-               lora_dropout: float, prj_dim: int, lr: float, b1: float, b2: float, eps: float,
-               weight_decay: float, clip: float, warmup_steps: int, total_steps: int,
-               num_latent: int, official: bool = True):
+  def __init__(
+    self,
+    hf_config: transformers.GPT2Config,
+    *,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    prj_dim: int,
+    lr: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    clip: float,
+    warmup_steps: int,
+    total_steps: int,
+    num_latent: int,
+    official: bool = True,
+  ):
     self.model = transformers.GPT2LMHeadModel(hf_config)
     apply_lora(self.model, lora_rank, lora_alpha, lora_dropout)
     self.prj = make_prj(hf_config.n_embd, prj_dim)
     self.num_latent = num_latent
     self.official = official
     self.clip = clip
-    named = [*self.model.named_parameters(),
-             *(("prj." + n, p) for n, p in self.prj.named_parameters())]
+    named = [
+      *self.model.named_parameters(),
+      *(("prj." + n, p) for n, p in self.prj.named_parameters()),
+    ]
     self.trainable = [p for _, p in named if p.requires_grad]
     self.opt = torch.optim.AdamW(param_groups(named, weight_decay), lr=lr, betas=(b1, b2), eps=eps)
     self.sched = transformers.get_cosine_schedule_with_warmup(self.opt, warmup_steps, total_steps)
 
-  def load_from_ours(self, tensors: dict[str, np.ndarray],
-                     lora: dict[str, tuple[np.ndarray, np.ndarray]], prj: dict[str, np.ndarray]):
+  def load_from_ours(
+    self,
+    tensors: dict[str, np.ndarray],
+    lora: dict[str, tuple[np.ndarray, np.ndarray]],
+    prj: dict[str, np.ndarray],
+  ):
     """Copies our weights in.
 
     Args:
@@ -177,8 +223,11 @@ class TorchCodi:
       sd = tr.state_dict()
       done = set()
       for name, value in tensors.items():
-        key = name if name in sd else name.replace(".weight", ".base_layer.weight").replace(
-            ".bias", ".base_layer.bias")
+        key = (
+          name
+          if name in sd
+          else name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        )
         sd[key].copy_(_tensor(value))
         done.add(key)
       for module, (a, b) in lora.items():
@@ -199,8 +248,14 @@ class TorchCodi:
       p.ln.bias.copy_(_tensor(prj["ln_bias"]))
 
   def _forward(self, batch: dict) -> dict:
-    return codi_forward(self.model, self.prj, batch, num_latent=self.num_latent,
-                        separate_teacher_pass=self.official, ref_stats_softmax=self.official)
+    return codi_forward(
+      self.model,
+      self.prj,
+      batch,
+      num_latent=self.num_latent,
+      separate_teacher_pass=self.official,
+      ref_stats_softmax=self.official,
+    )
 
   def losses(self, batch: dict) -> dict:
     """Deterministic losses (eval mode: dropout off), no gradients."""

@@ -69,8 +69,12 @@ LORA_RANK, LORA_ALPHA = 128, 32.0
 ANSWER_PROMPT = (464, 3280, 318, 25)  # GPT-2 ids of "The answer is:"; then a value token and eos
 EOS = 50256
 SCHEDULE_STEPS = 1000  # optimizer schedule length, same on both sides (irrelevant to timing)
-HF_MODULE = {"c_attn": "attn.c_attn", "attn_c_proj": "attn.c_proj", "c_fc": "mlp.c_fc",
-             "mlp_c_proj": "mlp.c_proj"}
+HF_MODULE = {
+  "c_attn": "attn.c_attn",
+  "attn_c_proj": "attn.c_proj",
+  "c_fc": "mlp.c_fc",
+  "mlp_c_proj": "mlp.c_proj",
+}
 REFERENCE = "PyTorch reference (official forward)"
 REFERENCE_LEAN = "PyTorch reference, lean (1 teacher pass, no stats softmax)"
 OURS = "ours (codi_jax, jitted step)"
@@ -101,11 +105,22 @@ def make_config(dropout: float):
 def make_batch(batch: int, special, seed: int) -> dict:
   """A fixed-shape batch made by the data pipeline's own `collate` (full-length rows)."""
   rng = np.random.default_rng(seed)
-  examples = [{"question": rng.integers(0, VOCAB, Q_LEN), "cot": rng.integers(0, VOCAB, COT_LEN),
-               "answer": np.array([*ANSWER_PROMPT, int(rng.integers(15, 50)), EOS]),
-               "distill": len(ANSWER_PROMPT) - 1, "index": i} for i in range(batch)]
-  shapes = Shapes(question=Q_LEN + 1, teacher=Q_LEN + COT_LEN + ANS_LEN, decoder=ANS_LEN + 1,
-                  teacher_span=COT_LEN + ANS_LEN)
+  examples = [
+    {
+      "question": rng.integers(0, VOCAB, Q_LEN),
+      "cot": rng.integers(0, VOCAB, COT_LEN),
+      "answer": np.array([*ANSWER_PROMPT, int(rng.integers(15, 50)), EOS]),
+      "distill": len(ANSWER_PROMPT) - 1,
+      "index": i,
+    }
+    for i in range(batch)
+  ]
+  shapes = Shapes(
+    question=Q_LEN + 1,
+    teacher=Q_LEN + COT_LEN + ANS_LEN,
+    decoder=ANS_LEN + 1,
+    teacher_span=COT_LEN + ANS_LEN,
+  )
   out = collate(examples, shapes, special)
   out.pop("index")
   return out
@@ -120,8 +135,14 @@ def export_weights(codi):
       lin = getattr(blk, ours)
       lora[f"h.{i}.{theirs}"] = (np.asarray(lin.lora_a[...]), np.asarray(lin.lora_b[...]))
   p = codi.prj
-  named = {"w1": p.w1, "b1": p.b1, "w2": p.w2, "b2": p.b2, "ln_scale": p.ln.scale,
-           "ln_bias": p.ln.bias}
+  named = {
+    "w1": p.w1,
+    "b1": p.b1,
+    "w2": p.w2,
+    "b2": p.b2,
+    "ln_scale": p.ln.scale,
+    "ln_bias": p.ln.bias,
+  }
   return tensors, lora, {k: np.asarray(v[...]) for k, v in named.items()}
 
 
@@ -145,8 +166,9 @@ class Ours:
     self.flops = float(cost.get("flops", float("nan")))
 
   def train_step(self, step: int) -> float:
-    self.state, self.opt, m = self.step_fn(self.state, self.opt, self.frozen, self.batch,
-                                           jnp.int32(step))
+    self.state, self.opt, m = self.step_fn(
+      self.state, self.opt, self.frozen, self.batch, jnp.int32(step)
+    )
     return float(jax.block_until_ready(m["loss"]))
 
 
@@ -154,15 +176,37 @@ def make_reference(config, official: bool) -> _torch_codi.TorchCodi:
   """The torch model with the same sizes, LoRA, prj and optimiser settings as ours."""
   o, p = config.optim, FLAGS.dropout
   hf_cfg = transformers.GPT2Config(
-      vocab_size=VOCAB + 3, n_positions=config.model.max_positions, n_embd=D, n_layer=LAYERS,
-      n_head=HEADS, n_inner=4 * D, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-      resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, tie_word_embeddings=True)
+    vocab_size=VOCAB + 3,
+    n_positions=config.model.max_positions,
+    n_embd=D,
+    n_layer=LAYERS,
+    n_head=HEADS,
+    n_inner=4 * D,
+    activation_function="gelu_new",
+    layer_norm_epsilon=1e-5,
+    resid_pdrop=p,
+    embd_pdrop=p,
+    attn_pdrop=p,
+    tie_word_embeddings=True,
+  )
   hf_cfg._attn_implementation = FLAGS.torch_attn  # pylint: disable=protected-access
   return _torch_codi.TorchCodi(
-      hf_cfg, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=p, prj_dim=D, lr=o.lr,
-      b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip=o.clip,
-      warmup_steps=max(1, int(o.warmup_ratio * SCHEDULE_STEPS)), total_steps=SCHEDULE_STEPS,
-      num_latent=NUM_LATENT, official=official)
+    hf_cfg,
+    lora_rank=LORA_RANK,
+    lora_alpha=LORA_ALPHA,
+    lora_dropout=p,
+    prj_dim=D,
+    lr=o.lr,
+    b1=o.b1,
+    b2=o.b2,
+    eps=o.eps,
+    weight_decay=o.weight_decay,
+    clip=o.clip,
+    warmup_steps=max(1, int(o.warmup_ratio * SCHEDULE_STEPS)),
+    total_steps=SCHEDULE_STEPS,
+    num_latent=NUM_LATENT,
+    official=official,
+  )
 
 
 def time_interleaved(steps: dict, warmup: int, n: int) -> dict:
@@ -179,26 +223,37 @@ def time_interleaved(steps: dict, warmup: int, n: int) -> dict:
 
 def stats(times_s) -> dict:
   ms = 1e3 * np.asarray(times_s)
-  return {"median": float(np.median(ms)), "p10": float(np.percentile(ms, 10)),
-          "p90": float(np.percentile(ms, 90))}
+  return {
+    "median": float(np.median(ms)),
+    "p10": float(np.percentile(ms, 10)),
+    "p90": float(np.percentile(ms, 90)),
+  }
 
 
 def report(res, ours, parity, n_train, n_torch, threads, loads):
   """Prints machine, protocol, step-0 parity and the table."""
   cores = len(os.sched_getaffinity(0))
-  print(f"\nmachine: {platform.machine()} {os.cpu_count()} cpus ({threads} used) | python "
-        f"{platform.python_version()} | jax {jax.__version__} ({jax.devices()[0].platform}) | flax "
-        f"{flax.__version__} | torch {torch.__version__} ({torch.get_num_threads()} threads) | "
-        f"transformers {transformers.__version__} (attention {FLAGS.torch_attn}) | peft not used")
+  print(
+    f"\nmachine: {platform.machine()} {os.cpu_count()} cpus ({threads} used) | python "
+    f"{platform.python_version()} | jax {jax.__version__} ({jax.devices()[0].platform}) | flax "
+    f"{flax.__version__} | torch {torch.__version__} ({torch.get_num_threads()} threads) | "
+    f"transformers {transformers.__version__} (attention {FLAGS.torch_attn}) | peft not used"
+  )
   busy = max(loads) > 0.75 * max(cores, 1)
-  print(f"load average (1 min): {loads[0]:.1f} at start, {loads[1]:.1f} at end"
-        + ("  ** machine shared/busy: timings noisy **" if busy else ""))
-  print(f"config: GPT-2 arch, {LAYERS} layers, d={D}, {HEADS} heads, vocab {VOCAB}+3, batch "
-        f"{FLAGS.batch}, question {Q_LEN}(+bot) / CoT {COT_LEN} / answer {ANS_LEN} tokens, "
-        f"{NUM_LATENT} thoughts, LoRA r{LORA_RANK} alpha {LORA_ALPHA:g}, f32, dropout "
-        f"{FLAGS.dropout:g}; trainable params ours {n_train:,} / torch {n_torch:,}")
-  print(f"protocol: loss + backward + clip + AdamW + schedule per step; {FLAGS.warmup} warm-up "
-        f"steps, then {FLAGS.steps} timed, implementations interleaved step by step\n")
+  print(
+    f"load average (1 min): {loads[0]:.1f} at start, {loads[1]:.1f} at end"
+    + ("  ** machine shared/busy: timings noisy **" if busy else "")
+  )
+  print(
+    f"config: GPT-2 arch, {LAYERS} layers, d={D}, {HEADS} heads, vocab {VOCAB}+3, batch "
+    f"{FLAGS.batch}, question {Q_LEN}(+bot) / CoT {COT_LEN} / answer {ANS_LEN} tokens, "
+    f"{NUM_LATENT} thoughts, LoRA r{LORA_RANK} alpha {LORA_ALPHA:g}, f32, dropout "
+    f"{FLAGS.dropout:g}; trainable params ours {n_train:,} / torch {n_torch:,}"
+  )
+  print(
+    f"protocol: loss + backward + clip + AdamW + schedule per step; {FLAGS.warmup} warm-up "
+    f"steps, then {FLAGS.steps} timed, implementations interleaved step by step\n"
+  )
 
   print("step-0 losses, identical weights and batch, dropout off:")
   for k, (a, b) in parity.items():
@@ -210,27 +265,37 @@ def report(res, ours, parity, n_train, n_torch, threads, loads):
   first = next(iter(res))
   w = max(len(n) for n in res)
   vs = "reference" if first == REFERENCE else "1st row"
-  hdr = (f"{'implementation':<{w}} | {'ms/step median':>14} | {'p10-p90 ms':>15} | "
-         f"{'steps/s':>7} | {'x ' + vs + ' (median)':>22} | {'(p10)':>6}")
+  hdr = (
+    f"{'implementation':<{w}} | {'ms/step median':>14} | {'p10-p90 ms':>15} | "
+    f"{'steps/s':>7} | {'x ' + vs + ' (median)':>22} | {'(p10)':>6}"
+  )
   print(hdr + "\n" + "-" * len(hdr))
   for name, r in res.items():
-    print(f"{name:<{w}} | {r['median']:>14.1f} | {r['p10']:>7.1f}-{r['p90']:<7.1f} | "
-          f"{1e3 / r['median']:>7.2f} | {res[first]['median'] / r['median']:>21.2f}x | "
-          f"{res[first]['p10'] / r['p10']:>5.2f}x")
+    print(
+      f"{name:<{w}} | {r['median']:>14.1f} | {r['p10']:>7.1f}-{r['p90']:<7.1f} | "
+      f"{1e3 / r['median']:>7.2f} | {res[first]['median'] / r['median']:>21.2f}x | "
+      f"{res[first]['p10'] / r['p10']:>5.2f}x"
+    )
   print("(p10 column: ratio of fastest-decile step times, the closer proxy for an idle machine)")
   unstable = [n for n, r in res.items() if r["p90"] > 2 * r["p10"]]
   if unstable:
-    print(f"** unstable (p90 > 2 x p10): {'; '.join(unstable)}. torch's OpenMP threads collapse "
-          "when the cores are oversubscribed; compare with --threads=1 or on an idle machine **")
+    print(
+      f"** unstable (p90 > 2 x p10): {'; '.join(unstable)}. torch's OpenMP threads collapse "
+      "when the cores are oversubscribed; compare with --threads=1 or on an idle machine **"
+    )
   print()
   for name, o in ours.items():
-    print(f"{name}: compile {o.compile_s:.0f} s; XLA cost analysis {o.flops / 1e9:.1f} GFLOP/step "
-          f"= {o.flops / 1e6 / res[name]['median']:.1f} GFLOP/s")
+    print(
+      f"{name}: compile {o.compile_s:.0f} s; XLA cost analysis {o.flops / 1e9:.1f} GFLOP/step "
+      f"= {o.flops / 1e6 / res[name]['median']:.1f} GFLOP/s"
+    )
   if first == REFERENCE:
     ratio = res[REFERENCE]["median"] / res[OURS]["median"]
     ratio10 = res[REFERENCE]["p10"] / res[OURS]["p10"]
-    print(f"\ntarget (issue 3), ours >= 4x faster than the reference: "
-          f"{'MET' if ratio >= 4 else 'NOT MET'} ({ratio:.2f}x on medians, {ratio10:.2f}x on p10)")
+    print(
+      f"\ntarget (issue 3), ours >= 4x faster than the reference: "
+      f"{'MET' if ratio >= 4 else 'NOT MET'} ({ratio:.2f}x on medians, {ratio10:.2f}x on p10)"
+    )
 
 
 def main(argv):
@@ -256,8 +321,10 @@ def main(argv):
       lin.lora_b.set_value(0.02 * jax.random.normal(k, lin.lora_b.shape))
   batch_np = make_batch(FLAGS.batch, special, FLAGS.seed)
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-  tbatch = {k: torch.from_numpy(v) if v.dtype == bool else torch.from_numpy(v).long()
-            for k, v in batch_np.items()}
+  tbatch = {
+    k: torch.from_numpy(v) if v.dtype == bool else torch.from_numpy(v).long()
+    for k, v in batch_np.items()
+  }
 
   # Step-0 parity: same weights, same batch, dropout off (ours: rng None; torch: eval mode).
   weights = export_weights(codi)
@@ -266,8 +333,9 @@ def main(argv):
   gd, ts0, fr0 = split_trainable(codi, extra=("prj",))
   ours_m = jax.jit(lambda ts, fr, b: codi_loss(nnx.merge(gd, ts, fr), b, None)[1])(ts0, fr0, batch)
   theirs_m = official.losses(tbatch)
-  parity = {k: (float(ours_m[k]), theirs_m[k])
-            for k in ("ce_student", "ce_teacher", "distill", "loss")}
+  parity = {
+    k: (float(ours_m[k]), theirs_m[k]) for k in ("ce_student", "ce_teacher", "distill", "loss")
+  }
   n_train = sum(x.size for x in jax.tree.leaves(ts0))
   n_torch = sum(p.numel() for p in official.trainable)
 
@@ -282,11 +350,13 @@ def main(argv):
   ours = {OURS: Ours(codi, config, batch, drop)}
   if FLAGS.ours_separate:
     ours["ours, separate_teacher_target_pass=True"] = Ours(
-        codi, config, batch, drop, separate_teacher_target_pass=True)
+      codi, config, batch, drop, separate_teacher_target_pass=True
+    )
   if FLAGS.breakdown:
     ours["ours, teacher only (method=cot_sft)"] = Ours(codi, config, batch, drop, method="cot_sft")
     ours["ours, student only (no_cot_sft, 6 thoughts)"] = Ours(
-        codi, config, batch, drop, method="no_cot_sft")
+      codi, config, batch, drop, method="no_cot_sft"
+    )
   steps.update({name: o.train_step for name, o in ours.items()})
 
   times = time_interleaved(steps, FLAGS.warmup, FLAGS.steps)

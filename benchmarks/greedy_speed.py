@@ -8,6 +8,7 @@ Prints numbers only; it never asserts.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -134,54 +135,88 @@ def main(argv=None):
   torch.set_num_threads(args.torch_threads)
   transformers.logging.set_verbosity_error()
   path = loaded.source
-  hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                         dtype=torch.float32)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+  )
   hf.eval()
   log(f"models loaded ({time.perf_counter() - t_start:.0f} s)")
 
   def hf_gen(x, m, n):
     with torch.inference_mode():
-      return hf.generate(x, attention_mask=m, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                         pad_token_id=pad_id)
+      return hf.generate(
+        x,
+        attention_mask=m,
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=pad_id,
+      )
 
   rows, match, notes = [], None, []
   for B in args.batch_sizes:
     prompts = [list(ids)] * B
     x = torch.tensor(prompts, dtype=torch.long)
     m = torch.ones_like(x)
-    compiles = lambda: gen.compiles  # pylint: disable=unnecessary-lambda-assignment
-    t_ours, out_ours, rc = timed(lambda: gen(prompts, N), args.runs, compiles)  # pylint: disable=cell-var-from-loop
+
+    def compiles():
+      return gen.compiles
+
+    t_ours, out_ours, rc = timed(functools.partial(gen, prompts, N), args.runs, compiles)
     log(f"batch {B}: ours {t_ours:.3f} s ({B * N / t_ours:.1f} tok/s)")
-    t_hf, out_hf, _ = timed(lambda: hf_gen(x, m, N), args.runs)  # pylint: disable=cell-var-from-loop
+    t_hf, out_hf, _ = timed(functools.partial(hf_gen, x, m, N), args.runs)
     log(f"batch {B}: HF {t_hf:.3f} s ({B * N / t_hf:.1f} tok/s)")
-    out_hf = out_hf[:, x.shape[1]:].tolist()
-    row = {"batch": B, "ours_s": t_ours, "hf_s": t_hf, "ours_tps": B * N / t_ours, "hf_tps": B * N / t_hf,
-           "ours_len": len(out_ours[0]), "hf_len": len(out_hf[0])}
+    out_hf = out_hf[:, x.shape[1] :].tolist()
+    row = {
+      "batch": B,
+      "ours_s": t_ours,
+      "hf_s": t_hf,
+      "ours_tps": B * N / t_ours,
+      "hf_tps": B * N / t_hf,
+      "ours_len": len(out_ours[0]),
+      "hf_len": len(out_hf[0]),
+    }
     if not args.no_decode_only and N > 1:
-      t1_ours, _, rc1 = timed(lambda: gen(prompts, 1), args.runs, compiles)  # pylint: disable=cell-var-from-loop
-      t1_hf, _, _ = timed(lambda: hf_gen(x, m, 1), args.runs)  # pylint: disable=cell-var-from-loop
+      t1_ours, _, rc1 = timed(functools.partial(gen, prompts, 1), args.runs, compiles)
+      t1_hf, _, _ = timed(functools.partial(hf_gen, x, m, 1), args.runs)
       rc += rc1
-      row.update(ours_prefill_s=t1_ours, hf_prefill_s=t1_hf,
-                 ours_decode_tps=B * (N - 1) / max(t_ours - t1_ours, 1e-9),
-                 hf_decode_tps=B * (N - 1) / max(t_hf - t1_hf, 1e-9))
+      row.update(
+        ours_prefill_s=t1_ours,
+        hf_prefill_s=t1_hf,
+        ours_decode_tps=B * (N - 1) / max(t_ours - t1_ours, 1e-9),
+        hf_decode_tps=B * (N - 1) / max(t_hf - t1_hf, 1e-9),
+      )
     row["ours_recompiles_timed"] = rc
     row["ratio"] = row["ours_tps"] / row["hf_tps"]
     if row["ours_len"] != N or row["hf_len"] != N:
-      notes.append(f"batch {B}: generated lengths ours={row['ours_len']} hf={row['hf_len']} (wanted {N})")
+      notes.append(
+        f"batch {B}: generated lengths ours={row['ours_len']} hf={row['hf_len']} (wanted {N})"
+      )
     if B == 1:
       d = first_diff(out_ours[0], out_hf[0])
       match = {"match": d is None, "first_diff": d, "ours": out_ours[0], "hf": out_hf[0]}
     rows.append(row)
 
   # ---- report ----
-  print(f"\nmachine: {platform.machine()} {os.cpu_count()} cpus | jax {jax.__version__} {jax.devices()[0].platform} | "
-        f"torch {torch.__version__} ({args.torch_threads} threads) | transformers {transformers.__version__}")
+  print(
+    f"\nmachine: {platform.machine()} {os.cpu_count()} cpus | jax {jax.__version__} {jax.devices()[0].platform} | "
+    f"torch {torch.__version__} ({args.torch_threads} threads) | transformers {transformers.__version__}"
+  )
   load1 = os.getloadavg()[0]
-  print(f"load average (1 min) at start {load0:.1f}, at end {load1:.1f} on {os.cpu_count()} cpus"
-        + ("  ** machine busy: timings unreliable **" if max(load0, load1) > 1.5 * (os.cpu_count() or 1) else ""))
-  print(f"model: {path}  params {n_params / 1e6:.1f}M  f32 weight bytes {weight_bytes / 1e6:.1f} MB")
-  print(f"protocol: prompt {len(ids)} tokens, {N} new tokens, greedy, warm-up + median of {args.runs}; "
-        f"tokens/s = batch*new/time(whole call incl. prefill)\n")
+  print(
+    f"load average (1 min) at start {load0:.1f}, at end {load1:.1f} on {os.cpu_count()} cpus"
+    + (
+      "  ** machine busy: timings unreliable **"
+      if max(load0, load1) > 1.5 * (os.cpu_count() or 1)
+      else ""
+    )
+  )
+  print(
+    f"model: {path}  params {n_params / 1e6:.1f}M  f32 weight bytes {weight_bytes / 1e6:.1f} MB"
+  )
+  print(
+    f"protocol: prompt {len(ids)} tokens, {N} new tokens, greedy, warm-up + median of {args.runs}; "
+    f"tokens/s = batch*new/time(whole call incl. prefill)\n"
+  )
   has_dec = any("ours_decode_tps" in r for r in rows)
   hdr = f"{'batch':>5} | {'ours s':>7} | {'HF s':>7} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7}"
   if has_dec:
@@ -189,29 +224,45 @@ def main(argv=None):
   print(hdr)
   print("-" * len(hdr))
   for r in rows:
-    line = (f"{r['batch']:>5} | {r['ours_s']:>7.3f} | {r['hf_s']:>7.3f} | {r['ours_tps']:>10.1f} | "
-            f"{r['hf_tps']:>9.1f} | {r['ratio']:>6.2f}x")
+    line = (
+      f"{r['batch']:>5} | {r['ours_s']:>7.3f} | {r['hf_s']:>7.3f} | {r['ours_tps']:>10.1f} | "
+      f"{r['hf_tps']:>9.1f} | {r['ratio']:>6.2f}x"
+    )
     if "ours_decode_tps" in r:
-      line += (f" | {r['ours_decode_tps']:>14.1f} | {r['hf_decode_tps']:>12.1f} | "
-               f"{r['ours_decode_tps'] / r['hf_decode_tps']:>8.2f}x")
+      line += (
+        f" | {r['ours_decode_tps']:>14.1f} | {r['hf_decode_tps']:>12.1f} | "
+        f"{r['ours_decode_tps'] / r['hf_decode_tps']:>8.2f}x"
+      )
     print(line)
   if has_dec:
     print("(dec = decode only: batch*(new-1) / (t(new) - t(1)); t(1) = prefill + first token)")
-  print("(shared/spec/assets.md recorded HF at 28.1 tok/s batch 1 and 103.9 tok/s batch 8 on an idle machine)")
-  print(f"our recompiles during timed runs: {sum(r['ours_recompiles_timed'] for r in rows)} (expected 0)")
+  print(
+    "(shared/spec/assets.md recorded HF at 28.1 tok/s batch 1 and 103.9 tok/s batch 8 on an idle machine)"
+  )
+  print(
+    f"our recompiles during timed runs: {sum(r['ours_recompiles_timed'] for r in rows)} (expected 0)"
+  )
 
-  print(f"\nbandwidth: numpy copy (read+write) {bw_np / 1e9:.1f} GB/s | jax jit sum (read) {bw_jax / 1e9:.1f} GB/s "
-        f"({args.bw_mb} MB f32, best of {args.bw_reps})")
-  print(f"batch-1 floor = bandwidth / {weight_bytes / 1e6:.1f} MB per token: "
-        f"{floor_np:.1f} tok/s (numpy copy) | {floor_jax:.1f} tok/s (jax sum)")
+  print(
+    f"\nbandwidth: numpy copy (read+write) {bw_np / 1e9:.1f} GB/s | jax jit sum (read) {bw_jax / 1e9:.1f} GB/s "
+    f"({args.bw_mb} MB f32, best of {args.bw_reps})"
+  )
+  print(
+    f"batch-1 floor = bandwidth / {weight_bytes / 1e6:.1f} MB per token: "
+    f"{floor_np:.1f} tok/s (numpy copy) | {floor_jax:.1f} tok/s (jax sum)"
+  )
   b1 = next((r for r in rows if r["batch"] == 1), None)
   b8 = next((r for r in rows if r["batch"] == 8), None)
   if b1:
-    print(f"ours batch 1: {b1['ours_tps']:.1f} tok/s = {100 * b1['ours_tps'] / floor_np:.0f}% of numpy-copy floor, "
-          f"{100 * b1['ours_tps'] / floor_jax:.0f}% of jax-sum floor")
+    print(
+      f"ours batch 1: {b1['ours_tps']:.1f} tok/s = {100 * b1['ours_tps'] / floor_np:.0f}% of numpy-copy floor, "
+      f"{100 * b1['ours_tps'] / floor_jax:.0f}% of jax-sum floor"
+    )
     if "ours_decode_tps" in b1:
-      print(f"ours batch 1 decode only: {b1['ours_decode_tps']:.1f} tok/s = "
-            f"{100 * b1['ours_decode_tps'] / floor_np:.0f}% / {100 * b1['ours_decode_tps'] / floor_jax:.0f}%")
+      print(
+        f"ours batch 1 decode only: {b1['ours_decode_tps']:.1f} tok/s = "
+        f"{100 * b1['ours_decode_tps'] / floor_np:.0f}% / {100 * b1['ours_decode_tps'] / floor_jax:.0f}%"
+      )
   if match:
     extra = "" if match["match"] else f" (first difference at new token {match['first_diff']})"
     print(f"\ntokens match (batch 1, {N} new): {'yes' if match['match'] else 'no'}{extra}")
@@ -222,8 +273,10 @@ def main(argv=None):
   if b1:
     for name, fl in (("numpy copy", floor_np), ("jax sum", floor_jax)):
       ok = b1["ours_tps"] >= 0.9 * fl
-      print(f"  batch 1 >= 90% of floor ({name} bandwidth, {0.9 * fl:.1f} tok/s): "
-            f"{'MET' if ok else 'NOT MET'} ({100 * b1['ours_tps'] / fl:.0f}%)")
+      print(
+        f"  batch 1 >= 90% of floor ({name} bandwidth, {0.9 * fl:.1f} tok/s): "
+        f"{'MET' if ok else 'NOT MET'} ({100 * b1['ours_tps'] / fl:.0f}%)"
+      )
   if b8:
     ok = b8["ratio"] >= 3.0
     print(f"  batch 8 >= 3x HF: {'MET' if ok else 'NOT MET'} ({b8['ratio']:.2f}x)")
@@ -231,9 +284,22 @@ def main(argv=None):
   print(f"\ntotal runtime {total:.0f} s")
 
   if args.json:
-    res = {"args": vars(args), "loadavg_start": load0, "loadavg_end": load1, "prompt_tokens": len(ids), "n_params": n_params, "weight_bytes": weight_bytes,
-           "bw_numpy_copy_Bps": bw_np, "bw_jax_sum_Bps": bw_jax, "floor_numpy_tps": floor_np,
-           "floor_jax_tps": floor_jax, "rows": rows, "tokens_match": match, "notes": notes, "runtime_s": total}
+    res = {
+      "args": vars(args),
+      "loadavg_start": load0,
+      "loadavg_end": load1,
+      "prompt_tokens": len(ids),
+      "n_params": n_params,
+      "weight_bytes": weight_bytes,
+      "bw_numpy_copy_Bps": bw_np,
+      "bw_jax_sum_Bps": bw_jax,
+      "floor_numpy_tps": floor_np,
+      "floor_jax_tps": floor_jax,
+      "rows": rows,
+      "tokens_match": match,
+      "notes": notes,
+      "runtime_s": total,
+    }
     with open(args.json, "w") as f:
       json.dump(res, f, indent=2)
     print(f"wrote {args.json}")

@@ -25,9 +25,11 @@ import sys
 import time
 
 MODES = ("greedy", "sample", "soft", "dirichlet", "gumbel")
-PROMPT = ("Please reason step by step, and put your final answer within \\boxed{}.\n\nNatalia sold "
-          "clips to 48 of her friends in April, and then she sold half as many clips in May. How "
-          "many clips did Natalia sell altogether in April and May?")
+PROMPT = (
+  "Please reason step by step, and put your final answer within \\boxed{}.\n\nNatalia sold "
+  "clips to 48 of her friends in April, and then she sold half as many clips in May. How "
+  "many clips did Natalia sell altogether in April and May?"
+)
 
 
 def log(msg: str):
@@ -143,7 +145,8 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     src = loaded.source
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(src), gguf_file=os.path.basename(src), dtype=torch.float32).eval()
+      os.path.dirname(src), gguf_file=os.path.basename(src), dtype=torch.float32
+    ).eval()
 
   rows = []
   for B in args.batch_sizes:
@@ -153,8 +156,12 @@ def main(argv=None):
     log(f"batch {B}: Generator greedy {B * N / t_greedy:.1f} tok/s")
     for mode in args.modes:
       dec = SoftDecoder(loaded.model, base.replace(mode=mode), pad_id=pad, eos_ids=[-1])
-      t = timed(lambda d, pr: jax.block_until_ready(d.run(pr, max_new_tokens=N).tokens),
-                args.runs, dec, prompts)
+      t = timed(
+        lambda d, pr: jax.block_until_ready(d.run(pr, max_new_tokens=N).tokens),
+        args.runs,
+        dec,
+        prompts,
+      )
       row = {"batch": B, "mode": mode, "ours_tps": B * N / t, "greedy_tps": B * N / t_greedy}
       if hf is not None:
         import torch  # pylint: disable=import-outside-toplevel
@@ -163,22 +170,32 @@ def main(argv=None):
         t_pt = timed(torch_loop, args.runs, hf, x, mode, N, base)
         row["torch_tps"] = B * N / t_pt
       rows.append(row)
-      log(f"batch {B} {mode}: ours {row['ours_tps']:.1f} tok/s, torch {row.get('torch_tps', 0):.1f}")
+      log(
+        f"batch {B} {mode}: ours {row['ours_tps']:.1f} tok/s, torch {row.get('torch_tps', 0):.1f}"
+      )
 
   load1 = os.getloadavg()[0]
-  print(f"\nmachine: {platform.machine()} {os.cpu_count()} cpus, load avg {load0:.1f} -> {load1:.1f} | "
-        f"jax {jax.__version__} {jax.devices()[0].platform} | model {loaded.source} f32")
-  print(f"protocol: prompt {len(ids)} tokens, {N} new tokens, every step thinking, K={base.max_topk}, "
-        f"top-k {base.top_k}; tokens/s = batch*new / time(whole call), median of {args.runs}\n")
-  hdr = (f"{'batch':>5} | {'mode':>9} | {'ours tok/s':>10} | {'vs our greedy':>13} | "
-         f"{'torch tok/s':>11} | {'ours/torch':>10}")
+  print(
+    f"\nmachine: {platform.machine()} {os.cpu_count()} cpus, load avg {load0:.1f} -> {load1:.1f} | "
+    f"jax {jax.__version__} {jax.devices()[0].platform} | model {loaded.source} f32"
+  )
+  print(
+    f"protocol: prompt {len(ids)} tokens, {N} new tokens, every step thinking, K={base.max_topk}, "
+    f"top-k {base.top_k}; tokens/s = batch*new / time(whole call), median of {args.runs}\n"
+  )
+  hdr = (
+    f"{'batch':>5} | {'mode':>9} | {'ours tok/s':>10} | {'vs our greedy':>13} | "
+    f"{'torch tok/s':>11} | {'ours/torch':>10}"
+  )
   print(hdr)
   print("-" * len(hdr))
   for r in rows:
     pt = r.get("torch_tps")
-    print(f"{r['batch']:>5} | {r['mode']:>9} | {r['ours_tps']:>10.1f} | "
-          f"{r['ours_tps'] / r['greedy_tps']:>12.2f}x | {pt or float('nan'):>11.1f} | "
-          f"{(r['ours_tps'] / pt) if pt else float('nan'):>9.2f}x")
+    print(
+      f"{r['batch']:>5} | {r['mode']:>9} | {r['ours_tps']:>10.1f} | "
+      f"{r['ours_tps'] / r['greedy_tps']:>12.2f}x | {pt or float('nan'):>11.1f} | "
+      f"{(r['ours_tps'] / pt) if pt else float('nan'):>9.2f}x"
+    )
   print("(vs our greedy: the Generator's greedy loop, same batch and budget)")
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:

@@ -31,8 +31,16 @@ from codi_jax.errors import InputError
 class Checkpoints:
   """save(step, state, data_iter, metrics) / restore(abstract_state, data_iter) over one directory."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int = 2, best_metric: str = "",
-               best_mode: str = "max", async_save: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    save_every: int,
+    keep: int = 2,
+    best_metric: str = "",
+    best_mode: str = "max",
+    async_save: bool = True,
+  ):
     self.directory = os.path.abspath(directory)
     self.save_every = int(save_every)
     self.best_metric = best_metric
@@ -40,11 +48,21 @@ class Checkpoints:
     if best_metric:
       if best_mode not in ("max", "min"):
         raise InputError(f"--config.checkpoint.best_mode: {best_mode!r} (max | min)")
-      policies.append(ocm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
-                                keep_checkpoints_without_metrics=False))
+      policies.append(
+        ocm.BestN(
+          get_metric_fn=lambda m: m[best_metric],
+          reverse=best_mode == "min",
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
     self._options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, self.save_every), enable_async_checkpointing=async_save,
-        preservation_policy=ocm.AnyPreservationPolicy(policies), cleanup_tmp_directories=True, create=True)
+      save_interval_steps=max(1, self.save_every),
+      enable_async_checkpointing=async_save,
+      preservation_policy=ocm.AnyPreservationPolicy(policies),
+      cleanup_tmp_directories=True,
+      create=True,
+    )
     self._mngr = ocp.CheckpointManager(self.directory, options=self._options)
 
   # --------------------------------------------------------------------------------------- saving
@@ -52,16 +70,19 @@ class Checkpoints:
   def should_save(self, step: int) -> bool:
     return self.save_every > 0 and step % self.save_every == 0
 
-  def save(self, step: int, state: dict, data_iter, meta: dict, metrics: dict | None = None) -> bool:
+  def save(
+    self, step: int, state: dict, data_iter, meta: dict, metrics: dict | None = None
+  ) -> bool:
     """Starts an async save of `step` (forced: the caller decides when); False if it exists."""
     if step in self._mngr.all_steps():
       return False
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave(meta))
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iter),
+      meta=ocp.args.JsonSave(meta),
+    )
     return self._mngr.save(step, args=args, metrics=metrics, force=True)
 
   def wait(self):
@@ -114,17 +135,26 @@ class Checkpoints:
       meta["data_restored"] = "data" in items
       return step, restored["state"], meta
     if tried:
-      raise InputError(f"{self.directory}: none of the checkpoints {tried} could be restored (moved to "
-                       f"{self.directory}.corrupt/); start over with --config.overwrite=True or a new --workdir")
+      raise InputError(
+        f"{self.directory}: none of the checkpoints {tried} could be restored (moved to "
+        f"{self.directory}.corrupt/); start over with --config.overwrite=True or a new --workdir"
+      )
     return None
 
   def _set_aside(self, step: int, err: Exception):
     path = os.path.join(self.directory, str(step))
     first = (str(err).strip().splitlines() or [""])[0][:200]
-    logging.warning("checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt/ and trying the "
-                    "previous one", path, type(err).__name__, first, self.directory)
-    print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}); using the previous one",
-          flush=True)
+    logging.warning(
+      "checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt/ and trying the previous one",
+      path,
+      type(err).__name__,
+      first,
+      self.directory,
+    )
+    print(
+      f"warning: checkpoint {path} is unreadable ({type(err).__name__}); using the previous one",
+      flush=True,
+    )
     if jax.process_index() == 0 and os.path.exists(path):
       dest = os.path.join(self.directory + ".corrupt", str(step))
       os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -138,6 +168,10 @@ class Checkpoints:
 
 def _check_finite(state: dict, step: int):
   """A checkpoint is only written after a finite loss; a non-finite parameter means corruption."""
-  leaves = [x for x in jax.tree.leaves(state.get("params", {})) if jnp.issubdtype(x.dtype, jnp.floating)]
-  if leaves and not bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves)):
+  leaves = [
+    x for x in jax.tree.leaves(state.get("params", {})) if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
+  if leaves and not bool(
+    jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves)
+  ):
     raise ValueError(f"step {step}: non-finite parameters")

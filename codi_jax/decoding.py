@@ -9,7 +9,7 @@ Shape legend: B batch, P padded prompt length, N new tokens, V vocab, E stop ids
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,9 @@ def bucket(n: int, multiple: int = 32) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+  seqs: Sequence[Sequence[int]], pad_id: int, length: int
+) -> tuple[np.ndarray, np.ndarray]:
   """[B, length] ids and mask with every sequence right-aligned."""
   ids = np.full((len(seqs), length), pad_id, np.int32)
   mask = np.zeros((len(seqs), length), bool)
@@ -35,8 +37,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int) -> tuple[n
     if len(s) > length:
       raise ValueError(f"sequence of {len(s)} tokens exceeds the bucket of {length}")
     if s:
-      ids[i, length - len(s):] = s
-      mask[i, length - len(s):] = True
+      ids[i, length - len(s) :] = s
+      mask[i, length - len(s) :] = True
   return ids, mask
 
 
@@ -52,13 +54,19 @@ def prefill(model: Transformer, ids_BxP, mask_BxP, capacity: int, positions=None
   """
   B, _ = ids_BxP.shape
   pos = positions_from_mask(mask_BxP) if positions is None else positions
-  out = model(ids_BxP, positions=pos, mask=mask_BxP, cache=kvc.init_cache(model.cfg, B, capacity),
-              logits="last")
+  out = model(
+    ids_BxP,
+    positions=pos,
+    mask=mask_BxP,
+    cache=kvc.init_cache(model.cfg, B, capacity),
+    logits="last",
+  )
   return out.logits, out.cache, pos[:, -1] + 1
 
 
-def greedy_loop(model: Transformer, logits_BxV, cache, pos_B, max_new: int, eos_E, pad_id: int,
-                suppress=()):
+def greedy_loop(
+  model: Transformer, logits_BxV, cache, pos_B, max_new: int, eos_E, pad_id: int, suppress=()
+):
   """Greedy continuation from prefill logits: tokens [B, N] (pad after a row's stop) and lengths [B].
 
   `suppress` lists token ids that are never emitted (e.g. CODI's pad/bot/eot).
@@ -94,15 +102,18 @@ class Generator:
   With a `mesh`, parameters are sharded by `rules` and prompts split along the batch axes.
   """
 
-  def __init__(self, model: Transformer, pad_id: int, eos_ids: Sequence[int], *, mesh=None, rules=None):
+  def __init__(
+    self, model: Transformer, pad_id: int, eos_ids: Sequence[int], *, mesh=None, rules=None
+  ):
     self.graphdef, self.state = nnx.split(model)
     self.mesh, self.rules = mesh, (sharding.default_rules() if rules is None else rules)
     self.state = sharding.shard_state(self.state, mesh, self.rules)
     self.pad_id = int(pad_id)
     self.eos = jnp.asarray(sorted(set(int(e) for e in eos_ids)), jnp.int32)
     self.compiles = 0
-    self._fn = jax.jit(self._generate, static_argnames=("max_new",),
-                       out_shardings=sharding.replicate_out(mesh))
+    self._fn = jax.jit(
+      self._generate, static_argnames=("max_new",), out_shardings=sharding.replicate_out(mesh)
+    )
 
   def _generate(self, state, ids, mask, eos, *, max_new: int):
     self.compiles += 1  # runs at trace time only
@@ -111,8 +122,14 @@ class Generator:
       logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
       return greedy_loop(model, logits, cache, pos, max_new, eos, self.pad_id)
 
-  def __call__(self, prompts: Sequence[Sequence[int]], max_new: int, *, length_bucket: int = 32,
-               batch: int | None = None) -> list[list[int]]:
+  def __call__(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new: int,
+    *,
+    length_bucket: int = 32,
+    batch: int | None = None,
+  ) -> list[list[int]]:
     """Greedy continuations (stop id included) of each prompt."""
     if max_new < 1:
       raise ValueError("max_new must be >= 1")

@@ -22,8 +22,8 @@ import os
 from codi_jax.errors import InputError
 
 _ENV_SETS = (
-    ("CODI_JAX_COORDINATOR", "CODI_JAX_NUM_PROCESSES", "CODI_JAX_PROCESS_ID"),
-    ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"),
+  ("CODI_JAX_COORDINATOR", "CODI_JAX_NUM_PROCESSES", "CODI_JAX_PROCESS_ID"),
+  ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"),
 )
 
 
@@ -35,11 +35,15 @@ def _explicit(env) -> tuple[str, int, int] | None:
       continue
     missing = [n for n, v in zip(names, given) if not v]
     if missing:
-      raise InputError(f"environment: {', '.join(missing)} not set (with {names[0]}, all three are needed)")
+      raise InputError(
+        f"environment: {', '.join(missing)} not set (with {names[0]}, all three are needed)"
+      )
     try:
       num, pid = int(given[1]), int(given[2])
     except ValueError:
-      raise InputError(f"environment: {names[1]}={given[1]!r} and {names[2]}={given[2]!r} must be integers") from None
+      raise InputError(
+        f"environment: {names[1]}={given[1]!r} and {names[2]}={given[2]!r} must be integers"
+      ) from None
     if not 0 <= pid < num:
       raise InputError(f"environment: {names[2]}={pid} is outside 0..{num - 1} ({names[1]}={num})")
     return given[0], num, pid

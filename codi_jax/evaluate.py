@@ -738,7 +738,9 @@ def _define_flags():
   flags.DEFINE_string("cot_workdir", None, "A CoT-SFT run to compare with (efficiency report).")
   flags.DEFINE_bool("efficiency", False, "Write the efficiency report (implied by --cot_workdir).")
   flags.DEFINE_integer("batch_size", None, "Evaluation batch (default: config.eval.batch_size).")
-  flags.DEFINE_integer("max_new_tokens", None, "Decoding cap (default: config.eval.max_new_tokens).")
+  flags.DEFINE_integer(
+    "max_new_tokens", None, "Decoding cap (default: config.eval.max_new_tokens)."
+  )
   flags.DEFINE_integer(
     "num_latent", None, "Continuous thoughts at inference (default: as configured)."
   )
@@ -763,7 +765,9 @@ def _define_flags():
   flags.DEFINE_bool(
     "probe_all", False, "Probe every problem (default: only correctly answered ones)."
   )
-  flags.DEFINE_integer("latency_calls", 5, "Timed calls per latency figure, after one warm-up call.")
+  flags.DEFINE_integer(
+    "latency_calls", 5, "Timed calls per latency figure, after one warm-up call."
+  )
 
 
 def main(argv):

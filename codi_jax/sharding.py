@@ -30,22 +30,24 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # head/MLP/vocab axes (Megatron-style column/row splits). Activations: batch over both data axes,
 # the same tensor split inside attention and the MLP, residual stream replicated over `tensor`.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", ("fsdp",)),
-    ("heads", ("tensor",)),
-    ("kv", ("tensor",)),
-    ("mlp", ("tensor",)),
-    ("vocab", ("tensor",)),
-    ("act_heads", ("tensor",)),
-    ("act_kv", ("tensor",)),
-    ("act_mlp", ("tensor",)),
-    ("act_vocab", ("tensor",)),
-    ("act_embed", ()),
-    ("cache_len", ()),
+  ("batch", ("data", "fsdp")),
+  ("embed", ("fsdp",)),
+  ("heads", ("tensor",)),
+  ("kv", ("tensor",)),
+  ("mlp", ("tensor",)),
+  ("vocab", ("tensor",)),
+  ("act_heads", ("tensor",)),
+  ("act_kv", ("tensor",)),
+  ("act_mlp", ("tensor",)),
+  ("act_vocab", ("tensor",)),
+  ("act_embed", ()),
+  ("cache_len", ()),
 )
 
 
-def mesh_shape(sizes: Mapping[str, int], num_devices: int, *, where: str = "--config.mesh") -> tuple[int, ...]:
+def mesh_shape(
+  sizes: Mapping[str, int], num_devices: int, *, where: str = "--config.mesh"
+) -> tuple[int, ...]:
   """(data, fsdp, tensor) sizes with the one -1 inferred; InputError if they don't fit the devices."""
   unknown = sorted(set(sizes) - set(MESH_AXES))
   if unknown:
@@ -53,27 +55,41 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int, *, where: str = "--co
   shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
   free = [i for i, s in enumerate(shape) if s == -1]
   if len(free) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise InputError(f"{where}: sizes {dict(zip(MESH_AXES, shape))} need positive values and at most one -1")
+    raise InputError(
+      f"{where}: sizes {dict(zip(MESH_AXES, shape))} need positive values and at most one -1"
+    )
   known = math.prod(s for s in shape if s != -1)
   if free:
     if num_devices % known:
-      raise InputError(f"{where}: {dict(zip(MESH_AXES, shape))} does not divide the {num_devices} devices")
+      raise InputError(
+        f"{where}: {dict(zip(MESH_AXES, shape))} does not divide the {num_devices} devices"
+      )
     shape[free[0]] = num_devices // known
   if math.prod(shape) != num_devices:
-    raise InputError(f"{where}: {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices, "
-                     f"{num_devices} are available")
+    raise InputError(
+      f"{where}: {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices, "
+      f"{num_devices} are available"
+    )
   return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None, *,
-              where: str = "--config.mesh") -> Mesh:
+def make_mesh(
+  sizes: Mapping[str, int],
+  devices: Sequence[jax.Device] | None = None,
+  *,
+  where: str = "--config.mesh",
+) -> Mesh:
   """An Auto-mode mesh over `devices` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(sizes, len(devices), where=where)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
-def rules_from_config(rules: Iterable, *, where: str = "--config.logical_axis_rules") -> dict[str, tuple[str, ...]]:
+def rules_from_config(
+  rules: Iterable, *, where: str = "--config.logical_axis_rules"
+) -> dict[str, tuple[str, ...]]:
   """[(logical, mesh axis | (mesh axes) | None), ...] -> {logical: (mesh axes)}; checks the names."""
   out = {}
   for entry in rules:
@@ -83,7 +99,9 @@ def rules_from_config(rules: Iterable, *, where: str = "--config.logical_axis_ru
     axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
     bad = [a for a in axes if a not in MESH_AXES]
     if bad:
-      raise InputError(f"{where}: {name!r} maps to unknown mesh axes {bad} (axes: {', '.join(MESH_AXES)})")
+      raise InputError(
+        f"{where}: {name!r} maps to unknown mesh axes {bad} (axes: {', '.join(MESH_AXES)})"
+      )
     out[str(name)] = axes
   return out
 
@@ -113,13 +131,20 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+def optimizer_shardings(
+  tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
   """Optimizer-state shardings: parameter-shaped leaves (Adam moments) follow their parameter,
   everything else (counts, MultiSteps bookkeeping) is replicated."""
   abstract = jax.eval_shape(tx.init, params)
-  return optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_shardings,
-                               transform_non_params=lambda _: replicated(mesh),
-                               is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return optax.tree_map_params(
+    tx,
+    lambda _, sh: sh,
+    abstract,
+    param_shardings,
+    transform_non_params=lambda _: replicated(mesh),
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
 def place(tree: Any, shardings: Any) -> Any:

@@ -18,7 +18,9 @@ from ml_collections import config_flags
 from codi_jax import runtime
 from codi_jax.errors import exit_on_input_error
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/*.py).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: config.workdir).")
 flags.mark_flags_as_required(["config"])
 
@@ -48,7 +50,10 @@ def main(argv):
       train_lib.train_and_evaluate(config, workdir)
     except FloatingPointError as e:
       ckpt = os.path.join(workdir, "checkpoints")
-      print(f"codi_jax.train: error: {e}; stopped, the last good checkpoint stays in {ckpt}", file=sys.stderr)
+      print(
+        f"codi_jax.train: error: {e}; stopped, the last good checkpoint stays in {ckpt}",
+        file=sys.stderr,
+      )
       sys.exit(1)
 
 
@@ -60,8 +65,11 @@ def parse_flags(argv):
     print(f"codi_jax.train: error: {e}", file=sys.stderr)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    print(f"codi_jax.train: error: invalid config override {str(e).strip(chr(34))} "
-          f"(overrides given: {', '.join(bad) or 'none'})", file=sys.stderr)
+    print(
+      f"codi_jax.train: error: invalid config override {str(e).strip(chr(34))} "
+      f"(overrides given: {', '.join(bad) or 'none'})",
+      file=sys.stderr,
+    )
   sys.exit(2)
 
 

@@ -22,7 +22,9 @@ def get_config(arg=None):
   config.model.spec = ""
   config.model.arch = "gpt2"
   config.model.num_layers = 4
-  config.model.d_model = 128  # the trial size; wide enough to hold 2-digit intermediate values
+  config.model.d_model = (
+    128  # the trial size; wide enough to hold 2-digit intermediate values
+  )
   config.model.num_heads = 4
   config.model.d_ff = 512
   config.model.max_positions = 256
@@ -31,13 +33,22 @@ def get_config(arg=None):
   config.tokenizer = "train_bpe:1024"  # word-level merges keep terse questions at ~25 tokens
 
   config.data.source = "synthetic"
-  config.data.synthetic = ml_collections.ConfigDict(dict(
-      train=20000, valid=256, test=512,
-      min_steps=3, max_steps=3,  # 3 dependent operations
+  config.data.synthetic = ml_collections.ConfigDict(
+    dict(
+      train=20000,
+      valid=256,
+      test=512,
+      min_steps=3,
+      max_steps=3,  # 3 dependent operations
       # Values up to 30: a 4-layer d=128 model learns these facts within the 10-minute budget (up to
       # 99 it reached 6% teacher / 11% student after 600 steps, against 13% / 18% here).
-      min_operand=2, max_operand=9, max_value=30, ops=("+", "-", "*"),
-      style="terse"))  # ~25-token questions instead of ~42: the step cost is mostly tokens
+      min_operand=2,
+      max_operand=9,
+      max_value=30,
+      ops=("+", "-", "*"),
+      style="terse",
+    )
+  )  # ~25-token questions instead of ~42: the step cost is mostly tokens
   # The reference drops the last CoT step (GSM8k-Aug's last step restates the answer); ours keeps it
   # so the teacher's CoT states every intermediate value the student must carry in its thoughts.
   config.data.include_last_cot = True
@@ -50,7 +61,9 @@ def get_config(arg=None):
 
   config.optim.lr = 3e-3  # the reference GPT-2 LR; stable here with warmup + clipping
   config.optim.weight_decay = 0.1
-  config.optim.num_steps = 1500  # ~0.26 s/step on 2 cores: ~7 minutes in all, inside the 10-minute budget
+  config.optim.num_steps = (
+    1500  # ~0.26 s/step on 2 cores: ~7 minutes in all, inside the 10-minute budget
+  )
   config.optim.warmup_ratio = 0.03
 
   config.eval.every_steps = 300

@@ -1,8 +1,8 @@
 r"""CODI on Llama-3.2-1B-Instruct (reference scripts/train_llama1b_gsm8k-aug.sh).
 
-  python -m codi_jax.train --config=configs/llama1b.py --workdir=runs/llama1b_gsm8k_aug
-  python -m codi_jax.train --config=configs/llama1b.py:nl --workdir=runs/llama1b_nl
-  python -m codi_jax.train --config=configs/llama1b.py:commonsense --workdir=runs/llama1b_csqa
+python -m codi_jax.train --config=configs/llama1b.py --workdir=runs/llama1b_gsm8k_aug
+python -m codi_jax.train --config=configs/llama1b.py:nl --workdir=runs/llama1b_nl
+python -m codi_jax.train --config=configs/llama1b.py:commonsense --workdir=runs/llama1b_csqa
 """
 
 from configs import base

@@ -34,14 +34,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog=PROG, usage=f"{PROG} --num_processes=N [options] -- COMMAND...",
-              description="Local multi-process launcher on loopback (CPU).")
+  p = _Parser(
+    prog=PROG,
+    usage=f"{PROG} --num_processes=N [options] -- COMMAND...",
+    description="Local multi-process launcher on loopback (CPU).",
+  )
   p.add_argument("--num_processes", type=int, required=True, help="processes to start")
   p.add_argument("--devices_per_process", type=int, default=1, help="CPU devices per process")
   p.add_argument("--port", type=int, default=0, help="coordinator port (0: pick a free one)")
   p.add_argument("--log_dir", default="", help="also append to DIR/process_I.log per process")
-  p.add_argument("--grace_s", type=float, default=10.0,
-                 help="after a failure, seconds between SIGTERM and SIGKILL for the others")
+  p.add_argument(
+    "--grace_s",
+    type=float,
+    default=10.0,
+    help="after a failure, seconds between SIGTERM and SIGKILL for the others",
+  )
   p.add_argument("--dry_run", action="store_true", help="print each process's env and command")
   return p
 
@@ -53,26 +60,33 @@ def free_port(host: str = HOST) -> int:
     return s.getsockname()[1]
 
 
-def launcher_env(process_id: int, num_processes: int, port: int, devices_per_process: int,
-                 xla_flags: str = "") -> dict[str, str]:
+def launcher_env(
+  process_id: int, num_processes: int, port: int, devices_per_process: int, xla_flags: str = ""
+) -> dict[str, str]:
   """The variables the launcher sets for one child (XLA_FLAGS keeps `xla_flags`, minus a count)."""
   kept = [f for f in xla_flags.split() if not f.startswith(_DEVICE_FLAG)]
   return {
-      "CODI_JAX_COORDINATOR": f"{HOST}:{port}",
-      "CODI_JAX_NUM_PROCESSES": str(num_processes),
-      "CODI_JAX_PROCESS_ID": str(process_id),
-      "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": " ".join(kept + [f"{_DEVICE_FLAG}={devices_per_process}"]),
-      "PYTHONUNBUFFERED": "1",  # children's lines arrive as printed, not at exit
+    "CODI_JAX_COORDINATOR": f"{HOST}:{port}",
+    "CODI_JAX_NUM_PROCESSES": str(num_processes),
+    "CODI_JAX_PROCESS_ID": str(process_id),
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": " ".join(kept + [f"{_DEVICE_FLAG}={devices_per_process}"]),
+    "PYTHONUNBUFFERED": "1",  # children's lines arrive as printed, not at exit
   }
 
 
-def child_env(base: dict[str, str] | None, process_id: int, num_processes: int, port: int,
-              devices_per_process: int = 1) -> dict[str, str]:
+def child_env(
+  base: dict[str, str] | None,
+  process_id: int,
+  num_processes: int,
+  port: int,
+  devices_per_process: int = 1,
+) -> dict[str, str]:
   """`base` (default: os.environ) plus the launcher's variables for process `process_id`."""
   base = dict(os.environ if base is None else base)
-  base.update(launcher_env(process_id, num_processes, port, devices_per_process,
-                           base.get("XLA_FLAGS", "")))
+  base.update(
+    launcher_env(process_id, num_processes, port, devices_per_process, base.get("XLA_FLAGS", ""))
+  )
   return base
 
 
@@ -128,17 +142,21 @@ def _run(command: list[str], envs: list[dict[str, str]], log_dir: str, grace_s: 
       logs.append(log)
       try:
         # Own session: a terminal's Ctrl-C reaches only the launcher, which forwards it once.
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+          command,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          stdin=subprocess.DEVNULL,
+          start_new_session=True,
+        )
       except OSError as e:
         for p in procs:
           _signal_group(p, signal.SIGKILL)
         sys.stderr.write(f"{PROG}: error: cannot start {command[0]!r}: {e.strerror}\n")
         return 2
       procs.append(proc)
-      pumps.append(threading.Thread(target=_pump, args=(proc, f"[p{i}] ", log, lock),
-                                    daemon=True))
+      pumps.append(threading.Thread(target=_pump, args=(proc, f"[p{i}] ", log, lock), daemon=True))
       pumps[-1].start()
 
     status, kill_at = 0, None
@@ -175,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   if "--" in argv:
     split = argv.index("--")
-    own, command = argv[:split], argv[split + 1:]
+    own, command = argv[:split], argv[split + 1 :]
   else:
     own, command = argv, []
   args = parser.parse_args(own)
@@ -196,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
       assigns = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
       print(" ".join(assigns), shlex.join(command))
     return 0
-  envs = [child_env(None, i, args.num_processes, port, args.devices_per_process)
-          for i in range(args.num_processes)]
+  envs = [
+    child_env(None, i, args.num_processes, port, args.devices_per_process)
+    for i in range(args.num_processes)
+  ]
   return _run(command, envs, args.log_dir, args.grace_s)
 
 

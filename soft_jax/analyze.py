@@ -56,27 +56,41 @@ from soft_jax import cli_common
 
 ANALYSES = ("js_probe", "logit_lens", "rouge", "randomness")
 DEFAULT_QUESTIONS = (
-    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?"),
-    ("A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total "
-    "does it take?"),
-    "What is the sum of all positive divisors of 36?",
-    "If 3x + 7 = 22, what is the value of x?",
+  (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+  ),
+  (
+    "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total "
+    "does it take?"
+  ),
+  "What is the sum of all positive divisors of 36?",
+  "If 3x + 7 = 22, what is the value of x?",
 )
 
-_STEPS = flags.DEFINE_integer("steps", 64, "Soft steps per prompt (js_probe, logit_lens, randomness).")
+_STEPS = flags.DEFINE_integer(
+  "steps", 64, "Soft steps per prompt (js_probe, logit_lens, randomness)."
+)
 _LENS_ALPHA = flags.DEFINE_float("lens_alpha", 0.6, "logit_lens: weight of t1 in the mixture.")
 _LENS_NORM = flags.DEFINE_bool("lens_norm", True, "logit_lens: final norm before the LM head.")
-_LENS_MIN_P2 = flags.DEFINE_float("lens_min_p2", 0.1, "logit_lens: branching point if p(t2) >= this.")
-_ROUGE_MODES = flags.DEFINE_list("rouge_modes", ["soft", "sample", "dirichlet", "gumbel"],
-                                 "rouge: modes compared with greedy.")
-_GAMMAS = flags.DEFINE_list("gammas", ["0.25", "0.5", "1", "2", "4", "8", "16", "64"],
-                            "randomness: Dirichlet gammas.")
-_TAUS = flags.DEFINE_list("taus", ["0.1", "0.3", "0.5", "0.7", "0.9", "1.5", "3"],
-                          "randomness: Gumbel-Softmax temperatures.")
+_LENS_MIN_P2 = flags.DEFINE_float(
+  "lens_min_p2", 0.1, "logit_lens: branching point if p(t2) >= this."
+)
+_ROUGE_MODES = flags.DEFINE_list(
+  "rouge_modes", ["soft", "sample", "dirichlet", "gumbel"], "rouge: modes compared with greedy."
+)
+_GAMMAS = flags.DEFINE_list(
+  "gammas", ["0.25", "0.5", "1", "2", "4", "8", "16", "64"], "randomness: Dirichlet gammas."
+)
+_TAUS = flags.DEFINE_list(
+  "taus",
+  ["0.1", "0.3", "0.5", "0.7", "0.9", "1.5", "3"],
+  "randomness: Gumbel-Softmax temperatures.",
+)
 _DRAWS = flags.DEFINE_integer("draws", 8, "randomness: noise draws per step.")
-_JS_LEGACY = flags.DEFINE_bool("js_legacy_softmax", False,
-                               "randomness: JS(softmax(st'), st), the reference's bug (comparison).")
+_JS_LEGACY = flags.DEFINE_bool(
+  "js_legacy_softmax", False, "randomness: JS(softmax(st'), st), the reference's bug (comparison)."
+)
 
 # ---------------------------------------------------------------------------------------------
 # Pure metrics
@@ -123,13 +137,28 @@ def describe(values: Sequence[float]) -> dict[str, float | int | None]:
   """n, mean, median, p10, p90, min, max of a list (None entries when empty)."""
   v = sorted(float(x) for x in values)
   if not v:
-    return {"n": 0, "mean": None, "median": None, "p10": None, "p90": None, "min": None, "max": None}
+    return {
+      "n": 0,
+      "mean": None,
+      "median": None,
+      "p10": None,
+      "p90": None,
+      "min": None,
+      "max": None,
+    }
 
   def q(f):
     return v[min(len(v) - 1, int(f * (len(v) - 1) + 0.5))]
 
-  return {"n": len(v), "mean": statistics.fmean(v), "median": statistics.median(v), "p10": q(0.1),
-          "p90": q(0.9), "min": v[0], "max": v[-1]}
+  return {
+    "n": len(v),
+    "mean": statistics.fmean(v),
+    "median": statistics.median(v),
+    "p10": q(0.1),
+    "p90": q(0.9),
+    "min": v[0],
+    "max": v[-1],
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,16 +222,20 @@ def js_probe_trace(model, params, ids, mask, key, *, steps: int, sample_ids=None
     idx, w, pos, cache = carry
     second = idx[:, 1] if K > 1 else idx[:, 0]
     second = jnp.where(w[:, 1] > 0, second, idx[:, 0]) if K > 1 else second
-    x = jnp.concatenate([
+    x = jnp.concatenate(
+      [
         decode.embed_input(model, params, *sampling.one_hot_input(idx[:, 0], K)),
         decode.embed_input(model, params, *sampling.one_hot_input(second, K)),
-        decode.embed_input(model, params, idx, w)])
+        decode.embed_input(model, params, idx, w),
+      ]
+    )
     out = decode.soft_step(model, x, jnp.tile(pos, 3), _tile(cache, 3))
     z = out.logits.astype(jnp.float32)
     p = _probs(z, params.temperature).reshape(3, B, -1)
-    js = jnp.stack([js_divergence(p[0], p[2]), js_divergence(p[1], p[2]),
-                    js_divergence(p[0], p[1])], axis=-1)
-    z_soft = z[2 * B:]
+    js = jnp.stack(
+      [js_divergence(p[0], p[2]), js_divergence(p[1], p[2]), js_divergence(p[0], p[1])], axis=-1
+    )
+    z_soft = z[2 * B :]
     s = sampling.sample_step(params, z_soft, sampling.fold_keys(keys, i + 1), think)
     top_z, top_i = sampling.top_candidates(z_soft, n_cand)
     rec = {"js": js, "token": idx[:, 0], "w": w, "top_z": top_z, "top_i": top_i}
@@ -238,22 +271,30 @@ def logit_lens_trace(model, ids, mask, alpha, *, steps: int, norm: bool = True):
     p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     p12 = jnp.take_along_axis(p, top2, axis=1)
     w_mix = jnp.broadcast_to(jnp.asarray([alpha, 1.0 - alpha], jnp.float32), (B, 2))
-    x = jnp.concatenate([
+    x = jnp.concatenate(
+      [
         sampling.mix_embeddings(table, top2[:, :1], jnp.ones((B, 1)), dtype),
         sampling.mix_embeddings(table, top2[:, 1:], jnp.ones((B, 1)), dtype),
-        sampling.mix_embeddings(table, top2, w_mix, dtype)])
+        sampling.mix_embeddings(table, top2, w_mix, dtype),
+      ]
+    )
     out = decode.soft_step(model, x, jnp.tile(pos, 3), _tile(cache, 3), hidden_states=True)
     per_layer = []
     for layer, h in enumerate(out.hidden_states):
       if norm and layer < L:
         h = model.final_norm(h)
       z = model.head(h).astype(jnp.float32)
-      _, top5 = sampling.top_candidates(z[:2 * B], 5)
-      _, top10 = sampling.top_candidates(z[2 * B:], 10)
+      _, top5 = sampling.top_candidates(z[: 2 * B], 5)
+      _, top10 = sampling.top_candidates(z[2 * B :], 10)
       hits = jnp.any(top5.reshape(2, B, 5, 1) == top10[None, :, None, :], axis=-1)  # [2, B, 5]
       per_layer.append(jnp.mean(hits.astype(jnp.float32), axis=-1).T)  # [B, 2]
-    rec = {"overlap": jnp.stack(per_layer, axis=1), "p1": p12[:, 0], "p2": p12[:, 1],
-           "t1": top2[:, 0], "t2": top2[:, 1]}
+    rec = {
+      "overlap": jnp.stack(per_layer, axis=1),
+      "p1": p12[:, 0],
+      "p2": p12[:, 1],
+      "t1": top2[:, 0],
+      "t2": top2[:, 1],
+    }
     return (out.logits[:B], pos + 1, _rows(out.cache, 0, B)), rec
 
   _, recs = jax.lax.scan(body, (logits, pos, cache), None, length=steps)
@@ -363,8 +404,9 @@ def _jit_model_fn(model, fn, **static):
   return lambda *a: f(state, *a)
 
 
-def run_js_probe(model, tokenizer, texts, params, *, steps: int, seed: int, out_dir: str,
-                 trace: dict | None = None) -> dict[str, Any]:
+def run_js_probe(
+  model, tokenizer, texts, params, *, steps: int, seed: int, out_dir: str, trace: dict | None = None
+) -> dict[str, Any]:
   """js_probe on every prompt; writes js_probe.csv / .json / .png; returns the summary."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -378,26 +420,40 @@ def run_js_probe(model, tokenizer, texts, params, *, steps: int, seed: int, out_
   rows = []
   for b in range(js.shape[0]):
     for s in range(js.shape[1]):
-      rows.append({"prompt": b, "step": s, "token": int(tokens[b, s]),
-                   "token_text": tokenizer.decode([int(tokens[b, s])], skip_special_tokens=False),
-                   "w1": float(w[b, s, 0]), "w2": float(w[b, s, 1]) if w.shape[2] > 1 else 0.0,
-                   "js_top1_soft": float(js[b, s, 0]), "js_top2_soft": float(js[b, s, 1]),
-                   "js_top1_top2": float(js[b, s, 2])})
+      rows.append(
+        {
+          "prompt": b,
+          "step": s,
+          "token": int(tokens[b, s]),
+          "token_text": tokenizer.decode([int(tokens[b, s])], skip_special_tokens=False),
+          "w1": float(w[b, s, 0]),
+          "w2": float(w[b, s, 1]) if w.shape[2] > 1 else 0.0,
+          "js_top1_soft": float(js[b, s, 0]),
+          "js_top2_soft": float(js[b, s, 1]),
+          "js_top1_top2": float(js[b, s, 2]),
+        }
+      )
   _write_csv(os.path.join(out_dir, "js_probe.csv"), rows)
   names = ("js_top1_soft", "js_top2_soft", "js_top1_top2")
   summary = {
-      "analysis": "js_probe", "steps_per_prompt": int(js.shape[1]), "prompts": len(texts),
-      "temperature": params.temperature, "mode": params.mode, "max_topk": params.max_topk,
-      "overall": {n: describe(js[..., i].ravel()) for i, n in enumerate(names)},
-      "per_prompt": [{n: describe(js[b, :, i]) for i, n in enumerate(names)}
-                     for b in range(js.shape[0])],
-      # Steps whose concept token really mixes (w[1] > 0); elsewhere the top-2 input is the top-1.
-      "mixed_steps": {n: describe(js[..., i][w[..., 1] > 0]) for i, n in enumerate(names)}
-      if w.shape[2] > 1 else None,
-      "mean_w1": float(w[..., 0].mean()),
-      "frac_js_top1_below_0.1": float((js[..., 0] < 0.1).mean()),
-      "frac_js_top2_above_0.6": float((js[..., 1] > 0.6).mean()),
-      "device": str(jax.devices()[0].device_kind),
+    "analysis": "js_probe",
+    "steps_per_prompt": int(js.shape[1]),
+    "prompts": len(texts),
+    "temperature": params.temperature,
+    "mode": params.mode,
+    "max_topk": params.max_topk,
+    "overall": {n: describe(js[..., i].ravel()) for i, n in enumerate(names)},
+    "per_prompt": [
+      {n: describe(js[b, :, i]) for i, n in enumerate(names)} for b in range(js.shape[0])
+    ],
+    # Steps whose concept token really mixes (w[1] > 0); elsewhere the top-2 input is the top-1.
+    "mixed_steps": {n: describe(js[..., i][w[..., 1] > 0]) for i, n in enumerate(names)}
+    if w.shape[2] > 1
+    else None,
+    "mean_w1": float(w[..., 0].mean()),
+    "frac_js_top1_below_0.1": float((js[..., 0] < 0.1).mean()),
+    "frac_js_top2_above_0.6": float((js[..., 1] > 0.6).mean()),
+    "device": str(jax.devices()[0].device_kind),
   }
   _write_json(os.path.join(out_dir, "js_probe.json"), summary)
   plt = _pyplot()
@@ -423,8 +479,9 @@ def probe_trace(model, tokenizer, texts, params, *, steps: int, seed: int) -> di
   return jax.device_get(out)
 
 
-def run_logit_lens(model, tokenizer, texts, *, steps: int, alpha: float, norm: bool,
-                   min_p2: float, out_dir: str) -> dict[str, Any]:
+def run_logit_lens(
+  model, tokenizer, texts, *, steps: int, alpha: float, norm: bool, min_p2: float, out_dir: str
+) -> dict[str, Any]:
   """logit_lens on every prompt; writes logit_lens.csv / .json / .png; returns the summary."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -436,16 +493,40 @@ def run_logit_lens(model, tokenizer, texts, *, steps: int, alpha: float, norm: b
   branch = np.asarray(rec["p2"]) >= min_p2  # [B, S]
   sel = ov[branch] if branch.any() else ov.reshape(-1, *ov.shape[2:])
   mean = sel.mean(axis=0)  # [L+1, 2]
-  rows = [{"layer": layer, "overlap_t1": float(mean[layer, 0]), "overlap_t2": float(mean[layer, 1]),
-           "overlap_t1_all_steps": float(ov[..., layer, 0].mean()),
-           "overlap_t2_all_steps": float(ov[..., layer, 1].mean())} for layer in range(ov.shape[2])]
+  rows = [
+    {
+      "layer": layer,
+      "overlap_t1": float(mean[layer, 0]),
+      "overlap_t2": float(mean[layer, 1]),
+      "overlap_t1_all_steps": float(ov[..., layer, 0].mean()),
+      "overlap_t2_all_steps": float(ov[..., layer, 1].mean()),
+    }
+    for layer in range(ov.shape[2])
+  ]
   _write_csv(os.path.join(out_dir, "logit_lens.csv"), rows)
-  points = [{"prompt": int(b), "step": int(s), "t1": tokenizer.decode([int(rec["t1"][b, s])]),
-             "t2": tokenizer.decode([int(rec["t2"][b, s])]), "p1": float(rec["p1"][b, s]),
-             "p2": float(rec["p2"][b, s])} for b, s in zip(*np.nonzero(branch))]
-  summary = {"analysis": "logit_lens", "alpha": alpha, "final_norm": norm, "min_p2": min_p2,
-             "steps_per_prompt": steps, "prompts": len(texts), "branching_points": int(branch.sum()),
-             "used_all_steps": not bool(branch.any()), "per_layer": rows, "points": points}
+  points = [
+    {
+      "prompt": int(b),
+      "step": int(s),
+      "t1": tokenizer.decode([int(rec["t1"][b, s])]),
+      "t2": tokenizer.decode([int(rec["t2"][b, s])]),
+      "p1": float(rec["p1"][b, s]),
+      "p2": float(rec["p2"][b, s]),
+    }
+    for b, s in zip(*np.nonzero(branch))
+  ]
+  summary = {
+    "analysis": "logit_lens",
+    "alpha": alpha,
+    "final_norm": norm,
+    "min_p2": min_p2,
+    "steps_per_prompt": steps,
+    "prompts": len(texts),
+    "branching_points": int(branch.sum()),
+    "used_all_steps": not bool(branch.any()),
+    "per_layer": rows,
+    "points": points,
+  }
   _write_json(os.path.join(out_dir, "logit_lens.json"), summary)
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -460,8 +541,18 @@ def run_logit_lens(model, tokenizer, texts, *, steps: int, alpha: float, norm: b
   return summary
 
 
-def run_rouge(model, tokenizer, texts, params, *, modes: Sequence[str], max_new: int,
-              n_samples: int, seed: int, out_dir: str) -> dict[str, Any]:
+def run_rouge(
+  model,
+  tokenizer,
+  texts,
+  params,
+  *,
+  modes: Sequence[str],
+  max_new: int,
+  n_samples: int,
+  seed: int,
+  out_dir: str,
+) -> dict[str, Any]:
   """rouge: ROUGE-L F1 of each mode's trace vs greedy; writes rouge.csv / .json / .png."""
   from soft_jax import decode  # pylint: disable=import-outside-toplevel
   from soft_jax.sampling import MODES  # pylint: disable=import-outside-toplevel
@@ -487,13 +578,29 @@ def run_rouge(model, tokenizer, texts, params, *, modes: Sequence[str], max_new:
     for j, toks in enumerate(traces(m, draws)):
       b, d = divmod(j, draws)
       r = rouge_l(toks, greedy[b])
-      rows.append({"mode": m, "prompt": b, "draw": d, "f1": r["f1"], "precision": r["precision"],
-                   "recall": r["recall"], "tokens": len(toks)})
+      rows.append(
+        {
+          "mode": m,
+          "prompt": b,
+          "draw": d,
+          "f1": r["f1"],
+          "precision": r["precision"],
+          "recall": r["recall"],
+          "tokens": len(toks),
+        }
+      )
   _write_csv(os.path.join(out_dir, "rouge.csv"), rows)
   by_mode = {m: describe([r["f1"] for r in rows if r["mode"] == m]) for m in modes}
-  summary = {"analysis": "rouge", "level": "token ids", "max_new_tokens": max_new,
-             "temperature": params.temperature, "max_topk": params.max_topk,
-             "n_samples": n_samples, "prompts": len(texts), "rouge_l_f1": by_mode}
+  summary = {
+    "analysis": "rouge",
+    "level": "token ids",
+    "max_new_tokens": max_new,
+    "temperature": params.temperature,
+    "max_topk": params.max_topk,
+    "n_samples": n_samples,
+    "prompts": len(texts),
+    "rouge_l_f1": by_mode,
+  }
   _write_json(os.path.join(out_dir, "rouge.json"), summary)
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -506,8 +613,17 @@ def run_rouge(model, tokenizer, texts, params, *, modes: Sequence[str], max_new:
   return summary
 
 
-def run_randomness(top_z, params, *, gammas: Sequence[float], taus: Sequence[float], draws: int,
-                   seed: int, out_dir: str, legacy_softmax: bool = False) -> dict[str, Any]:
+def run_randomness(
+  top_z,
+  params,
+  *,
+  gammas: Sequence[float],
+  taus: Sequence[float],
+  draws: int,
+  seed: int,
+  out_dir: str,
+  legacy_softmax: bool = False,
+) -> dict[str, Any]:
   """randomness/softness sweeps over candidate logits top_z [S, N]; writes randomness.*."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -515,25 +631,42 @@ def run_randomness(top_z, params, *, gammas: Sequence[float], taus: Sequence[flo
 
   top_z = jnp.asarray(top_z, jnp.float32)
   keys = jax.random.split(jax.random.key(seed), draws)
-  fns = {n: jax.jit(lambda k, z, v, n=n: noise_randomness(k, z, params, noise=n, value=v,
-                                                           legacy_softmax=legacy_softmax))
-         for n in ("dirichlet", "gumbel")}
+  fns = {
+    n: jax.jit(
+      lambda k, z, v, n=n: noise_randomness(
+        k, z, params, noise=n, value=v, legacy_softmax=legacy_softmax
+      )
+    )
+    for n in ("dirichlet", "gumbel")
+  }
   rows = []
   for noise, values in (("dirichlet", gammas), ("gumbel", taus)):
     for v in values:
       rnd, soft = jax.device_get(fns[noise](keys, top_z, jnp.float32(v)))
-      rows.append({"noise": noise, "value": float(v), "randomness": float(np.mean(rnd)),
-                   "randomness_std": float(np.std(rnd)), "softness": float(np.mean(soft)),
-                   "softness_std": float(np.std(soft))})
+      rows.append(
+        {
+          "noise": noise,
+          "value": float(v),
+          "randomness": float(np.mean(rnd)),
+          "randomness_std": float(np.std(rnd)),
+          "softness": float(np.mean(soft)),
+          "softness_std": float(np.std(soft)),
+        }
+      )
   from soft_jax import sampling  # pylint: disable=import-outside-toplevel
 
   q = sampling.filter_sorted(top_z, params.temperature, params.top_k, params.top_p, params.min_p)
-  _, w = sampling.cut(jnp.broadcast_to(jnp.arange(top_z.shape[1]), top_z.shape), q,
-                      params.max_topk)
+  _, w = sampling.cut(jnp.broadcast_to(jnp.arange(top_z.shape[1]), top_z.shape), q, params.max_topk)
   vanilla = float(jnp.mean(-jnp.sum(w * jnp.log(jnp.maximum(w, 1e-12)), axis=-1)))
   _write_csv(os.path.join(out_dir, "randomness.csv"), rows)
-  summary = {"analysis": "randomness", "distributions": int(top_z.shape[0]), "draws": draws,
-             "legacy_softmax": legacy_softmax, "vanilla_softness": vanilla, "rows": rows}
+  summary = {
+    "analysis": "randomness",
+    "distributions": int(top_z.shape[0]),
+    "draws": draws,
+    "legacy_softmax": legacy_softmax,
+    "vanilla_softness": vanilla,
+    "rows": rows,
+  }
   _write_json(os.path.join(out_dir, "randomness.json"), summary)
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -578,19 +711,24 @@ def _texts() -> list[str]:
     from soft_jax import problems  # pylint: disable=import-outside-toplevel
 
     probs = problems.read_problems(
-        cli_common.DATA.value, layout=cli_common.LAYOUT.value,
-        question_field=cli_common.QUESTION_FIELD.value, answer_field=cli_common.ANSWER_FIELD.value,
-        id_field=cli_common.ID_FIELD.value, limit=cli_common.LIMIT.value or 4)
+      cli_common.DATA.value,
+      layout=cli_common.LAYOUT.value,
+      question_field=cli_common.QUESTION_FIELD.value,
+      answer_field=cli_common.ANSWER_FIELD.value,
+      id_field=cli_common.ID_FIELD.value,
+      limit=cli_common.LIMIT.value or 4,
+    )
     return [p.question for p in probs]
-  return list(DEFAULT_QUESTIONS[:cli_common.LIMIT.value or len(DEFAULT_QUESTIONS)])
+  return list(DEFAULT_QUESTIONS[: cli_common.LIMIT.value or len(DEFAULT_QUESTIONS)])
 
 
 def main(argv):
   runtime.setup_cli()
   with exit_on_input_error("soft_jax.analyze"):
     if len(argv) != 2 or argv[1] not in ANALYSES:
-      raise InputError(f"expected one analysis, one of {', '.join(ANALYSES)}; got "
-                       f"{' '.join(argv[1:]) or 'none'}")
+      raise InputError(
+        f"expected one analysis, one of {', '.join(ANALYSES)}; got {' '.join(argv[1:]) or 'none'}"
+      )
     name = argv[1]
     st = cli_common.settings(default_mode="soft")
     if st.mesh is not None:
@@ -619,21 +757,46 @@ def main(argv):
     model, tok = loaded.model, loaded.tokenizer
     params = st.params.validate(prefix="--", vocab=loaded.config.vocab_size)
     if name == "js_probe":
-      summary = run_js_probe(model, tok, texts, params, steps=_STEPS.value, seed=st.seed,
-                             out_dir=out_dir)
+      summary = run_js_probe(
+        model, tok, texts, params, steps=_STEPS.value, seed=st.seed, out_dir=out_dir
+      )
     elif name == "logit_lens":
-      summary = run_logit_lens(model, tok, texts, steps=_STEPS.value, alpha=_LENS_ALPHA.value,
-                               norm=_LENS_NORM.value, min_p2=_LENS_MIN_P2.value, out_dir=out_dir)
+      summary = run_logit_lens(
+        model,
+        tok,
+        texts,
+        steps=_STEPS.value,
+        alpha=_LENS_ALPHA.value,
+        norm=_LENS_NORM.value,
+        min_p2=_LENS_MIN_P2.value,
+        out_dir=out_dir,
+      )
     elif name == "rouge":
-      summary = run_rouge(model, tok, texts, params, modes=_ROUGE_MODES.value,
-                          max_new=st.max_new_tokens, n_samples=cli_common.N_SAMPLES.value,
-                          seed=st.seed, out_dir=out_dir)
+      summary = run_rouge(
+        model,
+        tok,
+        texts,
+        params,
+        modes=_ROUGE_MODES.value,
+        max_new=st.max_new_tokens,
+        n_samples=cli_common.N_SAMPLES.value,
+        seed=st.seed,
+        out_dir=out_dir,
+      )
     else:
       sp = params.replace(mode="soft")
       trace = probe_trace(model, tok, texts, sp, steps=_STEPS.value, seed=st.seed)
       top_z = trace["top_z"].reshape(-1, trace["top_z"].shape[-1])
-      summary = run_randomness(top_z, sp, gammas=gammas, taus=taus, draws=_DRAWS.value,
-                               seed=st.seed, out_dir=out_dir, legacy_softmax=_JS_LEGACY.value)
+      summary = run_randomness(
+        top_z,
+        sp,
+        gammas=gammas,
+        taus=taus,
+        draws=_DRAWS.value,
+        seed=st.seed,
+        out_dir=out_dir,
+        legacy_softmax=_JS_LEGACY.value,
+      )
     summary.pop("per_prompt", None)
     summary.pop("points", None)
   print(json.dumps(summary)[:4000])

@@ -69,7 +69,9 @@ class DecodeState(NamedTuple):
 class SoftResult:
   """One prompt's continuation."""
 
-  tokens: list[int]  # everything emitted: thinking trace (per-step top-1), `</think>`, answer, stop id
+  tokens: list[
+    int
+  ]  # everything emitted: thinking trace (per-step top-1), `</think>`, answer, stop id
   thinking_tokens: int  # tokens emitted while thinking (`</think>` included)
   answer_tokens: list[int]  # tokens[thinking_tokens:]; empty if thinking never ended
   stop_reason: str  # eos | length | abort
@@ -83,14 +85,35 @@ def init_state(batch: int, max_new: int, k: int, pad_id: int, record: bool = Fal
   zi = jnp.zeros((B,), jnp.int32)
   recs = None
   if record:
-    recs = Records(jnp.zeros((B, N, k), jnp.int32), jnp.zeros((B, N, k), jnp.float32),
-                   jnp.zeros((B, N), jnp.float32), jnp.zeros((B, N), bool))
-  return DecodeState(jnp.full((B, N), pad_id, jnp.int32), zi, zi, jnp.ones((B,), bool),
-                     jnp.zeros((B,), bool), zi, zi, recs)
+    recs = Records(
+      jnp.zeros((B, N, k), jnp.int32),
+      jnp.zeros((B, N, k), jnp.float32),
+      jnp.zeros((B, N), jnp.float32),
+      jnp.zeros((B, N), bool),
+    )
+  return DecodeState(
+    jnp.full((B, N), pad_id, jnp.int32),
+    zi,
+    zi,
+    jnp.ones((B,), bool),
+    jnp.zeros((B,), bool),
+    zi,
+    zi,
+    recs,
+  )
 
 
-def transition(params: SamplerParams, st: DecodeState, s: Sampled, i, *, think_end_id, eos_ids,
-               pad_id: int, max_new: int) -> tuple[DecodeState, jax.Array, jax.Array]:
+def transition(
+  params: SamplerParams,
+  st: DecodeState,
+  s: Sampled,
+  i,
+  *,
+  think_end_id,
+  eos_ids,
+  pad_id: int,
+  max_new: int,
+) -> tuple[DecodeState, jax.Array, jax.Array]:
   """Writes token i of every row and advances its phase; returns (state, next idx, next w).
 
   Pure, per-row (`jnp.where` only). think_end_id: an id, or None / a negative value for none (may
@@ -127,11 +150,22 @@ def transition(params: SamplerParams, st: DecodeState, s: Sampled, i, *, think_e
   stop = jnp.where(eos, STOP_EOS, jnp.where(abort, STOP_ABORT, st.stop))
   recs = st.records
   if recs is not None:
-    recs = Records(recs.idx.at[:, i].set(idx, mode="drop"), recs.w.at[:, i].set(w, mode="drop"),
-                   recs.entropy.at[:, i].set(s.entropy, mode="drop"),
-                   recs.thinking.at[:, i].set(thinking, mode="drop"))
-  new = DecodeState(tokens, n, n_think, st.in_think & ~ended, st.done | eos | abort | (n >= max_new),
-                    jnp.where(ended, 0, low_run), stop, recs)
+    recs = Records(
+      recs.idx.at[:, i].set(idx, mode="drop"),
+      recs.w.at[:, i].set(w, mode="drop"),
+      recs.entropy.at[:, i].set(s.entropy, mode="drop"),
+      recs.thinking.at[:, i].set(thinking, mode="drop"),
+    )
+  new = DecodeState(
+    tokens,
+    n,
+    n_think,
+    st.in_think & ~ended,
+    st.done | eos | abort | (n >= max_new),
+    jnp.where(ended, 0, low_run),
+    stop,
+    recs,
+  )
   return new, idx, w
 
 
@@ -152,24 +186,55 @@ def embed_input(model: Transformer, params: SamplerParams, idx_BxK, w_BxK) -> ja
   return sampling.mix_embeddings(embedding_table(model), idx_BxK, w_BxK, dtype, accum)
 
 
-def soft_step(model: Transformer, x_BxD: jax.Array, pos_B: jax.Array, cache: KVCache, *,
-              hidden_states: bool = False) -> StepOut:
+def soft_step(
+  model: Transformer,
+  x_BxD: jax.Array,
+  pos_B: jax.Array,
+  cache: KVCache,
+  *,
+  hidden_states: bool = False,
+) -> StepOut:
   """One input embedding per row at positions pos -> logits [B, V], new cache (= `step.step`)."""
   return step(model, x_BxD[:, None], pos_B[:, None], cache, hidden_states=hidden_states)
 
 
-def emit(model: Transformer, params: SamplerParams, st: DecodeState, logits_BxV, keys_B, i, *,
-         think_end_id, eos_ids, pad_id: int, max_new: int):
+def emit(
+  model: Transformer,
+  params: SamplerParams,
+  st: DecodeState,
+  logits_BxV,
+  keys_B,
+  i,
+  *,
+  think_end_id,
+  eos_ids,
+  pad_id: int,
+  max_new: int,
+):
   """Samples token i from its logits, updates the state; returns (state, next input [B, D])."""
   s = sampling.sample_step(params, logits_BxV, sampling.fold_keys(keys_B, i), st.in_think)
-  st, idx, w = transition(params, st, s, i, think_end_id=think_end_id, eos_ids=eos_ids,
-                          pad_id=pad_id, max_new=max_new)
+  st, idx, w = transition(
+    params, st, s, i, think_end_id=think_end_id, eos_ids=eos_ids, pad_id=pad_id, max_new=max_new
+  )
   return st, embed_input(model, params, idx, w)
 
 
-def decode_loop(model: Transformer, params: SamplerParams, logits_BxV, cache: KVCache, pos_B, *,
-                max_new: int, key: jax.Array, sample_ids=None, eos_ids, pad_id: int,
-                think_end_id, record: bool = False, chunk: int = 8) -> DecodeState:
+def decode_loop(
+  model: Transformer,
+  params: SamplerParams,
+  logits_BxV,
+  cache: KVCache,
+  pos_B,
+  *,
+  max_new: int,
+  key: jax.Array,
+  sample_ids=None,
+  eos_ids,
+  pad_id: int,
+  think_end_id,
+  record: bool = False,
+  chunk: int = 8,
+) -> DecodeState:
   """Continues every row from its prefill logits for at most max_new tokens (jit-friendly).
 
   The first token already comes from the prefill's last-position distribution, so the first
@@ -179,15 +244,28 @@ def decode_loop(model: Transformer, params: SamplerParams, logits_BxV, cache: KV
   sample_ids = jnp.arange(B) if sample_ids is None else sample_ids
   keys = row_keys(key, sample_ids)
   kw = {"think_end_id": think_end_id, "eos_ids": eos_ids, "pad_id": pad_id, "max_new": max_new}
-  st, x = emit(model, params, init_state(B, max_new, params.max_topk, pad_id, record), logits_BxV,
-               keys, 0, **kw)
+  st, x = emit(
+    model,
+    params,
+    init_state(B, max_new, params.max_topk, pad_id, record),
+    logits_BxV,
+    keys,
+    0,
+    **kw,
+  )
 
   def next_input(st, out: StepOut, i):
     st, x = emit(model, params, st, out.logits, keys, i + 1, **kw)
     return x, st, None
 
-  loop, _ = while_steps(model, Loop(x, pos_B, cache, st), next_input, max_new - 1,
-                        lambda s: jnp.all(s.done), chunk=chunk)
+  loop, _ = while_steps(
+    model,
+    Loop(x, pos_B, cache, st),
+    next_input,
+    max_new - 1,
+    lambda s: jnp.all(s.done),
+    chunk=chunk,
+  )
   return loop.state
 
 
@@ -199,8 +277,9 @@ def _single_token(tokenizer, text: str) -> int | None:
   return int(tid)
 
 
-def resolve_think_end(tokenizer, text: str = "auto", *, last_id: bool = False,
-                      flag: str = "--think_end") -> int | None:
+def resolve_think_end(
+  tokenizer, text: str = "auto", *, last_id: bool = False, flag: str = "--think_end"
+) -> int | None:
   """The `</think>` id: "auto" (the `</think>` vocabulary entry if it encodes to itself, else None),
   "" or "none" (None), or a text that must encode to one token (last_id: its last id, official rule).
   """
@@ -213,8 +292,10 @@ def resolve_think_end(tokenizer, text: str = "auto", *, last_id: bool = False,
     return int(ids[0])
   if last_id and ids:
     return int(ids[-1])
-  raise InputError(f"{flag}: {text!r} is {len(ids)} tokens for this tokenizer, not one; pass "
-                   f"{flag}_last_id to use its last id (official rule) or {flag}=none")
+  raise InputError(
+    f"{flag}: {text!r} is {len(ids)} tokens for this tokenizer, not one; pass "
+    f"{flag}_last_id to use its last id (official rule) or {flag}=none"
+  )
 
 
 def open_thinking(tokenizer, ids: list[int], think_start: str = "<think>") -> list[int]:
@@ -240,9 +321,18 @@ class SoftDecoder:
   batch axes, and results come back replicated.
   """
 
-  def __init__(self, model: Transformer, params: SamplerParams, *, pad_id: int,
-               eos_ids: Sequence[int], think_end_id: int | None = None, chunk: int = 8,
-               mesh=None, rules=None):
+  def __init__(
+    self,
+    model: Transformer,
+    params: SamplerParams,
+    *,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    think_end_id: int | None = None,
+    chunk: int = 8,
+    mesh=None,
+    rules=None,
+  ):
     self.vocab = model.cfg.vocab_size
     self.params = params.validate(vocab=self.vocab)
     self.graphdef, self.state = nnx.split(model)
@@ -255,22 +345,47 @@ class SoftDecoder:
     self.think_end_id = think_end_id
     self.chunk = int(chunk)
     self.compiles = 0
-    self._fn = jax.jit(self._decode, static_argnames=("max_new", "record"),
-                       out_shardings=sharding.replicate_out(mesh))
+    self._fn = jax.jit(
+      self._decode,
+      static_argnames=("max_new", "record"),
+      out_shardings=sharding.replicate_out(mesh),
+    )
 
-  def _decode(self, state, ids, mask, eos, think_end, key, sample_ids, params, *, max_new: int,
-              record: bool):
+  def _decode(
+    self, state, ids, mask, eos, think_end, key, sample_ids, params, *, max_new: int, record: bool
+  ):
     self.compiles += 1  # runs at trace time only
     with sharding.activations(self.mesh, self.rules):
       model = merge(self.graphdef, state)
       logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
-      return decode_loop(model, params, logits, cache, pos, max_new=max_new, key=key,
-                         sample_ids=sample_ids, eos_ids=eos, pad_id=self.pad_id,
-                         think_end_id=think_end, record=record, chunk=self.chunk)
+      return decode_loop(
+        model,
+        params,
+        logits,
+        cache,
+        pos,
+        max_new=max_new,
+        key=key,
+        sample_ids=sample_ids,
+        eos_ids=eos,
+        pad_id=self.pad_id,
+        think_end_id=think_end,
+        record=record,
+        chunk=self.chunk,
+      )
 
-  def run(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int = 0,
-          record: bool = False, params: SamplerParams | None = None, sample_ids=None,
-          length_bucket: int = 32, batch: int | None = None) -> DecodeState:
+  def run(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    seed: int = 0,
+    record: bool = False,
+    params: SamplerParams | None = None,
+    sample_ids=None,
+    length_bucket: int = 32,
+    batch: int | None = None,
+  ) -> DecodeState:
     """The batched device result ([B, ...] arrays; rows past len(prompts) are padding).
 
     sample_ids [B] (default 0..B-1) seed each row's draws with the call's seed.
@@ -290,18 +405,44 @@ class SoftDecoder:
     if not -1 <= end < self.vocab:
       raise InputError(f"think_end_id: {end} is outside the vocabulary of {self.vocab}")
     ids, mask = (sharding.put_batch(x, self.mesh, self.rules) for x in (ids, mask))
-    return self._fn(self.state, ids, mask,
-                    jnp.asarray(self.eos_ids, jnp.int32), jnp.asarray(end, jnp.int32),
-                    jax.random.key(seed), jnp.asarray(sids, jnp.int32), params,
-                    max_new=max_new_tokens, record=record)
+    return self._fn(
+      self.state,
+      ids,
+      mask,
+      jnp.asarray(self.eos_ids, jnp.int32),
+      jnp.asarray(end, jnp.int32),
+      jax.random.key(seed),
+      jnp.asarray(sids, jnp.int32),
+      params,
+      max_new=max_new_tokens,
+      record=record,
+    )
 
-  def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int = 0,
-               record: bool = False, params: SamplerParams | None = None, sample_ids=None,
-               length_bucket: int = 32, batch: int | None = None) -> list[SoftResult]:
+  def __call__(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    seed: int = 0,
+    record: bool = False,
+    params: SamplerParams | None = None,
+    sample_ids=None,
+    length_bucket: int = 32,
+    batch: int | None = None,
+  ) -> list[SoftResult]:
     """One SoftResult per prompt (stop id included in tokens)."""
-    out = jax.device_get(self.run(prompts, max_new_tokens=max_new_tokens, seed=seed,
-                                  record=record, params=params, sample_ids=sample_ids,
-                                  length_bucket=length_bucket, batch=batch))
+    out = jax.device_get(
+      self.run(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        record=record,
+        params=params,
+        sample_ids=sample_ids,
+        length_bucket=length_bucket,
+        batch=batch,
+      )
+    )
     results = []
     for b in range(len(prompts)):
       n, nt = int(out.n[b]), int(out.n_think[b])
@@ -309,6 +450,9 @@ class SoftDecoder:
       recs = None
       if out.records is not None:
         recs = {f: np.asarray(getattr(out.records, f)[b, :n]) for f in Records._fields}
-      results.append(SoftResult(toks, nt, toks[nt:], STOP_REASONS[int(out.stop[b])],
-                                not bool(out.in_think[b]), recs))
+      results.append(
+        SoftResult(
+          toks, nt, toks[nt:], STOP_REASONS[int(out.stop[b])], not bool(out.in_think[b]), recs
+        )
+      )
     return results

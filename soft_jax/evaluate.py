@@ -86,10 +86,23 @@ def prompt_ids(tokenizer, question: str, think_end_id: int | None) -> list[int]:
   return ids
 
 
-def evaluate(model, tokenizer, problems, params, *, n_samples: int, ks: Sequence[int],
-             max_new_tokens: int, batch_size: int = 8, seed: int = 0,
-             think_end_id: int | None = None, length_bucket: int = 32, judge: str = "auto",
-             progress: bool = False, mesh=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate(
+  model,
+  tokenizer,
+  problems,
+  params,
+  *,
+  n_samples: int,
+  ks: Sequence[int],
+  max_new_tokens: int,
+  batch_size: int = 8,
+  seed: int = 0,
+  think_end_id: int | None = None,
+  length_bucket: int = 32,
+  judge: str = "auto",
+  progress: bool = False,
+  mesh=None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Decodes n samples of every problem, judges them and summarizes.
 
   Args:
@@ -126,21 +139,33 @@ def evaluate(model, tokenizer, problems, params, *, n_samples: int, ks: Sequence
     raise InputError(f"--length_bucket: must be >= 1, got {length_bucket}")
   params = params.validate(prefix="--", vocab=model.cfg.vocab_size)
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-  dec = decode.SoftDecoder(model, params, pad_id=pad, eos_ids=tokenizer.eos_ids,
-                           think_end_id=think_end_id, mesh=mesh)
+  dec = decode.SoftDecoder(
+    model, params, pad_id=pad, eos_ids=tokenizer.eos_ids, think_end_id=think_end_id, mesh=mesh
+  )
   ids = [prompt_ids(tokenizer, p.question, think_end_id) for p in problems]
   width = bucket(max(len(i) for i in ids), length_bucket)  # one prompt shape for every batch
   rows = [(pi, s) for pi in range(len(problems)) for s in range(n_samples)]
   results: list[Any] = []
   t0 = time.perf_counter()
-  bar = tqdm.tqdm(total=len(rows), desc=f"evaluate {params.mode}", unit="sample",
-                  disable=not progress, file=sys.stderr)
+  bar = tqdm.tqdm(
+    total=len(rows),
+    desc=f"evaluate {params.mode}",
+    unit="sample",
+    disable=not progress,
+    file=sys.stderr,
+  )
   for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
+    chunk = rows[start : start + batch_size]
     sids = [pi * n_samples + s for pi, s in chunk]
     sids += [0] * (batch_size - len(chunk))
-    results += dec([ids[pi] for pi, _ in chunk], max_new_tokens=max_new_tokens, seed=seed,
-                   sample_ids=sids, length_bucket=width, batch=batch_size)
+    results += dec(
+      [ids[pi] for pi, _ in chunk],
+      max_new_tokens=max_new_tokens,
+      seed=seed,
+      sample_ids=sids,
+      length_bucket=width,
+      batch=batch_size,
+    )
     bar.update(len(chunk))
   bar.close()
   seconds = time.perf_counter() - t0
@@ -150,18 +175,34 @@ def evaluate(model, tokenizer, problems, params, *, n_samples: int, ks: Sequence
     prob = problems[pi]
     text = tokenizer.decode(r.tokens, skip_special_tokens=True)
     v = math_answers.check_answer(text, prob.answer, judge=judge)
-    samples.append({
-        "problem": prob.id, "sample": s, "sample_id": pi * n_samples + s, "gold": prob.answer,
-        "text": text, "tokens": r.tokens, "completion_tokens": len(r.tokens),
-        "thinking_tokens": r.thinking_tokens, "thinking_closed": r.thinking_closed,
-        "stop_reason": r.stop_reason, "prediction": v.prediction, "judge": v.judge,
-        "note": v.note, "correct": bool(v.correct),
-    })
+    samples.append(
+      {
+        "problem": prob.id,
+        "sample": s,
+        "sample_id": pi * n_samples + s,
+        "gold": prob.answer,
+        "text": text,
+        "tokens": r.tokens,
+        "completion_tokens": len(r.tokens),
+        "thinking_tokens": r.thinking_tokens,
+        "thinking_closed": r.thinking_closed,
+        "stop_reason": r.stop_reason,
+        "prediction": v.prediction,
+        "judge": v.judge,
+        "note": v.note,
+        "correct": bool(v.correct),
+      }
+    )
   summary = summarize_samples(samples, ks)
   total = sum(x["completion_tokens"] for x in samples)
-  summary.update({"seconds": round(seconds, 3), "tokens": total,
-                  "tokens_per_second": round(total / seconds, 2) if seconds > 0 else None,
-                  "decoder_compiles": dec.compiles})
+  summary.update(
+    {
+      "seconds": round(seconds, 3),
+      "tokens": total,
+      "tokens_per_second": round(total / seconds, 2) if seconds > 0 else None,
+      "decoder_compiles": dec.compiles,
+    }
+  )
   return summary, samples
 
 
@@ -174,10 +215,13 @@ def summarize_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int]) -> d
     by_problem.setdefault(str(x["problem"]), []).append(x)
   groups = list(by_problem.values())
   out = metrics.summarize(
-      [[x["correct"] for x in g] for g in groups],
-      {"thinking_tokens": [[x["thinking_tokens"] for x in g] for g in groups],
-       "completion_tokens": [[x["completion_tokens"] for x in g] for g in groups]},
-      ks)
+    [[x["correct"] for x in g] for g in groups],
+    {
+      "thinking_tokens": [[x["thinking_tokens"] for x in g] for g in groups],
+      "completion_tokens": [[x["completion_tokens"] for x in g] for g in groups],
+    },
+    ks,
+  )
   for pid, row in zip(by_problem, out["per_problem"]):
     row["problem"] = pid
   out["pass@k"] = {str(k): v for k, v in out["pass@k"].items()}
@@ -192,8 +236,10 @@ def write_outputs(out_dir: str, summary: dict[str, Any], samples: Sequence[dict[
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:
     raise InputError(f"--out: cannot create {out_dir}: {e.strerror}") from None
-  write_atomic(os.path.join(out_dir, "samples.jsonl"),
-               "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples))
+  write_atomic(
+    os.path.join(out_dir, "samples.jsonl"),
+    "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples),
+  )
   write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
 
 
@@ -213,29 +259,68 @@ def main(argv):
     from codi_jax.models import loader  # pylint: disable=import-outside-toplevel
     from soft_jax import decode, problems  # pylint: disable=import-outside-toplevel
 
-    probs = problems.read_problems(_DATA.value, layout=_LAYOUT.value,
-                                   question_field=_QUESTION_FIELD.value,
-                                   answer_field=_ANSWER_FIELD.value, id_field=_ID_FIELD.value,
-                                   limit=_LIMIT.value)
+    probs = problems.read_problems(
+      _DATA.value,
+      layout=_LAYOUT.value,
+      question_field=_QUESTION_FIELD.value,
+      answer_field=_ANSWER_FIELD.value,
+      id_field=_ID_FIELD.value,
+      limit=_LIMIT.value,
+    )
     loaded = loader.load(st.model, dtype=st.dtype, param_dtype=st.dtype)
     end_id = decode.resolve_think_end(loaded.tokenizer, st.think_end, last_id=st.think_end_last_id)
     summary, samples = evaluate(
-        loaded.model, loaded.tokenizer, probs, st.params, n_samples=_N_SAMPLES.value, ks=ks,
-        max_new_tokens=st.max_new_tokens, batch_size=_BATCH.value, seed=st.seed,
-        think_end_id=end_id, length_bucket=st.length_bucket, judge=_JUDGE.value,
-        progress=_PROGRESS.value, mesh=st.mesh)
+      loaded.model,
+      loaded.tokenizer,
+      probs,
+      st.params,
+      n_samples=_N_SAMPLES.value,
+      ks=ks,
+      max_new_tokens=st.max_new_tokens,
+      batch_size=_BATCH.value,
+      seed=st.seed,
+      think_end_id=end_id,
+      length_bucket=st.length_bucket,
+      judge=_JUDGE.value,
+      progress=_PROGRESS.value,
+      mesh=st.mesh,
+    )
     import jax  # pylint: disable=import-outside-toplevel
 
     summary["settings"] = {
-        "model": st.model, "mode": st.mode, "data": _DATA.value, "layout": _LAYOUT.value,
-        "n_samples": _N_SAMPLES.value, "k": ks, "limit": _LIMIT.value, "batch_size": _BATCH.value,
-        "max_new_tokens": st.max_new_tokens, "dtype": st.dtype, "seed": st.seed,
-        "think_end_id": end_id, "judge": _JUDGE.value, "sampler": st.params.to_dict(),
-        "device": str(jax.devices()[0].device_kind), "host": platform.node(),
+      "model": st.model,
+      "mode": st.mode,
+      "data": _DATA.value,
+      "layout": _LAYOUT.value,
+      "n_samples": _N_SAMPLES.value,
+      "k": ks,
+      "limit": _LIMIT.value,
+      "batch_size": _BATCH.value,
+      "max_new_tokens": st.max_new_tokens,
+      "dtype": st.dtype,
+      "seed": st.seed,
+      "think_end_id": end_id,
+      "judge": _JUDGE.value,
+      "sampler": st.params.to_dict(),
+      "device": str(jax.devices()[0].device_kind),
+      "host": platform.node(),
     }
     write_outputs(_OUT.value, summary, samples)
-  print(json.dumps({k: summary[k] for k in ("problems", "samples", "pass@1", "pass@k",
-                                            "mean_thinking_tokens", "mean_completion_tokens")}))
+  print(
+    json.dumps(
+      {
+        k: summary[k]
+        for k in (
+          "problems",
+          "samples",
+          "pass@1",
+          "pass@k",
+          "mean_thinking_tokens",
+          "mean_completion_tokens",
+        )
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ from codi_jax.errors import InputError, exit_on_input_error
 from soft_jax.cli_common import PROMPT as _PROMPT
 from soft_jax.cli_common import encode_prompt, sampler_params, setting, settings
 
-_CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn with the model's chat template.")
+_CHAT = flags.DEFINE_bool(
+  "chat", False, "Wrap each prompt as a user turn with the model's chat template."
+)
 _JSON = flags.DEFINE_bool("json", False, "End stdout with one JSON line.")
 
 
@@ -37,9 +39,21 @@ def _thinking_length(tokens: list[int], think_end_id: int | None) -> int:
   return len(tokens)
 
 
-def run(model_spec: str, prompts: list[str], max_new: int, *, chat: bool, dtype: str, bucket: int,
-        mode: str = "greedy", params=None, seed: int = 0, think_end: str = "auto",
-        think_end_last_id: bool = False, mesh=None) -> list[dict]:
+def run(
+  model_spec: str,
+  prompts: list[str],
+  max_new: int,
+  *,
+  chat: bool,
+  dtype: str,
+  bucket: int,
+  mode: str = "greedy",
+  params=None,
+  seed: int = 0,
+  think_end: str = "auto",
+  think_end_last_id: bool = False,
+  mesh=None,
+) -> list[dict]:
   """Loads the model, generates for every prompt in one batch, returns one record per prompt.
 
   mode=greedy without a thinking budget uses the greedy Generator; every other case SoftDecoder.
@@ -72,20 +86,35 @@ def run(model_spec: str, prompts: list[str], max_new: int, *, chat: bool, dtype:
     gen = Generator(loaded.model, pad_id=pad, eos_ids=tok.eos_ids, mesh=mesh)
     outs = gen(ids, max_new, length_bucket=bucket)
     eos = set(tok.eos_ids)
-    rows = [(o, _thinking_length(o, end_id), "eos" if o and o[-1] in eos else "length") for o in outs]
+    rows = [
+      (o, _thinking_length(o, end_id), "eos" if o and o[-1] in eos else "length") for o in outs
+    ]
   else:
-    dec = decode.SoftDecoder(loaded.model, params, pad_id=pad, eos_ids=tok.eos_ids,
-                             think_end_id=end_id, mesh=mesh)
+    dec = decode.SoftDecoder(
+      loaded.model, params, pad_id=pad, eos_ids=tok.eos_ids, think_end_id=end_id, mesh=mesh
+    )
     outs = dec(ids, max_new_tokens=max_new, seed=seed, length_bucket=bucket)
     rows = [(r.tokens, r.thinking_tokens, r.stop_reason) for r in outs]
   seconds = time.perf_counter() - t0
-  return [{
-      "model": model_spec, "mode": params.mode, "prompt": p, "prompt_tokens": i, "tokens": o,
-      "text": tok.decode(o, skip_special_tokens=True), "thinking_tokens": nt,
-      "answer_text": tok.decode(o[nt:], skip_special_tokens=True), "stop_reason": stop,
-      "seconds": round(seconds, 3), "seed": seed, "think_end_id": end_id, "dtype": dtype,
+  return [
+    {
+      "model": model_spec,
+      "mode": params.mode,
+      "prompt": p,
+      "prompt_tokens": i,
+      "tokens": o,
+      "text": tok.decode(o, skip_special_tokens=True),
+      "thinking_tokens": nt,
+      "answer_text": tok.decode(o[nt:], skip_special_tokens=True),
+      "stop_reason": stop,
+      "seconds": round(seconds, 3),
+      "seed": seed,
+      "think_end_id": end_id,
+      "dtype": dtype,
       "sampler": params.to_dict(),
-  } for p, i, (o, nt, stop) in zip(prompts, ids, rows)]
+    }
+    for p, i, (o, nt, stop) in zip(prompts, ids, rows)
+  ]
 
 
 def main(argv):
@@ -97,10 +126,20 @@ def main(argv):
 
     distributed.maybe_initialize()
     st = settings()
-    records = run(st.model, _PROMPT.value or [], st.max_new_tokens,
-                  chat=setting("chat", st.config, _CHAT.value), dtype=st.dtype,
-                  bucket=st.length_bucket, mode=st.mode, params=st.params, seed=st.seed,
-                  think_end=st.think_end, think_end_last_id=st.think_end_last_id, mesh=st.mesh)
+    records = run(
+      st.model,
+      _PROMPT.value or [],
+      st.max_new_tokens,
+      chat=setting("chat", st.config, _CHAT.value),
+      dtype=st.dtype,
+      bucket=st.length_bucket,
+      mode=st.mode,
+      params=st.params,
+      seed=st.seed,
+      think_end=st.think_end,
+      think_end_last_id=st.think_end_last_id,
+      mesh=st.mesh,
+    )
   if not distributed.is_main():  # every process decoded the same batch; one prints it
     return
   for r in records:

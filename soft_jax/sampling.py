@@ -110,10 +110,15 @@ class SamplerParams:
     if self.mode not in MODES:
       bad("mode", f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
     if self.answer_phase not in ANSWER_PHASES:
-      bad("answer_phase", f"unknown value {self.answer_phase!r}; expected {' or '.join(ANSWER_PHASES)}")
+      bad(
+        "answer_phase",
+        f"unknown value {self.answer_phase!r}; expected {' or '.join(ANSWER_PHASES)}",
+      )
     if self.embed_mix_dtype not in EMBED_MIX_DTYPES:
-      bad("embed_mix_dtype", f"unknown value {self.embed_mix_dtype!r}; expected "
-          f"{' or '.join(EMBED_MIX_DTYPES)}")
+      bad(
+        "embed_mix_dtype",
+        f"unknown value {self.embed_mix_dtype!r}; expected {' or '.join(EMBED_MIX_DTYPES)}",
+      )
     number("temperature", self.temperature, lo=0)
     if self.after_temperature is not None:
       number("after_temperature", self.after_temperature, lo=0)
@@ -121,8 +126,11 @@ class SamplerParams:
     integer("after_top_k", self.after_top_k, 0)
     integer("max_topk", self.max_topk, 1)
     if self.top_k and self.max_topk > self.top_k:
-      bad("max_topk", f"K={self.max_topk} exceeds top_k={self.top_k} (the concept token is cut from "
-          "the top-k support)")
+      bad(
+        "max_topk",
+        f"K={self.max_topk} exceeds top_k={self.top_k} (the concept token is cut from "
+        "the top-k support)",
+      )
     if vocab is not None and self.max_topk > vocab:
       bad("max_topk", f"K={self.max_topk} exceeds the vocabulary size {vocab}")
     number("top_p", self.top_p, lo=0, hi=1, lo_open=True)
@@ -138,12 +146,30 @@ class SamplerParams:
 
 
 jax.tree_util.register_dataclass(
-    SamplerParams,
-    data_fields=["temperature", "top_p", "min_p", "dirichlet_alpha", "gumbel_tau",
-                 "after_temperature", "after_top_p", "after_min_p", "cold_stop_entropy",
-                 "cold_stop_patience", "max_thinking_tokens"],
-    meta_fields=["mode", "top_k", "max_topk", "after_top_k", "entropy_normalized", "answer_phase",
-                 "answer_low_entropy_abort", "embed_mix_dtype"],
+  SamplerParams,
+  data_fields=[
+    "temperature",
+    "top_p",
+    "min_p",
+    "dirichlet_alpha",
+    "gumbel_tau",
+    "after_temperature",
+    "after_top_p",
+    "after_min_p",
+    "cold_stop_entropy",
+    "cold_stop_patience",
+    "max_thinking_tokens",
+  ],
+  meta_fields=[
+    "mode",
+    "top_k",
+    "max_topk",
+    "after_top_k",
+    "entropy_normalized",
+    "answer_phase",
+    "answer_low_entropy_abort",
+    "embed_mix_dtype",
+  ],
 )
 
 
@@ -218,8 +244,9 @@ def filter_sorted(top_z_BxN: jax.Array, temperature, top_k: int, top_p, min_p) -
   return jnp.where(greedy, jnp.broadcast_to(rank == 0, (B, N)).astype(jnp.float32), q)
 
 
-def filter_logits(z_BxV: jax.Array, temperature, top_k: int, top_p, min_p,
-                  k_max: int) -> tuple[jax.Array, jax.Array]:
+def filter_logits(
+  z_BxV: jax.Array, temperature, top_k: int, top_p, min_p, k_max: int
+) -> tuple[jax.Array, jax.Array]:
   """`lax.top_k` then `filter_sorted`: candidate ids [B, N] and their filtered probabilities."""
   top_z, top_i = top_candidates(z_BxV, k_max)
   return top_i, filter_sorted(top_z, temperature, top_k, top_p, min_p)
@@ -290,8 +317,9 @@ def one_hot_input(token_B: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return idx, w
 
 
-def sample_step(params: SamplerParams, z_BxV: jax.Array, keys_B: jax.Array,
-                in_think_B: jax.Array) -> Sampled:
+def sample_step(
+  params: SamplerParams, z_BxV: jax.Array, keys_B: jax.Array, in_think_B: jax.Array
+) -> Sampled:
   """One step of both phases; each row's `token` comes from its own phase.
 
   Thinking: greedy -> argmax; sample -> a draw from the thinking-filtered q; soft modes -> idx[0]
@@ -315,14 +343,16 @@ def sample_step(params: SamplerParams, z_BxV: jax.Array, keys_B: jax.Array,
   if params.soft and params.answer_phase == "legacy_argmax":
     tok_answer = tok_think
   else:
-    q_answer = filter_sorted(top_z, t_after, params.after_top_k, params.after_top_p,
-                             params.after_min_p)
+    q_answer = filter_sorted(
+      top_z, t_after, params.after_top_k, params.after_top_p, params.after_min_p
+    )
     tok_answer = categorical(fold_keys(keys_B, _ANSWER), top_i, q_answer)
   return Sampled(jnp.where(in_think_B, tok_think, tok_answer), idx, w, h)
 
 
-def mix_embeddings(table_VxD: jax.Array, idx_BxK: jax.Array, w_BxK: jax.Array, out_dtype,
-                   accum_dtype=jnp.float32) -> jax.Array:
+def mix_embeddings(
+  table_VxD: jax.Array, idx_BxK: jax.Array, w_BxK: jax.Array, out_dtype, accum_dtype=jnp.float32
+) -> jax.Array:
   """e = sum_k w_k E[idx_k] / sum_k w_k: gathers K rows per row (never a [V, D] matmul); [B, D].
 
   Accumulates in accum_dtype (f32 by default; the reference sums in the model dtype), then casts to

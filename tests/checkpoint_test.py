@@ -23,9 +23,18 @@ STEPS = 40
 
 
 def _cmd(workdir, *overrides):
-  return [sys.executable, "-m", "codi_jax.train", "--config=tests/tiny_codi.py", f"--workdir={workdir}",
-          f"--config.optim.num_steps={STEPS}", "--config.eval.every_steps=20", "--config.checkpoint.every_steps=2",
-          "--config.model.dropout=0.1", *overrides]  # dropout on: resume must also restore the RNG stream
+  return [
+    sys.executable,
+    "-m",
+    "codi_jax.train",
+    "--config=tests/tiny_codi.py",
+    f"--workdir={workdir}",
+    f"--config.optim.num_steps={STEPS}",
+    "--config.eval.every_steps=20",
+    "--config.checkpoint.every_steps=2",
+    "--config.model.dropout=0.1",
+    *overrides,
+  ]  # dropout on: resume must also restore the RNG stream
 
 
 def _env():
@@ -33,8 +42,15 @@ def _env():
 
 
 def _train(workdir, *overrides, timeout=300):
-  r = subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                     timeout=timeout, check=False)
+  r = subprocess.run(
+    _cmd(workdir, *overrides),
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   return r
 
@@ -46,8 +62,9 @@ def _steps(workdir):
 
 def _start_and_wait(workdir, min_step, sig):
   """Starts a run, waits until a checkpoint >= min_step is complete, sends `sig`; returns the process."""
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    _cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     if any(s >= min_step for s in _steps(workdir)):
@@ -90,8 +107,11 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
   resumed = [line for line in r.stdout.splitlines() if line.startswith("resumed from")]
   assert resumed, r.stdout[-2000:]
   _assert_bitwise_equal(_final_params(ref), _final_params(run))
-  steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-           if "loss" in json.loads(x)]
+  steps = [
+    json.loads(x)["step"]
+    for x in (run / "metrics.jsonl").read_text().splitlines()
+    if "loss" in json.loads(x)
+  ]
   assert steps == list(range(1, STEPS + 1)), "metrics past the restored step must not be duplicated"
 
 
@@ -155,9 +175,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_cli_reports_non_finite_loss_in_one_line(tmp_path):
-  r = subprocess.run(_cmd(tmp_path, "--config.optim.lr=1e9", "--config.optim.clip=1e9",
-                          "--config.optim.warmup_ratio=0.0"),
-                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+  r = subprocess.run(
+    _cmd(
+      tmp_path,
+      "--config.optim.lr=1e9",
+      "--config.optim.clip=1e9",
+      "--config.optim.warmup_ratio=0.0",
+    ),
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert r.returncode == 1
   assert "non-finite loss" in r.stderr and "Traceback" not in r.stderr
   assert "last good checkpoint" in r.stderr
@@ -211,7 +242,10 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
   for f in (tmp_path / "c" / "1" / "state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"")
-  abstract = {"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, "step": np.zeros((), np.int32)}
+  abstract = {
+    "params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)},
+    "step": np.zeros((), np.int32),
+  }
   with pytest.raises(InputError, match="none of the checkpoints"):
     ck.restore(abstract, it)
   ck.close()

@@ -7,12 +7,27 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_module(prog: str, tmp_path, *args, timeout=600, extra_env=None) -> subprocess.CompletedProcess:
+def run_module(
+  prog: str, tmp_path, *args, timeout=600, extra_env=None
+) -> subprocess.CompletedProcess:
   """`python -m prog args...` from the repo root: CPU only, offline hub, XLA cache under tmp_path."""
-  env = dict(os.environ, CODI_JAX_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), **(extra_env or {}))
-  return subprocess.run([sys.executable, "-m", prog, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  env = dict(
+    os.environ,
+    CODI_JAX_CACHE=str(tmp_path / "xla"),
+    JAX_PLATFORMS="cpu",
+    HF_HUB_OFFLINE="1",
+    HF_HUB_CACHE=str(tmp_path / "hub"),
+    **(extra_env or {}),
+  )
+  return subprocess.run(
+    [sys.executable, "-m", prog, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess, prog: str, *needles):

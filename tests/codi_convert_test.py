@@ -1,9 +1,8 @@
 """Importing an official CODI checkpoint (key layout of zhenyi4/codi) written here by the test."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 from codi_jax.codi.convert import import_official
 from codi_jax.codi.model import CodiConfig
@@ -22,14 +21,32 @@ def official_checkpoint(arch, rng):
   torch.manual_seed(0)
   if arch == "gpt2":
     c = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    targets = {"attn.c_attn": (16, 48), "attn.c_proj": (16, 16), "mlp.c_fc": (16, 64), "mlp.c_proj": (64, 16)}
+    targets = {
+      "attn.c_attn": (16, 48),
+      "attn.c_proj": (16, 16),
+      "mlp.c_fc": (16, 64),
+      "mlp.c_proj": (64, 16),
+    }
     prefix = "transformer.h.{i}."
   else:
-    c = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    targets = {"self_attn.q_proj": (16, 16), "self_attn.k_proj": (16, 8), "self_attn.v_proj": (16, 8),
-               "self_attn.o_proj": (16, 16), "mlp.gate_proj": (16, 32), "mlp.up_proj": (16, 32),
-               "mlp.down_proj": (32, 16)}
+    c = transformers.LlamaConfig(
+      vocab_size=V,
+      hidden_size=16,
+      intermediate_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      max_position_embeddings=32,
+    )
+    targets = {
+      "self_attn.q_proj": (16, 16),
+      "self_attn.k_proj": (16, 8),
+      "self_attn.v_proj": (16, 8),
+      "self_attn.o_proj": (16, 16),
+      "mlp.gate_proj": (16, 32),
+      "mlp.up_proj": (16, 32),
+      "mlp.down_proj": (32, 16),
+    }
     prefix = "model.layers.{i}."
   c._attn_implementation = "eager"  # pylint: disable=protected-access
   ref = transformers.AutoModelForCausalLM.from_config(c).eval()
@@ -45,15 +62,24 @@ def official_checkpoint(arch, rng):
       out[f"codi.base_model.model.{name}.lora_B.default.weight"] = b
       delta = (b @ a) * (ALPHA / R)  # [out, in]
       w = sd[name + ".weight"]
-      merged[name + ".weight"] = w + (delta.T if arch == "gpt2" else delta)  # Conv1D stores [in, out]
+      merged[name + ".weight"] = w + (
+        delta.T if arch == "gpt2" else delta
+      )  # Conv1D stores [in, out]
       out[f"codi.base_model.model.{name}.base_layer.weight"] = w
       sd.pop(name + ".weight")
   for k, v in sd.items():
     out["codi.base_model.model." + k] = v
   d = 16
-  out.update({"prj.1.weight": rng.normal(size=(d, d)).astype(np.float32), "prj.1.bias": np.zeros(d, np.float32),
-              "prj.3.weight": rng.normal(size=(d, d)).astype(np.float32), "prj.3.bias": np.ones(d, np.float32),
-              "prj.ln.weight": np.full(d, 2.0, np.float32), "prj.ln.bias": np.zeros(d, np.float32)})
+  out.update(
+    {
+      "prj.1.weight": rng.normal(size=(d, d)).astype(np.float32),
+      "prj.1.bias": np.zeros(d, np.float32),
+      "prj.3.weight": rng.normal(size=(d, d)).astype(np.float32),
+      "prj.3.bias": np.ones(d, np.float32),
+      "prj.ln.weight": np.full(d, 2.0, np.float32),
+      "prj.ln.bias": np.zeros(d, np.float32),
+    }
+  )
   ref.load_state_dict({k: torch.tensor(v) for k, v in merged.items()})
   cfg = hf.config_from_hf(c.to_dict(), lora=LoRAConfig(rank=R, alpha=ALPHA))
   return ref, out, cfg
@@ -82,9 +108,9 @@ def test_import_errors(tmp_path):
   _, sd, cfg = official_checkpoint("llama", np.random.default_rng(0))
   lora_key = next(k for k in sd if "lora_A" in k)
   for name, broken, msg in [
-      ("missing_lora", {k: v for k, v in sd.items() if k != lora_key}, "missing LoRA tensor"),
-      ("extra_key", {**sd, "optimizer.step": np.zeros(1, np.float32)}, "unexpected keys"),
-      ("no_prj", {k: v for k, v in sd.items() if not k.startswith("prj.")}, "projection keys"),
+    ("missing_lora", {k: v for k, v in sd.items() if k != lora_key}, "missing LoRA tensor"),
+    ("extra_key", {**sd, "optimizer.step": np.zeros(1, np.float32)}, "unexpected keys"),
+    ("no_prj", {k: v for k, v in sd.items() if not k.startswith("prj.")}, "projection keys"),
   ]:
     path = tmp_path / f"{name}.safetensors"
     hf.write_safetensors(str(path), broken)

@@ -1,15 +1,21 @@
 """CODI loss against an independent PyTorch reference (HF transformers), and gradient flow."""
 # pylint: disable=invalid-name
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
-from codi_jax.codi.model import (Codi, CodiConfig, codi_loss, encode_and_think, masked_ce, student_forward,
-                                  teacher_label_window)
+from codi_jax.codi.model import (
+  Codi,
+  CodiConfig,
+  codi_loss,
+  encode_and_think,
+  masked_ce,
+  student_forward,
+  teacher_label_window,
+)
 from codi_jax.data import codi_batches as cb
 from codi_jax.models import config as mcfg
 from codi_jax.models import hf, transformer
@@ -24,11 +30,26 @@ V, N = 80, 3
 def hf_model(arch):
   torch.manual_seed(0)
   if arch == "gpt2":
-    c = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    c = transformers.GPT2Config(
+      vocab_size=V,
+      n_positions=64,
+      n_embd=32,
+      n_layer=2,
+      n_head=4,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+      resid_pdrop=0.0,
+    )
   else:
-    c = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    c = transformers.LlamaConfig(
+      vocab_size=V,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+    )
   c._attn_implementation = "eager"  # pylint: disable=protected-access
   return transformers.AutoModelForCausalLM.from_config(c).eval()
 
@@ -45,26 +66,45 @@ def make_batch(rng, B=3, Lq=6, La=7, Lt=14):
   dec_labels = np.where(dec_mask, dec, -100)
   tea_labels = np.where(tea_mask, tea, -100)
   tea_labels[:, :Lq] = -100  # question positions carry no loss
-  return dict(encoder_ids=enc, encoder_mask=np.ones((B, Lq), bool), decoder_ids=dec, decoder_mask=dec_mask, decoder_labels=dec_labels,
-              teacher_ids=tea, teacher_mask=tea_mask, teacher_labels=tea_labels,
-              decoder_distill_index=np.array([4, 3, 2]), teacher_distill_index=np.array([11, 8, 9]))
+  return dict(
+    encoder_ids=enc,
+    encoder_mask=np.ones((B, Lq), bool),
+    decoder_ids=dec,
+    decoder_mask=dec_mask,
+    decoder_labels=dec_labels,
+    teacher_ids=tea,
+    teacher_mask=tea_mask,
+    teacher_labels=tea_labels,
+    decoder_distill_index=np.array([4, 3, 2]),
+    teacher_distill_index=np.array([11, 8, 9]),
+  )
 
 
 def torch_reference(model, prj, b, beta, gamma):
   """The official CODI forward (zhenyi4/codi src/model.py), re-written from the spec in PyTorch."""
   T = lambda k: torch.tensor(b[k])  # noqa: E731
-  out = model(input_ids=T("encoder_ids"), attention_mask=T("encoder_mask").long(), use_cache=True, output_hidden_states=True)
+  out = model(
+    input_ids=T("encoder_ids"),
+    attention_mask=T("encoder_mask").long(),
+    use_cache=True,
+    output_hidden_states=True,
+  )
   past = out.past_key_values
   z = prj(out.hidden_states[-1][:, -1:, :])
-  for i in range(N):
+  for _ in range(N):
     out = model(inputs_embeds=z, past_key_values=past, use_cache=True, output_hidden_states=True)
     past = out.past_key_values
     z = prj(out.hidden_states[-1][:, -1:, :])
-  dec = model(inputs_embeds=model.get_input_embeddings()(T("decoder_ids")), past_key_values=past,
-              output_hidden_states=True)
+  dec = model(
+    inputs_embeds=model.get_input_embeddings()(T("decoder_ids")),
+    past_key_values=past,
+    output_hidden_states=True,
+  )
   ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
   ce_s = ce(dec.logits[:, :-1].reshape(-1, V), T("decoder_labels")[:, 1:].reshape(-1))
-  tea = model(input_ids=T("teacher_ids"), attention_mask=T("teacher_mask").long(), output_hidden_states=True)
+  tea = model(
+    input_ids=T("teacher_ids"), attention_mask=T("teacher_mask").long(), output_hidden_states=True
+  )
   ce_t = ce(tea.logits[:, :-1].reshape(-1, V), T("teacher_labels")[:, 1:].reshape(-1))
   rows = torch.arange(len(b["encoder_ids"]))
   kd = 0
@@ -79,7 +119,9 @@ def torch_prj(codi):
   """The reference `prj` (Linear -> GELU -> Linear -> LayerNorm) carrying our projection's weights."""
   p = codi.prj
   d, h = p.w1.shape
-  seq = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, d), torch.nn.LayerNorm(d))
+  seq = torch.nn.Sequential(
+    torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, d), torch.nn.LayerNorm(d)
+  )
   with torch.no_grad():
     seq[0].weight.copy_(torch.tensor(np.asarray(p.w1[...]).T))
     seq[0].bias.copy_(torch.tensor(np.asarray(p.b1[...])))
@@ -96,13 +138,21 @@ def test_loss_matches_pytorch_reference(arch, padding_mode):
   ref = hf_model(arch)
   cfg = hf.config_from_hf(ref.config.to_dict())
   sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-  codi = Codi(hf.assign(cfg, sd, where=arch), CodiConfig(num_latent=N, beta=2.0, gamma=0.5, padding_mode=padding_mode),
-              nnx.Rngs(0))
+  codi = Codi(
+    hf.assign(cfg, sd, where=arch),
+    CodiConfig(num_latent=N, beta=2.0, gamma=0.5, padding_mode=padding_mode),
+    nnx.Rngs(0),
+  )
   b = make_batch(np.random.default_rng(0))
   _, m = jax.jit(codi_loss)(codi, {k: jnp.asarray(v) for k, v in b.items()})
   with torch.no_grad():
     ce_s, ce_t, kd, total = torch_reference(ref, torch_prj(codi), b, beta=2.0, gamma=0.5)
-  for ours, theirs in [(m["ce_student"], ce_s), (m["ce_teacher"], ce_t), (m["distill"], kd), (m["loss"], total)]:
+  for ours, theirs in [
+    (m["ce_student"], ce_s),
+    (m["ce_teacher"], ce_t),
+    (m["distill"], kd),
+    (m["loss"], total),
+  ]:
     np.testing.assert_allclose(float(ours), float(theirs), atol=1e-4, rtol=0)
 
 
@@ -120,21 +170,31 @@ def test_gradients_reach_question_through_every_thought():
   for i in range(4):
     g = jax.jit(jax.grad(thought), static_argnums=1)(q, i)
     assert float(jnp.abs(g).sum()) > 0, i
-  g = jax.jit(jax.grad(lambda q_emb: masked_ce(
-      student_forward(nnx.merge(graphdef, state), b, enc_embeds=q_emb).logits, b["decoder_labels"])))(q)
+  g = jax.jit(
+    jax.grad(
+      lambda q_emb: masked_ce(
+        student_forward(nnx.merge(graphdef, state), b, enc_embeds=q_emb).logits, b["decoder_labels"]
+      )
+    )
+  )(q)
   assert float(jnp.abs(g).sum()) > 0
 
 
 @pytest.mark.parametrize("train_special", [False, True])
 def test_special_rows_train_only_with_the_flag(train_special):
   """Under LoRA the table is frozen: bot/eot rows move only through the separate `special` param."""
-  cfg = mcfg.tiny("gpt2", vocab_size=V).replace(lora=mcfg.LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
+  cfg = mcfg.tiny("gpt2", vocab_size=V).replace(
+    lora=mcfg.LoRAConfig(rank=4, alpha=8.0, dropout=0.0)
+  )
   b = make_batch(np.random.default_rng(3))
   b["encoder_ids"][:, -1] = V - 2  # the question ends with bot (row V-2 of the table)
   b["decoder_ids"][:, 0] = V - 1  # the answer starts with eot
   b = {k: jnp.asarray(v) for k, v in b.items()}
-  codi = Codi(transformer.build(cfg, seed=2), CodiConfig(num_latent=2, train_special_embeddings=train_special),
-              nnx.Rngs(0))
+  codi = Codi(
+    transformer.build(cfg, seed=2),
+    CodiConfig(num_latent=2, train_special_embeddings=train_special),
+    nnx.Rngs(0),
+  )
   extra = ("prj", "special") if train_special else ("prj",)
   graphdef, trainable, frozen = split_trainable(codi, extra=extra)
   grads = jax.grad(lambda t: codi_loss(nnx.merge(graphdef, t, frozen), b)[0])(trainable)
@@ -148,7 +208,9 @@ def test_special_rows_train_only_with_the_flag(train_special):
     moved.special.set_value(moved.special[...] + 1.0)
     table = np.asarray(moved.sync_special_rows().backbone.embed.embedding[...])
     np.testing.assert_allclose(table[-3:], np.asarray(moved.special[...]), atol=0)
-    np.testing.assert_allclose(table[:-3], np.asarray(codi.backbone.embed.embedding[...])[:-3], atol=0)
+    np.testing.assert_allclose(
+      table[:-3], np.asarray(codi.backbone.embed.embedding[...])[:-3], atol=0
+    )
 
 
 def collated_batch():
@@ -159,8 +221,14 @@ def collated_batch():
   answer = [np.array([10, 11, 12, int(rng.integers(13, 20)), 0]) for _ in q_lens]  # eos = 0
   questions = [rng.integers(1, V - 3, n) for n in q_lens]
   cots = [rng.integers(1, V - 3, n) for n in c_lens]
-  examples = cb.CodiExamples(questions, cots, answer, [2] * len(q_lens), range(len(q_lens)),
-                             cb.SpecialIds(pad=V - 3, bot=V - 2, eot=V - 1, eos=0))
+  examples = cb.CodiExamples(
+    questions,
+    cots,
+    answer,
+    [2] * len(q_lens),
+    range(len(q_lens)),
+    cb.SpecialIds(pad=V - 3, bot=V - 2, eot=V - 1, eos=0),
+  )
   shapes = cb.fit_shapes(examples, 4)
   assert shapes.teacher_span == 16 and shapes.teacher == 20  # window: 16 of 20 teacher positions
   batch = cb.collate(list(examples), shapes, examples.ids)
@@ -187,7 +255,8 @@ def test_sparse_teacher_logits_match_full(method):
   (_, m_full), g_full = loss_grad(state, full)
   assert m_sparse.keys() == m_full.keys()
   for k in m_full:
-    np.testing.assert_allclose(np.asarray(m_sparse[k]), np.asarray(m_full[k]), atol=1e-5, rtol=0,
-                               err_msg=k)
+    np.testing.assert_allclose(
+      np.asarray(m_sparse[k]), np.asarray(m_full[k]), atol=1e-5, rtol=0, err_msg=k
+    )
   for a, c in zip(jax.tree.leaves(g_sparse), jax.tree.leaves(g_full)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=0)

@@ -141,7 +141,9 @@ def test_buckets_and_shapes(tok, records):
     size = getattr(shapes, key)
     assert size % 32 == 0 and size - 32 < lengths[key].max() <= size
   q_lens = np.array([len(examples[i]["question"]) for i in range(len(examples))])
-  np.testing.assert_array_equal(lengths["teacher_span"], lengths["teacher"] - q_lens)  # CoT + answer
+  np.testing.assert_array_equal(
+    lengths["teacher_span"], lengths["teacher"] - q_lens
+  )  # CoT + answer
   assert shapes.teacher_span <= shapes.teacher
   cb.check_fits(examples, shapes)
   # A window too narrow for the longest CoT + answer is rejected; no window (0) checks nothing.

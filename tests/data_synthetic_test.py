@@ -103,7 +103,9 @@ def test_terse_style_keeps_chains_and_shortens_questions():
 
 
 def test_difficulty_from_config():
-  d = synthetic.Difficulty.from_config({"train": 10, "valid": 2, "test": 2, "ops": ["+"], "style": "terse"})
+  d = synthetic.Difficulty.from_config(
+    {"train": 10, "valid": 2, "test": 2, "ops": ["+"], "style": "terse"}
+  )
   assert d == synthetic.Difficulty(ops=("+",), style="terse")
   with pytest.raises(InputError, match="unknown keys.*stlye"):
     synthetic.Difficulty.from_config({"stlye": "terse"})

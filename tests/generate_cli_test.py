@@ -6,8 +6,8 @@ import json
 import os
 import subprocess
 
-import cli_util
 import assets
+import cli_util
 import pytest
 
 from codi_jax.decoding import Generator
@@ -246,7 +246,12 @@ def test_soft_mode_json_tiny(tmp_path, tiny_dir):
 def test_greedy_mode_json_has_thinking_tokens(tmp_path, tiny_dir):
   out = last_json(
     run_cli(
-      tmp_path, f"--model={tiny_dir}", "--prompt=w20", "--mode=greedy", "--max_new_tokens=5", "--json"
+      tmp_path,
+      f"--model={tiny_dir}",
+      "--prompt=w20",
+      "--mode=greedy",
+      "--max_new_tokens=5",
+      "--json",
     )
   )
   assert out["mode"] == "greedy"
@@ -323,7 +328,9 @@ def test_every_mode_smollm2(tmp_path, smol):
     assert out["mode"] == mode
     assert 1 <= len(out["tokens"]) <= 8 and out["text"] == tok.decode(out["tokens"])
     if mode == "greedy":
-      want = Generator(smol.model, pad_id=tok.pad_id, eos_ids=tok.eos_ids)([out["prompt_tokens"]], 8)
+      want = Generator(smol.model, pad_id=tok.pad_id, eos_ids=tok.eos_ids)(
+        [out["prompt_tokens"]], 8
+      )
       assert out["tokens"] == want[0] and out["thinking_tokens"] == len(out["tokens"])
     else:
       assert out["thinking_tokens"] == min(4, len(out["tokens"]))  # no `</think>`: the budget
@@ -332,8 +339,14 @@ def test_every_mode_smollm2(tmp_path, smol):
 @pytest.mark.parametrize("mode", ["greedy", "gumbel"])
 def test_mesh_flag_shards_and_keeps_tokens(tmp_path, tiny_dir, mode):
   """--mesh on 4 simulated devices (tensor parallel x data) emits what one device does."""
-  args = [f"--model={tiny_dir}", "--prompt=w7 w8 w9", "--prompt=w20", f"--mode={mode}", "--max_new_tokens=6",
-          "--json"]
+  args = [
+    f"--model={tiny_dir}",
+    "--prompt=w7 w8 w9",
+    "--prompt=w20",
+    f"--mode={mode}",
+    "--max_new_tokens=6",
+    "--json",
+  ]
   one = last_json(run_cli(tmp_path, *args))
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   four = last_json(cli_util.run_module(PROG, tmp_path, *args, "--mesh=2,1,-1", extra_env=env))
@@ -341,7 +354,13 @@ def test_mesh_flag_shards_and_keeps_tokens(tmp_path, tiny_dir, mode):
 
 
 def test_bad_mesh_flag(tmp_path):
-  assert_usage_error(run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", "--mesh=2,2"),
-                     "--mesh", "three integers")
-  assert_usage_error(run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", "--mesh=3,1,1"),
-                     "--mesh", "uses 3 devices")
+  assert_usage_error(
+    run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", "--mesh=2,2"),
+    "--mesh",
+    "three integers",
+  )
+  assert_usage_error(
+    run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", "--mesh=3,1,1"),
+    "--mesh",
+    "uses 3 devices",
+  )

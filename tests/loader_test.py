@@ -13,11 +13,11 @@ import shutil
 import struct
 import sys
 
+import assets
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import assets
 import pytest
 from flax import nnx
 

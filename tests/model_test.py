@@ -1,12 +1,11 @@
 """Backbone parity with HF transformers (tiny random GPT-2, Llama, Qwen2) and core invariants."""
 # pylint: disable=invalid-name
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from codi_jax.models import cache as kvc
@@ -22,17 +21,38 @@ TOL = 1e-4
 V = 96
 
 HF_CONFIGS = {
-    "gpt2": lambda: transformers.GPT2Config(
-        vocab_size=V, n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0),
-    # llama3 rope scaling with a tiny original context so that every frequency band is exercised.
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rope_theta=500.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16}),
-    "qwen2": lambda: transformers.Qwen2Config(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
+  "gpt2": lambda: transformers.GPT2Config(
+    vocab_size=V, n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0
+  ),
+  # llama3 rope scaling with a tiny original context so that every frequency band is exercised.
+  "llama": lambda: transformers.LlamaConfig(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+    rope_theta=500.0,
+    rope_scaling={
+      "rope_type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16,
+    },
+  ),
+  "qwen2": lambda: transformers.Qwen2Config(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+  ),
 }
 
 
@@ -49,8 +69,12 @@ def make_pair(arch, seed=0, **kw):
 
 def ref_forward(ref, ids, mask, pos):
   with torch.no_grad():
-    r = ref(torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
-            position_ids=torch.tensor(pos), output_hidden_states=True)
+    r = ref(
+      torch.tensor(ids),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(pos),
+      output_hidden_states=True,
+    )
   return r.logits.numpy(), [h.numpy() for h in r.hidden_states]
 
 
@@ -59,7 +83,7 @@ def padded_batch(pad_side, rng, L=12, lens=(12, 7, 3)):
   mask = np.zeros((len(lens), L), bool)
   for i, n in enumerate(lens):
     if pad_side == "left":
-      mask[i, L - n:] = True
+      mask[i, L - n :] = True
     else:
       mask[i, :n] = True
   pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
@@ -72,7 +96,9 @@ def test_logits_and_hidden_states_match_hf(arch, pad_side):
   ref, cfg, model = make_pair(arch)
   ids, mask, pos = padded_batch(pad_side, np.random.default_rng(1))
   r_logits, r_hidden = ref_forward(ref, ids, mask, pos)
-  out = model(jnp.asarray(ids), positions=jnp.asarray(pos), mask=jnp.asarray(mask), hidden_states=True)
+  out = model(
+    jnp.asarray(ids), positions=jnp.asarray(pos), mask=jnp.asarray(mask), hidden_states=True
+  )
   assert len(out.hidden_states) == cfg.num_layers + 1 == len(r_hidden)
   np.testing.assert_allclose(np.asarray(out.logits)[mask], r_logits[mask], atol=TOL, rtol=0)
   for ours, theirs in zip(out.hidden_states, r_hidden):
@@ -98,22 +124,41 @@ def test_cached_stepwise_decoding_equals_full_forward(arch, pad_side):
   """Prefill a prefix, then feed the rest one position at a time through `step`."""
   _, cfg, model = make_pair(arch)
   ids, mask, pos = padded_batch(pad_side, np.random.default_rng(3), L=12, lens=(12, 9, 6))
-  full = model(jnp.asarray(ids), positions=jnp.asarray(pos), mask=jnp.asarray(mask), hidden_states=True)
+  full = model(
+    jnp.asarray(ids), positions=jnp.asarray(pos), mask=jnp.asarray(mask), hidden_states=True
+  )
   P = 5
   cache = kvc.init_cache(cfg, ids.shape[0], 16)
-  pre = model(jnp.asarray(ids[:, :P]), positions=jnp.asarray(pos[:, :P]), mask=jnp.asarray(mask[:, :P]),
-              cache=cache)
+  pre = model(
+    jnp.asarray(ids[:, :P]),
+    positions=jnp.asarray(pos[:, :P]),
+    mask=jnp.asarray(mask[:, :P]),
+    cache=cache,
+  )
   real = mask[:, :P]  # pad queries see no key: their (finite) outputs are meaningless
-  np.testing.assert_allclose(np.asarray(pre.logits)[real], np.asarray(full.logits[:, :P])[real], atol=TOL, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(pre.logits)[real], np.asarray(full.logits[:, :P])[real], atol=TOL, rtol=0
+  )
   cache = pre.cache
   for t in range(P, ids.shape[1]):
-    x = model.embed_tokens(jnp.asarray(ids[:, t:t + 1]))
-    out = step(model, x, jnp.asarray(pos[:, t:t + 1]), cache, jnp.asarray(mask[:, t:t + 1]), hidden_states=True)
+    x = model.embed_tokens(jnp.asarray(ids[:, t : t + 1]))
+    out = step(
+      model,
+      x,
+      jnp.asarray(pos[:, t : t + 1]),
+      cache,
+      jnp.asarray(mask[:, t : t + 1]),
+      hidden_states=True,
+    )
     cache = out.cache
     real = mask[:, t]
-    np.testing.assert_allclose(np.asarray(out.logits)[real], np.asarray(full.logits[:, t])[real], atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+      np.asarray(out.logits)[real], np.asarray(full.logits[:, t])[real], atol=TOL, rtol=0
+    )
     for hs, hf_ in zip(out.hidden_states, full.hidden_states):
-      np.testing.assert_allclose(np.asarray(hs)[real], np.asarray(hf_[:, t])[real], atol=TOL, rtol=0)
+      np.testing.assert_allclose(
+        np.asarray(hs)[real], np.asarray(hf_[:, t])[real], atol=TOL, rtol=0
+      )
   assert int(cache.end) == ids.shape[1]
 
 
@@ -165,8 +210,12 @@ def test_gradients_flow_through_scanned_latent_steps():
 
   def loss(emb):
     m = merge(graphdef, state)
-    pre = m(embeds=emb, positions=jnp.broadcast_to(jnp.arange(P), (B, P)),
-            cache=kvc.init_cache(cfg, B, P + N), logits="none")
+    pre = m(
+      embeds=emb,
+      positions=jnp.broadcast_to(jnp.arange(P), (B, P)),
+      cache=kvc.init_cache(cfg, B, P + N),
+      logits="none",
+    )
     loop = Loop(pre.hidden[:, -1], jnp.full((B,), P), pre.cache, None)
     lp, hs = scan_steps(m, loop, lambda s, out, i: (out.hidden, s, out.hidden), N, remat=True)
     return jnp.sum(hs[-1] ** 2) + 0 * jnp.sum(lp.x)
@@ -188,8 +237,12 @@ def test_lora_with_zero_b_equals_base(arch):
   assert len(jax.tree.leaves(loras)) == 2 * n_targets * cfg.num_layers
   ids, mask, pos = padded_batch("left", np.random.default_rng(5))
   kw = dict(positions=jnp.asarray(pos), mask=jnp.asarray(mask))
-  np.testing.assert_allclose(np.asarray(lora(jnp.asarray(ids), **kw).logits),
-                             np.asarray(base(jnp.asarray(ids), **kw).logits), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(lora(jnp.asarray(ids), **kw).logits),
+    np.asarray(base(jnp.asarray(ids), **kw).logits),
+    atol=1e-6,
+    rtol=0,
+  )
 
 
 def test_only_lora_and_chosen_extras_train():
@@ -211,14 +264,22 @@ def test_only_lora_and_chosen_extras_train():
   new_train = optax.apply_updates(train, updates)
   leaves_before = jax.tree.leaves(nnx.to_pure_dict(frozen))
   # Frozen state is only ever passed through; it is unchanged and not part of the optimizer.
-  assert all(np.array_equal(a, b) for a, b in zip(leaves_before, jax.tree.leaves(nnx.to_pure_dict(frozen))))
-  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(train), jax.tree.leaves(new_train))]
+  assert all(
+    np.array_equal(a, b) for a, b in zip(leaves_before, jax.tree.leaves(nnx.to_pure_dict(frozen)))
+  )
+  changed = [
+    not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(train), jax.tree.leaves(new_train))
+  ]
   assert any(changed)
   paths = [p for p, _ in nnx.to_flat_state(train)]
   assert all(p[-1] in ("lora_a", "lora_b") or "final_norm" in p for p in paths)
   assert not any(p[-1] == "kernel" for p in paths)
   # Gradients w.r.t. the frozen tree exist but are never applied; the B factors got a real gradient.
-  gb = [np.abs(np.asarray(v.get_value())).sum() for p, v in nnx.to_flat_state(grads) if p[-1] == "lora_b"]
+  gb = [
+    np.abs(np.asarray(v.get_value())).sum()
+    for p, v in nnx.to_flat_state(grads)
+    if p[-1] == "lora_b"
+  ]
   assert min(gb) > 0
 
 
@@ -229,14 +290,21 @@ def test_resize_vocab_mean_init():
   old_h = np.asarray(model.lm_head.kernel[...])
   model.resize_vocab(cfg.vocab_size + 3, jax.random.key(0))
   new_e = np.asarray(model.embed.embedding[...])
-  assert new_e.shape == (cfg.vocab_size + 3, cfg.d_model) and model.cfg.vocab_size == cfg.vocab_size + 3
-  np.testing.assert_array_equal(new_e[:cfg.vocab_size], old_e)
+  assert (
+    new_e.shape == (cfg.vocab_size + 3, cfg.d_model) and model.cfg.vocab_size == cfg.vocab_size + 3
+  )
+  np.testing.assert_array_equal(new_e[: cfg.vocab_size], old_e)
   # HF mean resizing: N(mean, 1e-9 * cov) -> within a few 1e-5 of the mean row, rows distinct.
-  np.testing.assert_allclose(new_e[cfg.vocab_size:], np.broadcast_to(old_e.mean(0), (3, cfg.d_model)), atol=1e-4)
+  np.testing.assert_allclose(
+    new_e[cfg.vocab_size :], np.broadcast_to(old_e.mean(0), (3, cfg.d_model)), atol=1e-4
+  )
   assert not np.array_equal(new_e[-1], new_e[-2])
   assert model.lm_head.kernel[...].shape == (cfg.d_model, cfg.vocab_size + 3)
-  np.testing.assert_allclose(np.asarray(model.lm_head.kernel[...])[:, cfg.vocab_size:],
-                             np.broadcast_to(old_h.mean(1)[:, None], (cfg.d_model, 3)), atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(model.lm_head.kernel[...])[:, cfg.vocab_size :],
+    np.broadcast_to(old_h.mean(1)[:, None], (cfg.d_model, 3)),
+    atol=1e-4,
+  )
   out = model(jnp.array([[cfg.vocab_size + 2]]), positions=jnp.zeros((1, 1), jnp.int32))
   assert out.logits.shape == (1, 1, cfg.vocab_size + 3)
 
@@ -261,8 +329,9 @@ def test_logits_at_positions_and_last():
   at = model(ids, positions=pos, logits=jnp.array([[1, 4], [0, 2]])).logits
   np.testing.assert_array_equal(np.asarray(at[0]), np.asarray(full[0, jnp.array([1, 4])]))
   np.testing.assert_array_equal(np.asarray(at[1]), np.asarray(full[1, jnp.array([0, 2])]))
-  np.testing.assert_array_equal(np.asarray(model(ids, positions=pos, logits="last").logits),
-                                np.asarray(full[:, -1]))
+  np.testing.assert_array_equal(
+    np.asarray(model(ids, positions=pos, logits="last").logits), np.asarray(full[:, -1])
+  )
   assert model(ids, positions=pos, logits="none").logits is None
 
 
@@ -273,7 +342,9 @@ def test_causality():
   graphdef, state = nnx.split(model)
   emb = model.embed_tokens(jnp.arange(6)[None])
   pos = jnp.arange(6)[None]
-  g = jax.jit(jax.grad(lambda e: merge(graphdef, state)(embeds=e, positions=pos).logits[0, 2].sum()))(emb)
+  g = jax.jit(
+    jax.grad(lambda e: merge(graphdef, state)(embeds=e, positions=pos).logits[0, 2].sum())
+  )(emb)
   assert float(jnp.abs(g[0, 3:]).max()) == 0.0
   assert float(jnp.abs(g[0, :3]).max()) > 0.0
 

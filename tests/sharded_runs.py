@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _MESH = flags.DEFINE_multi_string("mesh", [], "data,fsdp,tensor sizes (repeat).")
 _OUT = flags.DEFINE_string("out", None, "Output JSON.")
 _STEPS = flags.DEFINE_integer("steps", 4, "Training steps.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Keep the runs in <workdir>/<mesh> (default: temporary).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Keep the runs in <workdir>/<mesh> (default: temporary)."
+)
 _CKPT = flags.DEFINE_integer("checkpoint_every", 0, "Checkpoint interval (0: only at the end).")
 
 
@@ -68,15 +70,26 @@ def run_train(meshes):
       train_recs, _, _ = train_lib.load_records(c)
       codi, _, _ = train_lib.init_model(c, train_lib.build_tokenizer(c, train_recs), mesh, rules)
       state = nnx.state(codi, nnx.Param)
-      specs = {".".join(map(str, p)): str(v.get_value().sharding.spec) for p, v in nnx.to_flat_state(state)}
-      want = {".".join(map(str, p)): str(v.get_value().spec)
-              for p, v in nnx.to_flat_state(sharding.state_shardings(state, mesh, rules))}
+      specs = {
+        ".".join(map(str, p)): str(v.get_value().sharding.spec) for p, v in nnx.to_flat_state(state)
+      }
+      want = {
+        ".".join(map(str, p)): str(v.get_value().spec)
+        for p, v in nnx.to_flat_state(sharding.state_shardings(state, mesh, rules))
+      }
     out["runs"][text] = {
-        "losses": [{k: x[k] for k in ("step", "loss", "ce_student", "ce_teacher", "distill")}
-                   for x in lines if "loss" in x],
-        "valid": {k: v for k, v in summary.items() if k.startswith("valid/")},
-        "specs": specs, "rule_specs": want, "step_compiles": summary["step_compiles"],
-        "resumed_from": summary["resumed_from"], "processes": jax.process_count()}
+      "losses": [
+        {k: x[k] for k in ("step", "loss", "ce_student", "ce_teacher", "distill")}
+        for x in lines
+        if "loss" in x
+      ],
+      "valid": {k: v for k, v in summary.items() if k.startswith("valid/")},
+      "specs": specs,
+      "rule_specs": want,
+      "step_compiles": summary["step_compiles"],
+      "resumed_from": summary["resumed_from"],
+      "processes": jax.process_count(),
+    }
   return out
 
 
@@ -98,11 +111,21 @@ def run_decode(meshes):
   from soft_jax import decode, sampling  # pylint: disable=import-outside-toplevel
 
   model = transformer.build(mcfg.tiny("llama", vocab_size=96, num_heads=4, num_kv_heads=2), seed=3)
-  prompts = [[5, 9, 11, 3], [7, 2], [40, 41, 42, 43, 44, 45], [1], [8, 8, 8], [60, 61], [12, 13, 14], [90]]
+  prompts = [
+    [5, 9, 11, 3],
+    [7, 2],
+    [40, 41, 42, 43, 44, 45],
+    [1],
+    [8, 8, 8],
+    [60, 61],
+    [12, 13, 14],
+    [90],
+  ]
   out = {"devices": jax.device_count(), "tokens": {}}
   for mode in ("greedy", "soft", "dirichlet", "gumbel", "sample"):
-    params = sampling.SamplerParams(mode=mode, temperature=0.8, top_k=20, top_p=0.95, max_topk=4,
-                                    max_thinking_tokens=6)
+    params = sampling.SamplerParams(
+      mode=mode, temperature=0.8, top_k=20, top_p=0.95, max_topk=4, max_thinking_tokens=6
+    )
     runs = {"none": None, **{m: sharding.make_mesh(_mesh_dict(m)) for m in meshes}}
     for name, mesh in runs.items():
       dec = decode.SoftDecoder(model, params, pad_id=0, eos_ids=[95], mesh=mesh)

@@ -25,14 +25,36 @@ MESHES = ("8,1,1", "2,4,1", "2,2,2")
 
 def _run(kind, meshes, devices, tmp_path, *extra, processes=1):
   out = tmp_path / f"{kind}_{devices}x{processes}.json"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "CODI_JAX_CACHE": ""}
-  args = [sys.executable, os.path.join(ROOT, "tests", "sharded_runs.py"), kind, f"--out={out}", *extra]
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "CODI_JAX_CACHE": "",
+  }
+  args = [
+    sys.executable,
+    os.path.join(ROOT, "tests", "sharded_runs.py"),
+    kind,
+    f"--out={out}",
+    *extra,
+  ]
   if processes > 1:  # the real thing: N processes on loopback, joined by jax.distributed (gloo)
-    args = [sys.executable, os.path.join(ROOT, "launch", "local.py"), f"--num_processes={processes}",
-            f"--devices_per_process={devices}", "--"] + args
-  r = subprocess.run(args + [f"--mesh={m}" for m in meshes], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=600, check=False)
+    args = [
+      sys.executable,
+      os.path.join(ROOT, "launch", "local.py"),
+      f"--num_processes={processes}",
+      f"--devices_per_process={devices}",
+      "--",
+    ] + args
+  r = subprocess.run(
+    args + [f"--mesh={m}" for m in meshes],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
   return json.loads(out.read_text())
 
@@ -56,20 +78,30 @@ def test_spec_for_rules_divisibility_and_reuse():
   mesh = FakeMesh(data=2, fsdp=2, tensor=2)
   assert spec_for(("embed", "mlp"), (32, 64), mesh, RULES) == P("fsdp", "tensor")
   assert spec_for(("mlp", "embed"), (64, 32), mesh, RULES) == P("tensor", "fsdp")
-  assert spec_for(("vocab", "embed"), (303, 32), mesh, RULES) == P(None, "fsdp")  # 303 % 2: replicated
+  assert spec_for(("vocab", "embed"), (303, 32), mesh, RULES) == P(
+    None, "fsdp"
+  )  # 303 % 2: replicated
   assert spec_for(("batch", None), (8, 5), mesh, RULES) == P(("data", "fsdp"))
-  assert spec_for(("batch", None), (6, 5), mesh, RULES) == P("data")  # 6 % 4: the trailing axis drops
+  assert spec_for(("batch", None), (6, 5), mesh, RULES) == P(
+    "data"
+  )  # 6 % 4: the trailing axis drops
   assert spec_for(("heads", "mlp"), (8, 8), mesh, RULES) == P("tensor")  # one mesh axis per array
   assert spec_for((None,), (4,), mesh, RULES) == P()
-  assert spec_for(("embed",), (32,), FakeMesh(data=8, fsdp=1, tensor=1), RULES) == P()  # size-1 axes drop
+  assert (
+    spec_for(("embed",), (32,), FakeMesh(data=8, fsdp=1, tensor=1), RULES) == P()
+  )  # size-1 axes drop
 
 
 def test_mesh_shape_inference_and_errors():
   assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
   assert sharding.mesh_shape({"data": 1, "fsdp": 1, "tensor": -1}, 8) == (1, 1, 8)
-  for sizes, msg in [({"data": -1, "fsdp": -1}, "at most one -1"), ({"data": 3, "tensor": -1}, "does not divide"),
-                     ({"data": 2, "fsdp": 2, "tensor": 1}, "uses 4 devices"), ({"pipeline": 2}, "unknown mesh axes"),
-                     ({"data": 0}, "positive")]:
+  for sizes, msg in [
+    ({"data": -1, "fsdp": -1}, "at most one -1"),
+    ({"data": 3, "tensor": -1}, "does not divide"),
+    ({"data": 2, "fsdp": 2, "tensor": 1}, "uses 4 devices"),
+    ({"pipeline": 2}, "unknown mesh axes"),
+    ({"data": 0}, "positive"),
+  ]:
     with pytest.raises(InputError, match=msg):
       sharding.mesh_shape(sizes, 8)
   with pytest.raises(InputError, match="unknown mesh axes"):
@@ -77,7 +109,9 @@ def test_mesh_shape_inference_and_errors():
   with pytest.raises(InputError, match="not a"):
     sharding.rules_from_config([("embed",)])
   assert sharding.rules_from_config([["batch", ["data", "fsdp"]], ["embed", None]]) == {
-      "batch": ("data", "fsdp"), "embed": ()}  # the JSON form a saved config comes back in
+    "batch": ("data", "fsdp"),
+    "embed": (),
+  }  # the JSON form a saved config comes back in
 
 
 def test_single_device_mesh_places_everything_replicated():
@@ -90,7 +124,9 @@ def test_single_device_mesh_places_everything_replicated():
 def one_device(tmp_path_factory):
   """The 1-device reference run (4 steps, checkpoints at 2 and 4), kept in <dir>/1,1,1."""
   d = tmp_path_factory.mktemp("ref")
-  return d, _run("train", ["1,1,1"], 1, d, f"--workdir={d}", "--checkpoint_every=2")["runs"]["1,1,1"]
+  return d, _run("train", ["1,1,1"], 1, d, f"--workdir={d}", "--checkpoint_every=2")["runs"][
+    "1,1,1"
+  ]
 
 
 def test_codi_training_on_meshes_matches_one_device(tmp_path, one_device):
@@ -101,7 +137,9 @@ def test_codi_training_on_meshes_matches_one_device(tmp_path, one_device):
   shutil.copytree(ref_dir / "1,1,1", tmp_path / "1,4,2")
   shutil.rmtree(tmp_path / "1,4,2" / "final")
   shutil.rmtree(tmp_path / "1,4,2" / "checkpoints" / "4")
-  runs = _run("train", MESHES + ("1,4,2",), 8, tmp_path, f"--workdir={tmp_path}", "--checkpoint_every=2")
+  runs = _run(
+    "train", MESHES + ("1,4,2",), 8, tmp_path, f"--workdir={tmp_path}", "--checkpoint_every=2"
+  )
   assert runs["devices"] == 8
   for mesh in MESHES + ("1,4,2",):
     r = runs["runs"][mesh]
@@ -114,7 +152,9 @@ def test_codi_training_on_meshes_matches_one_device(tmp_path, one_device):
   assert specs["backbone.blocks.0.mlp_c_proj.kernel"] == str(P("tensor", "fsdp"))
   assert specs["backbone.embed.embedding"] == str(P("tensor", "fsdp"))
   assert specs["prj.w1"] == str(P("fsdp", "tensor"))
-  assert set(runs["runs"]["8,1,1"]["specs"].values()) == {str(P())}  # pure data parallel: replicated
+  assert set(runs["runs"]["8,1,1"]["specs"].values()) == {
+    str(P())
+  }  # pure data parallel: replicated
 
 
 def test_two_processes_on_loopback_match_one_process(tmp_path, one_device):
@@ -123,7 +163,9 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, one_device):
   assert r["processes"] == 2 and r["step_compiles"] == 1
   np.testing.assert_allclose(_losses(r), _losses(ref), rtol=0, atol=1e-5)
   assert r["specs"] == r["rule_specs"]
-  assert (tmp_path / "2,2,1" / "final" / "run.json").exists()  # process 0 wrote it, both wrote params
+  assert (
+    tmp_path / "2,2,1" / "final" / "run.json"
+  ).exists()  # process 0 wrote it, both wrote params
 
 
 def test_soft_decode_loop_identical_sharded_and_unsharded(tmp_path):

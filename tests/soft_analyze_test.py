@@ -29,12 +29,22 @@ def test_js_identical_is_zero():
   np.testing.assert_allclose(analyze.js_divergence(p, p), 0.0, atol=1e-7)
 
 
-@pytest.mark.parametrize("p, q, want", [
-  ([1.0, 0.0], [0.0, 1.0], math.log(2)),  # disjoint supports: the maximum
-  ([0.5, 0.5], [1.0, 0.0], 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2))
-   + 0.5 * math.log(1 / 0.75)),
-  ([0.25, 0.25, 0.5], [0.5, 0.25, 0.25], 0.25 * math.log(0.25 / 0.375) + 0.5 * math.log(0.5 / 0.375)),
-])
+@pytest.mark.parametrize(
+  "p, q, want",
+  [
+    ([1.0, 0.0], [0.0, 1.0], math.log(2)),  # disjoint supports: the maximum
+    (
+      [0.5, 0.5],
+      [1.0, 0.0],
+      0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2)) + 0.5 * math.log(1 / 0.75),
+    ),
+    (
+      [0.25, 0.25, 0.5],
+      [0.5, 0.25, 0.25],
+      0.25 * math.log(0.25 / 0.375) + 0.5 * math.log(0.5 / 0.375),
+    ),
+  ],
+)
 def test_js_known_values(p, q, want):
   assert float(analyze.js_divergence(p, q)) == pytest.approx(want, abs=1e-6)
   assert float(analyze.js_divergence(q, p)) == pytest.approx(want, abs=1e-6)  # symmetric
@@ -44,14 +54,17 @@ def test_js_known_values(p, q, want):
 # ROUGE-L
 
 
-@pytest.mark.parametrize("cand, ref, lcs, f1", [
-  ([1, 2, 3], [1, 2, 3], 3, 1.0),
-  ([1, 2, 3], [4, 5], 0, 0.0),
-  ([], [1], 0, 0.0),
-  ([1, 2, 3, 4], [1, 3, 4], 3, 2 * (3 / 4) * 1.0 / (3 / 4 + 1.0)),
-  ([7, 1, 8, 2, 9, 3], [1, 2, 3], 3, 2 * 0.5 * 1.0 / 1.5),
-  (list("ABCBDAB"), list("BDCABA"), 4, 2 * (4 / 7) * (4 / 6) / (4 / 7 + 4 / 6)),
-])
+@pytest.mark.parametrize(
+  "cand, ref, lcs, f1",
+  [
+    ([1, 2, 3], [1, 2, 3], 3, 1.0),
+    ([1, 2, 3], [4, 5], 0, 0.0),
+    ([], [1], 0, 0.0),
+    ([1, 2, 3, 4], [1, 3, 4], 3, 2 * (3 / 4) * 1.0 / (3 / 4 + 1.0)),
+    ([7, 1, 8, 2, 9, 3], [1, 2, 3], 3, 2 * 0.5 * 1.0 / 1.5),
+    (list("ABCBDAB"), list("BDCABA"), 4, 2 * (4 / 7) * (4 / 6) / (4 / 7 + 4 / 6)),
+  ],
+)
 def test_rouge_l_table(cand, ref, lcs, f1):
   assert analyze.lcs_length(cand, ref) == lcs
   assert analyze.rouge_l(cand, ref)["f1"] == pytest.approx(f1)
@@ -79,8 +92,9 @@ def test_randomness_monotone_on_toy():
   assert [s for _, s in gumbel] == sorted(s for _, s in gumbel)  # larger tau: softer
   assert gumbel[-1][1] < math.log(4) + 1e-5  # at most K entries
   # The reference's metric (softmax of st' first) differs from JS on probabilities.
-  r_legacy, _ = analyze.noise_randomness(keys, top_z, params, noise="dirichlet", value=1000.0,
-                                         legacy_softmax=True)
+  r_legacy, _ = analyze.noise_randomness(
+    keys, top_z, params, noise="dirichlet", value=1000.0, legacy_softmax=True
+  )
   assert float(jnp.mean(r_legacy)) > 0.05
 
 
@@ -95,8 +109,9 @@ def tiny_model():
   from codi_jax.models import config as mcfg  # pylint: disable=import-outside-toplevel
   from codi_jax.models import transformer  # pylint: disable=import-outside-toplevel
 
-  m = transformer.build(mcfg.tiny("llama", vocab_size=64, dtype="float32", param_dtype="float32"),
-                        seed=0)
+  m = transformer.build(
+    mcfg.tiny("llama", vocab_size=64, dtype="float32", param_dtype="float32"), seed=0
+  )
   nnx.update(m, jax.tree.map(lambda x: x * 6.0, nnx.state(m, nnx.Param)))
   return m
 
@@ -109,14 +124,16 @@ def test_js_probe_one_hot_soft_input(tiny_model):
   # K = 1: the soft input is exactly the top-1 embedding, so JS(P1, Pst) = 0 and P2 = P1.
   params = SamplerParams(mode="soft", max_topk=1, top_k=10, after_top_k=10)
   rec = jax.jit(lambda p, i, m, k: analyze.js_probe_trace(tiny_model, p, i, m, k, steps=6))(
-    params, IDS, MASK, jax.random.key(0))
+    params, IDS, MASK, jax.random.key(0)
+  )
   assert rec["js"].shape == (2, 6, 3)
   np.testing.assert_allclose(rec["js"], 0.0, atol=1e-6)
 
 
 def test_js_probe_soft_input_differs(tiny_model):
-  params = SamplerParams(mode="soft", max_topk=4, top_k=10, after_top_k=10, temperature=1.0,
-                         top_p=1.0, min_p=0.0)
+  params = SamplerParams(
+    mode="soft", max_topk=4, top_k=10, after_top_k=10, temperature=1.0, top_p=1.0, min_p=0.0
+  )
   rec = analyze.js_probe_trace(tiny_model, params, IDS, MASK, jax.random.key(0), steps=6)
   js = np.asarray(rec["js"])
   assert js.min() >= 0 and js.max() <= math.log(2) + 1e-6
@@ -156,17 +173,31 @@ def run_cli(tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
   return cli_util.run_module(PROG, tmp_path, *args, timeout=timeout)
 
 
-@pytest.mark.parametrize("name, extra", [
-  ("js_probe", []),
-  ("logit_lens", ["--lens_min_p2=0.0"]),
-  ("rouge", ["--rouge_modes=soft,gumbel", "--n_samples=2"]),
-  ("randomness", ["--gammas=1,4", "--taus=0.5,1", "--draws=2"]),
-])
+@pytest.mark.parametrize(
+  "name, extra",
+  [
+    ("js_probe", []),
+    ("logit_lens", ["--lens_min_p2=0.0"]),
+    ("rouge", ["--rouge_modes=soft,gumbel", "--n_samples=2"]),
+    ("randomness", ["--gammas=1,4", "--taus=0.5,1", "--draws=2"]),
+  ],
+)
 def test_cli_writes_files(tmp_path, tiny_dir, name, extra):
   out = tmp_path / "out"
-  proc = run_cli(tmp_path, name, f"--model={tiny_dir}", "--prompt=w7 w8 w9", "--prompt=w20",
-                 "--steps=3", "--max_new_tokens=4", "--max_topk=4", "--top_k=20",
-                 "--after_top_k=20", f"--out={out}", *extra)
+  proc = run_cli(
+    tmp_path,
+    name,
+    f"--model={tiny_dir}",
+    "--prompt=w7 w8 w9",
+    "--prompt=w20",
+    "--steps=3",
+    "--max_new_tokens=4",
+    "--max_topk=4",
+    "--top_k=20",
+    "--after_top_k=20",
+    f"--out={out}",
+    *extra,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "Traceback" not in proc.stderr
   for ext in ("csv", "json", "png"):

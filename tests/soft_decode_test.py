@@ -2,10 +2,10 @@
 independence, compiles, seeds; on tiny random models (and SmolLM2, marked slow)."""
 # pylint: disable=invalid-name
 
+import assets
 import jax
 import jax.numpy as jnp
 import numpy as np
-import assets
 import pytest
 from flax import nnx
 
@@ -62,8 +62,9 @@ def first_at(seq, tok):
 # Reduction to greedy
 
 
-def test_soft_with_k1_or_zero_temperature_and_greedy_mode_equal_generator(model, greedy_tokens,
-                                                                           soft_dec):
+def test_soft_with_k1_or_zero_temperature_and_greedy_mode_equal_generator(
+  model, greedy_tokens, soft_dec
+):
   k1 = SoftDecoder(model, SOFT.replace(max_topk=1), pad_id=PAD, eos_ids=[EOS])
   assert [r.tokens for r in k1(PROMPTS, max_new_tokens=N)] == greedy_tokens
   t0 = run(soft_dec, SOFT.replace(temperature=0.0))
@@ -83,8 +84,11 @@ def test_soft_with_k1_or_zero_temperature_and_greedy_mode_equal_generator(model,
 def test_cold_stop_after_exactly_patience_low_entropy_steps(soft_dec):
   end = V - 1
   # theta above ln V: every step is low-entropy, so thinking ends at step P exactly.
-  res = run(soft_dec, SOFT.replace(temperature=1.0, cold_stop_entropy=100.0, cold_stop_patience=5),
-            think_end=end)
+  res = run(
+    soft_dec,
+    SOFT.replace(temperature=1.0, cold_stop_entropy=100.0, cold_stop_patience=5),
+    think_end=end,
+  )
   for r in res:
     assert r.thinking_tokens == 5 and r.thinking_closed
     assert r.tokens[4] == end and end not in r.tokens[:4]
@@ -121,8 +125,9 @@ def replay_logits(model, prompt, records):
   out = [logits[0]]
   params = SOFT
   for t in range(len(records["idx"]) - 1):
-    x = decode.embed_input(model, params, jnp.asarray(records["idx"][t:t + 1]),
-                           jnp.asarray(records["w"][t:t + 1]))
+    x = decode.embed_input(
+      model, params, jnp.asarray(records["idx"][t : t + 1]), jnp.asarray(records["w"][t : t + 1])
+    )
     step = decode.soft_step(model, x, pos, cache)
     cache, pos = step.cache, pos + 1
     out.append(step.logits[0])
@@ -134,8 +139,11 @@ def test_think_end_switches_rows_independently_to_the_answer_phase(model, soft_d
   params = SOFT.replace(temperature=1.0)
   free = [r.tokens for r in run(soft_dec, params)]
   # A token that row 0 emits first at step j0 >= 2 and row 1 first at another step (or never).
-  end = next(t for j, t in enumerate(free[0]) if j >= 2 and first_at(free[0], t) == j
-             and first_at(free[1], t) != j)
+  end = next(
+    t
+    for j, t in enumerate(free[0])
+    if j >= 2 and first_at(free[0], t) == j and first_at(free[1], t) != j
+  )
   j0, j1 = first_at(free[0], end), first_at(free[1], end)
   # The answer phase samples softmax(z / 5) over the top 4: visibly not the thinking argmax.
   res = run(soft_dec, params.replace(after_temperature=5.0, after_top_p=1.0), think_end=end)
@@ -146,7 +154,7 @@ def test_think_end_switches_rows_independently_to_the_answer_phase(model, soft_d
       continue
     assert r.thinking_closed and r.thinking_tokens == j + 1, b
     assert r.tokens[: j + 1] == f[: j + 1]  # identical trace up to and including `</think>`
-    assert r.answer_tokens == r.tokens[j + 1:]
+    assert r.answer_tokens == r.tokens[j + 1 :]
     np.testing.assert_array_equal(r.records["thinking"], np.arange(len(r.tokens)) <= j)
     w, idx = r.records["w"], r.records["idx"]
     assert np.all(w[j:, 0] == 1.0) and np.all(idx[j:, 0] == r.tokens[j:])  # one-hot from </think>
@@ -154,10 +162,15 @@ def test_think_end_switches_rows_independently_to_the_answer_phase(model, soft_d
     top4 = np.argsort(-logits, axis=1)[:, :4]
     assert all(r.tokens[t] == top4[t, 0] for t in range(j + 1))  # thinking: the top-1
     assert all(r.tokens[t] in top4[t] for t in range(j + 1, len(r.tokens)))  # after_top_k = 4
-  answers = [t for r, j in zip(res, switch) if j is not None
-             for t, lg in zip(r.answer_tokens, replay_logits(model, PROMPTS[res.index(r)],
-                                                             r.records)[j + 1:])
-             if t != np.argmax(lg)]
+  answers = [
+    t
+    for r, j in zip(res, switch)
+    if j is not None
+    for t, lg in zip(
+      r.answer_tokens, replay_logits(model, PROMPTS[res.index(r)], r.records)[j + 1 :]
+    )
+    if t != np.argmax(lg)
+  ]
   assert answers, "after_temperature=5 never left the argmax: the answer phase ignored it"
   assert j0 != j1  # the rows switched at different steps within one batch
 
@@ -179,17 +192,16 @@ def test_eos_stops_a_row_even_while_thinking(soft_dec):
 def test_transition_cold_stop_counts_consecutive_steps_per_row():
   """Hand-made entropies: P = 3; row 0 is interrupted once, row 1 never low, row 2 at once."""
   params = SOFT.replace(cold_stop_entropy=0.1, cold_stop_patience=3)
-  H = np.array([[0.01, 0.01, 0.5, 0.01, 0.01, 0.01, 0.01],
-                [0.5] * 7,
-                [0.01] * 7], np.float32)
+  H = np.array([[0.01, 0.01, 0.5, 0.01, 0.01, 0.01, 0.01], [0.5] * 7, [0.01] * 7], np.float32)
   B, K, end = 3, 4, 9
   st = decode.init_state(B, 7, K, PAD, record=True)
   idx = jnp.tile(jnp.arange(10, 10 + K, dtype=jnp.int32), (B, 1))
   w = jnp.tile(jnp.asarray([0.4, 0.3, 0.2, 0.1], jnp.float32), (B, 1))
   for i in range(7):
     s = sampling.Sampled(jnp.full((B,), 20 + i, jnp.int32), idx, w, jnp.asarray(H[:, i]))
-    st, _, _ = decode.transition(params, st, s, i, think_end_id=end, eos_ids=[EOS],
-                                     pad_id=PAD, max_new=7)
+    st, _, _ = decode.transition(
+      params, st, s, i, think_end_id=end, eos_ids=[EOS], pad_id=PAD, max_new=7
+    )
   toks = np.asarray(st.tokens)
   assert toks[0].tolist() == [20, 21, 22, 23, 24, end, 26]  # the 3rd consecutive low step
   assert toks[1].tolist() == [20, 21, 22, 23, 24, 25, 26]
@@ -214,8 +226,9 @@ def test_transition_token_baselines_have_no_cold_stop_and_abort_is_opt_in():
     st = decode.init_state(B, steps, K, PAD)._replace(in_think=jnp.asarray([in_think]))
     for i in range(steps):
       s = sampling.Sampled(jnp.asarray([20], jnp.int32), idx, w, jnp.asarray([0.0]))
-      st, _, _ = decode.transition(params, st, s, i, think_end_id=9, eos_ids=[EOS], pad_id=PAD,
-                                   max_new=steps)
+      st, _, _ = decode.transition(
+        params, st, s, i, think_end_id=9, eos_ids=[EOS], pad_id=PAD, max_new=steps
+      )
     return st
 
   low = {"cold_stop_entropy": 0.1, "cold_stop_patience": 2, "max_topk": K}
@@ -232,8 +245,9 @@ def test_transition_token_baselines_have_no_cold_stop_and_abort_is_opt_in():
 
 
 def test_one_compile_per_bucket_and_seeds(model):
-  dec = SoftDecoder(model, SamplerParams(mode="gumbel", max_topk=4, min_p=0.0), pad_id=PAD,
-                    eos_ids=[EOS])
+  dec = SoftDecoder(
+    model, SamplerParams(mode="gumbel", max_topk=4, min_p=0.0), pad_id=PAD, eos_ids=[EOS]
+  )
   a = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13]]
   b = [[20, 21], [22, 23, 24, 25, 26, 27], [28]]
   ra = dec(a, max_new_tokens=N, seed=0)
@@ -252,8 +266,12 @@ def test_one_compile_per_bucket_and_seeds(model):
 
 @pytest.mark.parametrize("mode", ["sample", "dirichlet"])
 def test_seeds(model, mode):
-  dec = SoftDecoder(model, SamplerParams(mode=mode, max_topk=4, temperature=1.0, min_p=0.0),
-                    pad_id=PAD, eos_ids=[EOS])
+  dec = SoftDecoder(
+    model,
+    SamplerParams(mode=mode, max_topk=4, temperature=1.0, min_p=0.0),
+    pad_id=PAD,
+    eos_ids=[EOS],
+  )
   r0 = [r.tokens for r in dec(PROMPTS, max_new_tokens=N, seed=0)]
   assert [r.tokens for r in dec(PROMPTS, max_new_tokens=N, seed=0)] == r0
   assert [r.tokens for r in dec(PROMPTS, max_new_tokens=N, seed=1)] != r0
@@ -262,8 +280,13 @@ def test_seeds(model, mode):
 
 def test_bfloat16_model_runs():
   m = tiny_model("bfloat16")
-  dec = SoftDecoder(m, SOFT.replace(temperature=1.0, max_thinking_tokens=5), pad_id=PAD,
-                    eos_ids=[EOS], think_end_id=V - 1)
+  dec = SoftDecoder(
+    m,
+    SOFT.replace(temperature=1.0, max_thinking_tokens=5),
+    pad_id=PAD,
+    eos_ids=[EOS],
+    think_end_id=V - 1,
+  )
   res = dec(PROMPTS, max_new_tokens=8, record=True)
   for r in res:
     assert r.thinking_tokens == 5 and r.tokens[4] == V - 1 and len(r.tokens) == 8
@@ -311,7 +334,7 @@ class _WordTok:
       while chunk:
         word = max((w for w in self.ids if chunk.startswith(w)), key=len)
         out.append(self.ids[word])
-        chunk = chunk[len(word):]
+        chunk = chunk[len(word) :]
     return out
 
 
@@ -342,11 +365,16 @@ def test_smollm2_soft_k1_equals_greedy_and_gumbel_runs(smol):
   assert decode.resolve_think_end(tok) is None  # no `</think>` token: thinking ends by budget
   prompt = [tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}]))]
   want = Generator(smol.model, pad_id=tok.pad_id, eos_ids=tok.eos_ids)(prompt, 8)
-  dec = SoftDecoder(smol.model, SamplerParams(mode="soft", max_topk=1), pad_id=tok.pad_id,
-                    eos_ids=tok.eos_ids)
+  dec = SoftDecoder(
+    smol.model, SamplerParams(mode="soft", max_topk=1), pad_id=tok.pad_id, eos_ids=tok.eos_ids
+  )
   assert [r.tokens for r in dec(prompt, max_new_tokens=8)] == want
-  g = SoftDecoder(smol.model, SamplerParams(mode="gumbel", max_thinking_tokens=4),
-                  pad_id=tok.pad_id, eos_ids=tok.eos_ids)
+  g = SoftDecoder(
+    smol.model,
+    SamplerParams(mode="gumbel", max_thinking_tokens=4),
+    pad_id=tok.pad_id,
+    eos_ids=tok.eos_ids,
+  )
   (r,) = g(prompt, max_new_tokens=8, record=True)
   assert r.thinking_tokens == 4 and len(r.tokens) <= 8
   assert np.all(r.records["w"][3:, 0] == 1.0)

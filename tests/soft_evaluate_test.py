@@ -9,8 +9,8 @@ import os
 import subprocess
 import zlib
 
-import cli_util
 import assets
+import cli_util
 import pytest
 
 from codi_jax.models import loader
@@ -25,8 +25,9 @@ TEMPLATE = (
   "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
   "{% if add_generation_prompt %}w5{% endif %}"
 )
-SOFT = SamplerParams(mode="soft", max_topk=4, top_k=20, after_top_k=20, cold_stop_entropy=0.0,
-                     max_thinking_tokens=3)
+SOFT = SamplerParams(
+  mode="soft", max_topk=4, top_k=20, after_top_k=20, cold_stop_entropy=0.0, max_thinking_tokens=3
+)
 
 
 def make_tiny_dir(path: str) -> str:
@@ -37,9 +38,16 @@ def make_tiny_dir(path: str) -> str:
 
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
-    vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
   )
   model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
   with torch.no_grad():
@@ -51,8 +59,10 @@ def make_tiny_dir(path: str) -> str:
   backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
   backend.save(os.path.join(path, "tokenizer.json"))
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<eos>",
-               "chat_template": TEMPLATE}, f)
+    json.dump(
+      {"eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<eos>", "chat_template": TEMPLATE},
+      f,
+    )
   return path
 
 
@@ -92,13 +102,20 @@ def crc_judge(monkeypatch):
 def test_counts_pass_at_k_and_seed(tiny, monkeypatch):
   crc_judge(monkeypatch)
   probs = problems.read_problems(FIXTURE, limit=3)
-  kw = {"n_samples": 4, "ks": [1, 2, 4], "max_new_tokens": 6, "batch_size": 5,
-        "length_bucket": 8, "seed": 3}
+  kw = {
+    "n_samples": 4,
+    "ks": [1, 2, 4],
+    "max_new_tokens": 6,
+    "batch_size": 5,
+    "length_bucket": 8,
+    "seed": 3,
+  }
   summary, samples = evaluate.evaluate(tiny.model, tiny.tokenizer, probs, SOFT, **kw)
   assert summary["problems"] == 3 and summary["samples"] == 12 == len(samples)
   assert summary["decoder_compiles"] == 1  # fixed-shape batches: one compile for 3 calls
   assert [(x["problem"], x["sample"]) for x in samples] == [
-    (p.id, s) for p in probs for s in range(4)]
+    (p.id, s) for p in probs for s in range(4)
+  ]
   assert len({x["sample_id"] for x in samples}) == 12
   for x in samples:
     assert 1 <= x["completion_tokens"] == len(x["tokens"]) <= 6
@@ -123,10 +140,24 @@ def test_counts_pass_at_k_and_seed(tiny, monkeypatch):
 
 def test_cli_writes_files(tmp_path, tiny_dir):
   out = tmp_path / "eval"
-  proc = run_cli(tmp_path, f"--model={tiny_dir}", f"--data={FIXTURE}", "--mode=gumbel",
-                 "--limit=2", "--n_samples=2", "--k=1,2", "--max_new_tokens=4", "--batch_size=4",
-                 "--length_bucket=8", "--max_topk=4", "--top_k=20", "--after_top_k=20",
-                 "--max_thinking_tokens=2", "--noprogress", f"--out={out}")
+  proc = run_cli(
+    tmp_path,
+    f"--model={tiny_dir}",
+    f"--data={FIXTURE}",
+    "--mode=gumbel",
+    "--limit=2",
+    "--n_samples=2",
+    "--k=1,2",
+    "--max_new_tokens=4",
+    "--batch_size=4",
+    "--length_bucket=8",
+    "--max_topk=4",
+    "--top_k=20",
+    "--after_top_k=20",
+    "--max_thinking_tokens=2",
+    "--noprogress",
+    f"--out={out}",
+  )
   assert proc.returncode == 0, proc.stderr
   assert "Traceback" not in proc.stderr
   summary = json.loads((out / "summary.json").read_text())
@@ -136,8 +167,16 @@ def test_cli_writes_files(tmp_path, tiny_dir):
   assert set(summary["pass@k"]) == {"1", "2"}
   by = {}
   for x in lines:
-    assert {"problem", "sample", "text", "tokens", "thinking_tokens", "stop_reason", "prediction",
-            "correct"} <= set(x)
+    assert {
+      "problem",
+      "sample",
+      "text",
+      "tokens",
+      "thinking_tokens",
+      "stop_reason",
+      "prediction",
+      "correct",
+    } <= set(x)
     by.setdefault(x["problem"], []).append(x["correct"])
   for k in (1, 2):
     want = sum(pass_at_k_comb(len(v), sum(v), k) for v in by.values()) / len(by)
@@ -150,27 +189,42 @@ def test_cli_writes_files(tmp_path, tiny_dir):
 def test_cli_missing_answer_field(tmp_path):
   data = tmp_path / "bad.jsonl"
   data.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
-  assert_usage_error(run_cli(tmp_path, f"--data={data}", f"--out={tmp_path / 'o'}"),
-                     "bad.jsonl", "line 2", "answer")
+  assert_usage_error(
+    run_cli(tmp_path, f"--data={data}", f"--out={tmp_path / 'o'}"), "bad.jsonl", "line 2", "answer"
+  )
 
 
 def test_cli_bad_sampler_value(tmp_path):
-  assert_usage_error(run_cli(tmp_path, f"--data={FIXTURE}", f"--out={tmp_path / 'o'}",
-                             "--top_p=1.5"), "--top_p")
+  assert_usage_error(
+    run_cli(tmp_path, f"--data={FIXTURE}", f"--out={tmp_path / 'o'}", "--top_p=1.5"), "--top_p"
+  )
 
 
 def test_cli_bad_k(tmp_path):
-  assert_usage_error(run_cli(tmp_path, f"--data={FIXTURE}", f"--out={tmp_path / 'o'}",
-                             "--n_samples=2", "--k=1,4"), "--k", "4")
+  assert_usage_error(
+    run_cli(tmp_path, f"--data={FIXTURE}", f"--out={tmp_path / 'o'}", "--n_samples=2", "--k=1,4"),
+    "--k",
+    "4",
+  )
 
 
 @pytest.mark.slow
 def test_smollm2_two_problems(tmp_path):
   assets.smollm2_path()
   out = tmp_path / "smol"
-  proc = run_cli(tmp_path, "--config=configs/soft/smollm2.py", f"--data={FIXTURE}", "--limit=2",
-                 "--n_samples=2", "--k=1,2", "--max_new_tokens=24", "--max_thinking_tokens=12",
-                 "--batch_size=4", "--noprogress", f"--out={out}")
+  proc = run_cli(
+    tmp_path,
+    "--config=configs/soft/smollm2.py",
+    f"--data={FIXTURE}",
+    "--limit=2",
+    "--n_samples=2",
+    "--k=1,2",
+    "--max_new_tokens=24",
+    "--max_thinking_tokens=12",
+    "--batch_size=4",
+    "--noprogress",
+    f"--out={out}",
+  )
   assert proc.returncode == 0, proc.stderr
   summary = json.loads((out / "summary.json").read_text())
   assert summary["problems"] == 2 and summary["samples"] == 4

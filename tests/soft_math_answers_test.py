@@ -252,7 +252,10 @@ def test_timeout(monkeypatch):
     time.sleep(5)
 
   monkeypatch.setattr(ma, "_parse_prediction", slow)
-  sentinel = lambda signum, frame: None
+
+  def sentinel(signum, frame):
+    del signum, frame
+
   old = signal.signal(signal.SIGALRM, sentinel)
   try:
     t0 = time.perf_counter()

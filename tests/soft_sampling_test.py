@@ -69,24 +69,24 @@ def scatter(idx, q, V):
 
 
 @pytest.mark.parametrize(
-    "T, top_k, top_p, min_p, want",
-    [
-        (1.0, 0, 1.0, 0.0, P5),
-        (1.0, 2, 1.0, 0.0, [0.4 / 0.7, 0.3 / 0.7, 0, 0, 0]),
-        # top-p keeps up to and including the token whose cumulative mass reaches top_p.
-        (1.0, 0, 0.7, 0.0, [0.4 / 0.7, 0.3 / 0.7, 0, 0, 0]),
-        (1.0, 0, 0.71, 0.0, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0]),
-        # min-p drops q < min_p * max q.
-        (1.0, 0, 1.0, 0.3, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0]),
-        # top-k renormalises before top-p: on [.47, .35, .18] top_p=.8 keeps 2, not the 3 it
-        # would keep on the unfiltered p.
-        (1.0, 3, 0.8, 0.0, [0.4 / 0.7, 0.3 / 0.7, 0, 0, 0]),
-        # top-p before min-p keeps 3 here; min-p first (then top-p) would keep 2.
-        (1.0, 0, 0.8, 0.3, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0]),
-        # temperature before the filters: T=0.5 squares and renormalises p, then top-p=0.8 keeps 2.
-        (0.5, 0, 0.8, 0.0, [0.16 / 0.25, 0.09 / 0.25, 0, 0, 0]),
-        (0.0, 30, 0.95, 0.0, [1, 0, 0, 0, 0]),
-    ],
+  "T, top_k, top_p, min_p, want",
+  [
+    (1.0, 0, 1.0, 0.0, P5),
+    (1.0, 2, 1.0, 0.0, [0.4 / 0.7, 0.3 / 0.7, 0, 0, 0]),
+    # top-p keeps up to and including the token whose cumulative mass reaches top_p.
+    (1.0, 0, 0.7, 0.0, [0.4 / 0.7, 0.3 / 0.7, 0, 0, 0]),
+    (1.0, 0, 0.71, 0.0, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0]),
+    # min-p drops q < min_p * max q.
+    (1.0, 0, 1.0, 0.3, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0]),
+    # top-k renormalises before top-p: on [.47, .35, .18] top_p=.8 keeps 2, not the 3 it
+    # would keep on the unfiltered p.
+    (1.0, 3, 0.8, 0.0, [0.4 / 0.7, 0.3 / 0.7, 0, 0, 0]),
+    # top-p before min-p keeps 3 here; min-p first (then top-p) would keep 2.
+    (1.0, 0, 0.8, 0.3, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0]),
+    # temperature before the filters: T=0.5 squares and renormalises p, then top-p=0.8 keeps 2.
+    (0.5, 0, 0.8, 0.0, [0.16 / 0.25, 0.09 / 0.25, 0, 0, 0]),
+    (0.0, 30, 0.95, 0.0, [1, 0, 0, 0, 0]),
+  ],
 )
 def test_filter_order_table(T, top_k, top_p, min_p, want):
   idx, q = sampling.filter_logits(jnp.asarray(Z5), T, top_k, top_p, min_p, 5)
@@ -98,8 +98,13 @@ def test_filter_order_table(T, top_k, top_p, min_p, want):
 def test_filter_matches_full_vocab_reference_on_random_logits():
   rng = np.random.default_rng(0)
   z = rng.normal(size=(6, 50)).astype(np.float32) * 3
-  for T, top_k, top_p, min_p in [(0.6, 30, 0.95, 0.001), (1.3, 10, 0.5, 0.0), (0.6, 30, 1.0, 0.2),
-                                 (2.0, 0, 0.9, 0.05), (0.1, 5, 0.99, 0.0)]:
+  for T, top_k, top_p, min_p in [
+    (0.6, 30, 0.95, 0.001),
+    (1.3, 10, 0.5, 0.0),
+    (0.6, 30, 1.0, 0.2),
+    (2.0, 0, 0.9, 0.05),
+    (0.1, 5, 0.99, 0.0),
+  ]:
     k_max = top_k or 50
     idx, q = sampling.filter_logits(jnp.asarray(z), T, top_k, top_p, min_p, k_max)
     got = scatter(np.asarray(idx), np.asarray(q), 50)
@@ -118,8 +123,11 @@ def test_entropy_is_on_the_full_unfiltered_distribution():
   p /= p.sum(1, keepdims=True)
   want = -(p * np.log(p)).sum(1)
   np.testing.assert_allclose(np.asarray(sampling.entropy(jnp.asarray(z), 0.6)), want, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(sampling.entropy(jnp.asarray(z), 0.6, normalized=True)),
-                             want / math.log(40), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(sampling.entropy(jnp.asarray(z), 0.6, normalized=True)),
+    want / math.log(40),
+    rtol=1e-5,
+  )
   np.testing.assert_array_equal(np.asarray(sampling.entropy(jnp.asarray(z), 0.0)), 0.0)
   # A step whose top-p support is a single token still has the full distribution's entropy.
   params = SamplerParams(top_p=0.01, cold_stop_entropy=0.0)
@@ -217,8 +225,11 @@ def test_gumbel_keeps_zero_weights_zero():
 def test_k1_and_zero_temperature_reduce_to_argmax():
   rng = np.random.default_rng(4)
   z = jnp.asarray(rng.normal(size=(8, 30)).astype(np.float32))
-  for params in (SamplerParams(mode="soft", max_topk=1), SamplerParams(mode="soft", temperature=0.0),
-                 SamplerParams(mode="greedy")):
+  for params in (
+    SamplerParams(mode="soft", max_topk=1),
+    SamplerParams(mode="soft", temperature=0.0),
+    SamplerParams(mode="greedy"),
+  ):
     s = sample_step(params, z, keys(8), jnp.ones(8, bool))
     np.testing.assert_array_equal(np.asarray(s.token), np.argmax(np.asarray(z), 1))
     if params.soft:
@@ -233,8 +244,9 @@ def test_k1_and_zero_temperature_reduce_to_argmax():
 def test_answer_rows_sample_from_the_after_thinking_distribution(mode):
   z, zz = stat_logits(5, 2.0)
   n = N_STAT
-  params = params_for(mode, temperature=0.0, after_temperature=1.5, after_top_p=1.0,
-                      after_min_p=0.0)
+  params = params_for(
+    mode, temperature=0.0, after_temperature=1.5, after_top_p=1.0, after_min_p=0.0
+  )
   think = jnp.arange(n) % 2 == 0
   s = jax.jit(sampling.sample_step)(params, zz, keys(n), think)
   tok = np.asarray(s.token)
@@ -257,9 +269,13 @@ def test_legacy_argmax_answers_with_the_thinking_path():
 def test_after_temperature_none_reuses_the_thinking_temperature():
   z, zz = stat_logits(10, 1.0)
   think = jnp.zeros(N_STAT, bool)
-  a = sample_step(params_for("soft", temperature=0.0, after_temperature=None), zz, keys(N_STAT), think)
+  a = sample_step(
+    params_for("soft", temperature=0.0, after_temperature=None), zz, keys(N_STAT), think
+  )
   assert np.all(np.asarray(a.token) == np.argmax(z[0]))
-  b = sample_step(params_for("soft", temperature=0.0, after_temperature=2.0), zz, keys(N_STAT), think)
+  b = sample_step(
+    params_for("soft", temperature=0.0, after_temperature=2.0), zz, keys(N_STAT), think
+  )
   assert len(set(np.asarray(b.token).tolist())) > 1
 
 
@@ -277,7 +293,9 @@ def test_mix_embeddings(dtype):
   assert e.dtype == dtype and e.shape == (2, 8)
   t32 = np.asarray(table.astype(jnp.float32))
   want = 0.5 * t32[3] + 0.3 * t32[5] + 0.2 * t32[7]
-  np.testing.assert_allclose(np.asarray(e[0], np.float32), want, atol=1e-6 if dtype == jnp.float32 else 2e-2)
+  np.testing.assert_allclose(
+    np.asarray(e[0], np.float32), want, atol=1e-6 if dtype == jnp.float32 else 2e-2
+  )
   # One-hot is exactly the token's embedding.
   np.testing.assert_array_equal(np.asarray(e[1]), np.asarray(table[2]))
   # Model-dtype accumulation (the reference) is available.
@@ -309,29 +327,29 @@ def test_same_keys_same_draws_different_keys_differ():
 
 
 @pytest.mark.parametrize(
-    "kw, field",
-    [
-        ({"mode": "beam"}, "mode"),
-        ({"max_topk": 31}, "max_topk"),
-        ({"max_topk": 0}, "max_topk"),
-        ({"temperature": -0.1}, "temperature"),
-        ({"after_temperature": -1.0}, "after_temperature"),
-        ({"dirichlet_alpha": 0.0}, "dirichlet_alpha"),
-        ({"dirichlet_alpha": -2.0}, "dirichlet_alpha"),
-        ({"gumbel_tau": 0.0}, "gumbel_tau"),
-        ({"top_p": 0.0}, "top_p"),
-        ({"top_p": 1.5}, "top_p"),
-        ({"after_top_p": -0.5}, "after_top_p"),
-        ({"min_p": 1.0}, "min_p"),
-        ({"after_min_p": -0.1}, "after_min_p"),
-        ({"top_k": -1}, "top_k"),
-        ({"cold_stop_entropy": -1.0}, "cold_stop_entropy"),
-        ({"cold_stop_patience": 0}, "cold_stop_patience"),
-        ({"max_thinking_tokens": -3}, "max_thinking_tokens"),
-        ({"answer_phase": "argmax"}, "answer_phase"),
-        ({"embed_mix_dtype": "float16"}, "embed_mix_dtype"),
-        ({"temperature": float("nan")}, "temperature"),
-    ],
+  "kw, field",
+  [
+    ({"mode": "beam"}, "mode"),
+    ({"max_topk": 31}, "max_topk"),
+    ({"max_topk": 0}, "max_topk"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"after_temperature": -1.0}, "after_temperature"),
+    ({"dirichlet_alpha": 0.0}, "dirichlet_alpha"),
+    ({"dirichlet_alpha": -2.0}, "dirichlet_alpha"),
+    ({"gumbel_tau": 0.0}, "gumbel_tau"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"after_top_p": -0.5}, "after_top_p"),
+    ({"min_p": 1.0}, "min_p"),
+    ({"after_min_p": -0.1}, "after_min_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"cold_stop_entropy": -1.0}, "cold_stop_entropy"),
+    ({"cold_stop_patience": 0}, "cold_stop_patience"),
+    ({"max_thinking_tokens": -3}, "max_thinking_tokens"),
+    ({"answer_phase": "argmax"}, "answer_phase"),
+    ({"embed_mix_dtype": "float16"}, "embed_mix_dtype"),
+    ({"temperature": float("nan")}, "temperature"),
+  ],
 )
 def test_validate_names_the_field(kw, field):
   with pytest.raises(InputError, match=f"^--{field}: "):
@@ -356,7 +374,9 @@ def test_float_knobs_are_traced_and_shape_knobs_static():
 
   z = jnp.asarray(np.repeat(Z5, 2, 0))
   f(SamplerParams(mode="gumbel", max_topk=3, top_k=5), z)
-  f(SamplerParams(mode="gumbel", max_topk=3, top_k=5, gumbel_tau=0.9, temperature=1.1, top_p=0.5), z)
+  f(
+    SamplerParams(mode="gumbel", max_topk=3, top_k=5, gumbel_tau=0.9, temperature=1.1, top_p=0.5), z
+  )
   assert len(traces) == 1
   f(SamplerParams(mode="gumbel", max_topk=2, top_k=5), z)
   assert len(traces) == 2

@@ -1,6 +1,6 @@
 r"""A seconds-long CODI run for tests: the demo config shrunk (2 layers, d=32, 200 examples).
 
-  python -m codi_jax.train --config=tests/tiny_codi.py --workdir=/tmp/tiny --config.optim.num_steps=12
+python -m codi_jax.train --config=tests/tiny_codi.py --workdir=/tmp/tiny --config.optim.num_steps=12
 """
 
 from configs import demo

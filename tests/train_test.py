@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import tiny_codi
 from flax import nnx
 
 from codi_jax import train_lib
 from codi_jax.errors import InputError
-import tiny_codi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,8 +29,11 @@ def test_tiny_run_compiles_step_once_and_saves(tmp_path, method):
   lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_lines = [x for x in lines if "loss" in x]
   assert [x["step"] for x in train_lines] == [1, 2, 3, 4, 5, 6]
-  want = {"codi": ("ce_student", "ce_teacher", "distill"), "cot_sft": ("ce_teacher",),
-          "no_cot_sft": ("ce_student",)}[method]
+  want = {
+    "codi": ("ce_student", "ce_teacher", "distill"),
+    "cot_sft": ("ce_teacher",),
+    "no_cot_sft": ("ce_student",),
+  }[method]
   assert all(k in train_lines[0] for k in want)
   evals = [x for x in lines if any(k.startswith("valid/") for k in x)]
   assert [x["step"] for x in evals] == [3, 6]
@@ -49,9 +52,21 @@ def test_finished_workdir_is_not_overwritten(tmp_path):
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "codi_jax.train", "--config=configs/demo.py",
-                      "--config.optim.no_such_key=1", f"--workdir={tmp_path}"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "codi_jax.train",
+      "--config=configs/demo.py",
+      "--config.optim.no_such_key=1",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert r.returncode != 0
   assert "no_such_key" in r.stderr and "Traceback" not in r.stderr
   assert not os.listdir(tmp_path)
@@ -69,9 +84,13 @@ def test_lora_bf16_run_trains_only_adapters_and_prj(tmp_path):
   hf_dir = tmp_path / "hf"
   hf_cfg = transformers.GPT2Config(vocab_size=400, n_positions=256, n_embd=32, n_layer=2, n_head=2)
   transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(hf_dir)
-  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<eos>": 0, "<unk>": 1}, unk_token="<unk>"))
+  backend = tokenizers.Tokenizer(
+    tokenizers.models.WordLevel({"<eos>": 0, "<unk>": 1}, unk_token="<unk>")
+  )
   backend.save(str(hf_dir / "tokenizer.json"))
-  (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "unk_token": "<unk>"}))
+  (hf_dir / "tokenizer_config.json").write_text(
+    json.dumps({"eos_token": "<eos>", "unk_token": "<unk>"})
+  )
 
   c = tiny_config()
   c.model.spec = str(hf_dir)
@@ -85,7 +104,9 @@ def test_lora_bf16_run_trains_only_adapters_and_prj(tmp_path):
   params = nnx.to_pure_dict(nnx.state(evaluate.load_final(str(tmp_path / "run")).codi, nnx.Param))
   wte = load_file(str(hf_dir / "model.safetensors"))["transformer.wte.weight"]
   np.testing.assert_array_equal(np.asarray(params["backbone"]["embed"]["embedding"])[:400], wte)
-  lora_b = [np.asarray(v) for p, v in nnx.traversals.flatten_mapping(params).items() if p[-1] == "lora_b"]
+  lora_b = [
+    np.asarray(v) for p, v in nnx.traversals.flatten_mapping(params).items() if p[-1] == "lora_b"
+  ]
   assert lora_b and any(np.abs(b).sum() > 0 for b in lora_b)  # adapters moved (B starts at 0)
 
 
@@ -97,12 +118,14 @@ def test_sharded_init_equals_eager_build():
   recs, _, _ = train_lib.load_records(c)
   eager, _, ids_a = train_lib.build_model(c, train_lib.build_tokenizer(c, recs))
   mesh = sharding.make_mesh(c.mesh)
-  sharded, _, ids_b = train_lib.init_model(c, train_lib.build_tokenizer(c, recs), mesh,
-                                           sharding.rules_from_config(c.logical_axis_rules))
+  sharded, _, ids_b = train_lib.init_model(
+    c, train_lib.build_tokenizer(c, recs), mesh, sharding.rules_from_config(c.logical_axis_rules)
+  )
   assert ids_a == ids_b
   a = dict(nnx.to_flat_state(nnx.state(eager, nnx.Param)))
   b = dict(nnx.to_flat_state(nnx.state(sharded, nnx.Param)))
   assert a.keys() == b.keys()
   for k in a:
-    np.testing.assert_allclose(np.asarray(b[k].get_value()), np.asarray(a[k].get_value()), rtol=0, atol=1e-7,
-                               err_msg=str(k))
+    np.testing.assert_allclose(
+      np.asarray(b[k].get_value()), np.asarray(a[k].get_value()), rtol=0, atol=1e-7, err_msg=str(k)
+    )

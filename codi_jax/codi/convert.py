@@ -46,7 +46,7 @@ def import_official(path: str, backbone_cfg: ModelConfig, codi_cfg: CodiConfig) 
   base, lora, prj, other = {}, {}, {}, []
   for k, v in sd.items():
     if k.startswith(_PREFIX):
-      key = k[len(_PREFIX):]
+      key = k[len(_PREFIX) :]
       m = _LORA.match(key)
       if m:
         lora[(m.group(1), m.group(2))] = v
@@ -58,10 +58,14 @@ def import_official(path: str, backbone_cfg: ModelConfig, codi_cfg: CodiConfig) 
       other.append(k)
   if other:
     raise InputError(f"{path}: unexpected keys outside codi.* and prj.*: {other[:5]}")
-  wte = next((v for k, v in base.items() if k.endswith(("wte.weight", "embed_tokens.weight"))), None)
+  wte = next(
+    (v for k, v in base.items() if k.endswith(("wte.weight", "embed_tokens.weight"))), None
+  )
   if wte is None or wte.shape[0] != backbone_cfg.vocab_size:
-    raise InputError(f"{path}: embedding has {None if wte is None else wte.shape[0]} rows, expected "
-                     f"{backbone_cfg.vocab_size} (vocabulary + pad/bot/eot)")
+    raise InputError(
+      f"{path}: embedding has {None if wte is None else wte.shape[0]} rows, expected "
+      f"{backbone_cfg.vocab_size} (vocabulary + pad/bot/eot)"
+    )
   backbone = hf.assign(backbone_cfg, base, where=path)
   used = set()
   for mod_path, var in nnx.to_flat_state(nnx.state(backbone, nnx.LoRAParam)):
@@ -70,23 +74,31 @@ def import_official(path: str, backbone_cfg: ModelConfig, codi_cfg: CodiConfig) 
     which = "A" if mod_path[-1] == "lora_a" else "B"
     key = _find_lora(lora, module, which)
     if key is None:
-      raise InputError(f"{path}: missing LoRA tensor {_PREFIX}...{module}.lora_{which}.default.weight")
-    arr = np.asarray(lora[key], np.float32).T  # peft Linear [r, in] / [out, r] -> ours [in, r] / [r, out]
+      raise InputError(
+        f"{path}: missing LoRA tensor {_PREFIX}...{module}.lora_{which}.default.weight"
+      )
+    arr = np.asarray(
+      lora[key], np.float32
+    ).T  # peft Linear [r, in] / [out, r] -> ours [in, r] / [r, out]
     if arr.shape != var.get_value().shape:
-      raise InputError(f"{path}: LoRA tensor for {module} ({which}) has shape {arr.shape[::-1]}, "
-                       f"config implies {var.get_value().shape[::-1]}")
+      raise InputError(
+        f"{path}: LoRA tensor for {module} ({which}) has shape {arr.shape[::-1]}, "
+        f"config implies {var.get_value().shape[::-1]}"
+      )
     var.set_value(jnp.asarray(arr))
     used.add(key)
   if set(lora) - used:
-    raise InputError(f"{path}: LoRA tensors for modules the config does not adapt: "
-                     f"{sorted({k[0] for k in set(lora) - used})[:5]}")
+    raise InputError(
+      f"{path}: LoRA tensors for modules the config does not adapt: "
+      f"{sorted({k[0] for k in set(lora) - used})[:5]}"
+    )
   codi = Codi(backbone, codi_cfg, nnx.Rngs(params=0))
   _assign_prj(codi, prj, path)
   return codi
 
 
 def _find_lora(lora, module: str, which: str):
-  for (name, w) in lora:
+  for name, w in lora:
     if w == which and (name == module or name.endswith("." + module)):
       return (name, w)
   return None
@@ -97,17 +109,27 @@ def _assign_prj(codi: Codi, prj: dict, path: str):
     if prj:
       raise InputError(f"{path}: checkpoint has prj.* but use_prj=False")
     return
-  want = {"prj.1.weight": (codi.prj.w1, True), "prj.1.bias": (codi.prj.b1, False),
-          "prj.3.weight": (codi.prj.w2, True), "prj.3.bias": (codi.prj.b2, False)}
+  want = {
+    "prj.1.weight": (codi.prj.w1, True),
+    "prj.1.bias": (codi.prj.b1, False),
+    "prj.3.weight": (codi.prj.w2, True),
+    "prj.3.bias": (codi.prj.b2, False),
+  }
   if codi.prj.ln is not None:
-    want.update({"prj.ln.weight": (codi.prj.ln.scale, False), "prj.ln.bias": (codi.prj.ln.bias, False)})
+    want.update(
+      {"prj.ln.weight": (codi.prj.ln.scale, False), "prj.ln.bias": (codi.prj.ln.bias, False)}
+    )
   missing = sorted(set(want) - set(prj))
   extra = sorted(set(prj) - set(want))
   if missing or extra:
-    raise InputError(f"{path}: projection keys do not match (missing {missing}, unexpected {extra})")
+    raise InputError(
+      f"{path}: projection keys do not match (missing {missing}, unexpected {extra})"
+    )
   for k, (var, transpose) in want.items():
     arr = np.asarray(prj[k], np.float32)
     arr = arr.T if transpose else arr
     if arr.shape != var.get_value().shape:
-      raise InputError(f"{path}: {k} has shape {np.shape(prj[k])}, expected {var.get_value().shape[::-1] if transpose else var.get_value().shape}")
+      raise InputError(
+        f"{path}: {k} has shape {np.shape(prj[k])}, expected {var.get_value().shape[::-1] if transpose else var.get_value().shape}"
+      )
     var.set_value(jnp.asarray(arr))

@@ -65,11 +65,19 @@ class Projection(nnx.Module):
 
   def __init__(self, d: int, p: int, *, layernorm: bool, dropout_rate: float, rngs: nnx.Rngs):
     bound1, bound2 = 1.0 / math.sqrt(d), 1.0 / math.sqrt(p)  # PyTorch Linear default init
-    self.w1 = param(jax.random.uniform(rngs.params(), (d, p), jnp.float32, -bound1, bound1), ("embed", "mlp"))
+    self.w1 = param(
+      jax.random.uniform(rngs.params(), (d, p), jnp.float32, -bound1, bound1), ("embed", "mlp")
+    )
     self.b1 = param(jax.random.uniform(rngs.params(), (p,), jnp.float32, -bound1, bound1), ("mlp",))
-    self.w2 = param(jax.random.uniform(rngs.params(), (p, d), jnp.float32, -bound2, bound2), ("mlp", "embed"))
-    self.b2 = param(jax.random.uniform(rngs.params(), (d,), jnp.float32, -bound2, bound2), ("embed",))
-    self.ln = LayerNorm(d, eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32) if layernorm else None
+    self.w2 = param(
+      jax.random.uniform(rngs.params(), (p, d), jnp.float32, -bound2, bound2), ("mlp", "embed")
+    )
+    self.b2 = param(
+      jax.random.uniform(rngs.params(), (d,), jnp.float32, -bound2, bound2), ("embed",)
+    )
+    self.ln = (
+      LayerNorm(d, eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32) if layernorm else None
+    )
     self.dropout_rate = dropout_rate
 
   def __call__(self, h_BxD, rng=None):
@@ -86,17 +94,29 @@ class Codi(nnx.Module):
     self.backbone = backbone
     self.cfg = cfg
     d = backbone.cfg.d_model
-    self.prj = Projection(d, cfg.prj_dim or d, layernorm=cfg.prj_layernorm, dropout_rate=cfg.prj_dropout,
-                          rngs=rngs) if cfg.use_prj else None
+    self.prj = (
+      Projection(
+        d, cfg.prj_dim or d, layernorm=cfg.prj_layernorm, dropout_rate=cfg.prj_dropout, rngs=rngs
+      )
+      if cfg.use_prj
+      else None
+    )
     table = backbone.embed.embedding
-    self.special = (param(table[...][-3:].astype(jnp.float32), (None, "embed"))
-                    if cfg.train_special_embeddings else None)
+    self.special = (
+      param(table[...][-3:].astype(jnp.float32), (None, "embed"))
+      if cfg.train_special_embeddings
+      else None
+    )
 
   def sync_special_rows(self):
     """Writes the trainable pad/bot/eot rows into the embedding table (no-op unless they train)."""
     if self.special is not None:
-      table = self.backbone.embed.embedding  # replaced, not mutated: the frozen tree may be a closure
-      self.backbone.embed.embedding = table.replace(table[...].at[-3:].set(self.special[...].astype(table.dtype)))
+      table = (
+        self.backbone.embed.embedding
+      )  # replaced, not mutated: the frozen tree may be a closure
+      self.backbone.embed.embedding = table.replace(
+        table[...].at[-3:].set(self.special[...].astype(table.dtype))
+      )
     return self
 
   def project(self, h_BxD, rng=None):
@@ -170,8 +190,15 @@ def encode_and_think(codi: Codi, batch, rng=None, enc_embeds=None, capacity_extr
   extra = batch["decoder_ids"].shape[1] if capacity_extra is None else capacity_extra
   cache = kvc.init_cache(bb.cfg, B, Lq + N + extra)
   enc_pos = jnp.broadcast_to(jnp.arange(Lq), (B, Lq)) if official else positions_from_mask(enc_mask)
-  enc = bb(None if enc_embeds is not None else enc_ids, embeds=enc_embeds, positions=enc_pos, mask=enc_mask,
-           cache=cache, logits="none", rng=fold(rng, 1))
+  enc = bb(
+    None if enc_embeds is not None else enc_ids,
+    embeds=enc_embeds,
+    positions=enc_pos,
+    mask=enc_mask,
+    cache=cache,
+    logits="none",
+    rng=fold(rng, 1),
+  )
   cache = enc.cache
   answer_valid = cache.valid
   if official:  # the reference's latent (and, unless fixmask, answer) passes see question pads
@@ -187,12 +214,19 @@ def encode_and_think(codi: Codi, batch, rng=None, enc_embeds=None, capacity_extr
 
     # N-1 projected feedbacks: the reference's unused z_{N+1} is never computed.
     loop, zs = scan_steps(bb, Loop(x, next_pos, cache, None), next_input, N - 1, rng=fold(rng, 3))
-    last = bb(embeds=loop.x[:, None], positions=loop.pos[:, None], cache=loop.cache, logits="none",
-              rng=fold(rng, 4))
+    last = bb(
+      embeds=loop.x[:, None],
+      positions=loop.pos[:, None],
+      cache=loop.cache,
+      logits="none",
+      rng=fold(rng, 4),
+    )
     cache, next_pos = last.cache, loop.pos + 1
     thoughts = jnp.concatenate([x[None].astype(jnp.float32), zs.astype(jnp.float32)], 0)
   if cfg.padding_mode != "official":
-    cache = cache._replace(valid=cache.valid & (answer_valid | (jnp.arange(cache.capacity) >= Lq)[None]))
+    cache = cache._replace(
+      valid=cache.valid & (answer_valid | (jnp.arange(cache.capacity) >= Lq)[None])
+    )
   return cache, next_pos, thoughts
 
 
@@ -201,17 +235,28 @@ def student_forward(codi: Codi, batch, rng=None, enc_embeds=None):
   bb, official = codi.backbone, codi.cfg.padding_mode != "masked"
   cache, next_pos, _ = encode_and_think(codi, batch, rng, enc_embeds)
   dec_ids, dec_mask = batch["decoder_ids"], batch["decoder_mask"]
-  dec_pos = next_pos[:, None] + (jnp.arange(dec_ids.shape[1])[None] if official else positions_from_mask(dec_mask))
-  return bb(embeds=bb.embed_tokens(dec_ids), positions=dec_pos, mask=dec_mask, cache=cache,
-            hidden_states=True, rng=fold(rng, 5))
+  dec_pos = next_pos[:, None] + (
+    jnp.arange(dec_ids.shape[1])[None] if official else positions_from_mask(dec_mask)
+  )
+  return bb(
+    embeds=bb.embed_tokens(dec_ids),
+    positions=dec_pos,
+    mask=dec_mask,
+    cache=cache,
+    hidden_states=True,
+    rng=fold(rng, 5),
+  )
 
 
 def teacher_forward(codi: Codi, batch, rng=None, hidden_states=True, logits="all"):
   """Teacher pass over [question][CoT][answer]; logits "all", "none" or at positions [B, N]."""
   ids, mask = batch["teacher_ids"], batch["teacher_mask"]
-  pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)  # right-padded, starts at 0 in every mode
-  return codi.backbone(ids, positions=pos, mask=mask, hidden_states=hidden_states, logits=logits,
-                       rng=rng)
+  pos = jnp.broadcast_to(
+    jnp.arange(ids.shape[1]), ids.shape
+  )  # right-padded, starts at 0 in every mode
+  return codi.backbone(
+    ids, positions=pos, mask=mask, hidden_states=hidden_states, logits=logits, rng=rng
+  )
 
 
 def _gather(h_BxLxD, idx_B):
@@ -225,10 +270,18 @@ def codi_loss(codi: Codi, batch, rng=None):
   loss = 0.0
   if cfg.method in ("codi", "cot_sft"):
     window = teacher_label_window(batch)  # logits at the labelled positions only, if batched
-    tea = teacher_forward(codi, batch, fold(rng, 10), hidden_states=cfg.method == "codi",
-                          logits="all" if window is None else window[0])
-    ce_t = (masked_ce(tea.logits, batch["teacher_labels"]) if window is None
-            else token_ce(tea.logits, window[1]))
+    tea = teacher_forward(
+      codi,
+      batch,
+      fold(rng, 10),
+      hidden_states=cfg.method == "codi",
+      logits="all" if window is None else window[0],
+    )
+    ce_t = (
+      masked_ce(tea.logits, batch["teacher_labels"])
+      if window is None
+      else token_ce(tea.logits, window[1])
+    )
     metrics["ce_teacher"] = ce_t
     loss = loss + (cfg.gamma if cfg.method == "codi" else 1.0) * ce_t
   if cfg.method in ("codi", "no_cot_sft"):

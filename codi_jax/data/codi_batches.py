@@ -96,8 +96,9 @@ class CodiExamples(Sequence):
     """Unpadded lengths of each example's encoder, teacher and decoder sequences, and the number
     of teacher positions whose next label is valid (`teacher_span`, the `Shapes` field)."""
     q, c, a = np.diff(self._q_off), np.diff(self._c_off), np.diff(self._a_off)
-    return dict(question=q + 1, teacher=q + c + a, decoder=a + 1,
-                teacher_span=teacher_span(q, q + c + a))
+    return dict(
+      question=q + 1, teacher=q + c + a, decoder=a + 1, teacher_span=teacher_span(q, q + c + a)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +306,12 @@ def pad_example(example: Mapping[str, Any], shapes: Shapes, ids: SpecialIds) -> 
   q, c, a = example["question"], example["cot"], example["answer"]
   lq, lt, la = len(q) + 1, len(q) + len(c) + len(a), len(a) + 1
   span = int(teacher_span(len(q), lt))
-  if (lq > shapes.question or lt > shapes.teacher or la > shapes.decoder
-      or (shapes.teacher_span and span > shapes.teacher_span)):
+  if (
+    lq > shapes.question
+    or lt > shapes.teacher
+    or la > shapes.decoder
+    or (shapes.teacher_span and span > shapes.teacher_span)
+  ):
     raise InputError(f"example {example['index']}: lengths {(lq, lt, la, span)} exceed {shapes}")
 
   encoder_ids = np.full(shapes.question, ids.pad, np.int32)

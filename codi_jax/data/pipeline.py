@@ -78,7 +78,9 @@ def codi_dataset(
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if batch_size % count:
-    raise InputError(f"batch_size={batch_size} is not a multiple of the {count} processes feeding it")
+    raise InputError(
+      f"batch_size={batch_size} is not a multiple of the {count} processes feeding it"
+    )
   if len(examples) < batch_size:
     raise InputError(f"{len(examples)} examples is fewer than batch_size={batch_size}")
   local = batch_size // count

@@ -124,7 +124,9 @@ class Difficulty:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(cfg) - names - set(SPLITS)
     if unknown:
-      raise InputError(f"config.data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+      raise InputError(
+        f"config.data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(names)}"
+      )
     kw = {k: (tuple(v) if k == "ops" else v) for k, v in cfg.items() if k in names}
     return cls(**kw)
 
@@ -174,7 +176,9 @@ def _draw_chain(rng: random.Random, d: Difficulty) -> list[tuple[int, str, int, 
   return chain
 
 
-def _render(rng: random.Random, chain: list[tuple[int, str, int, int]], style: str = "story") -> str:
+def _render(
+  rng: random.Random, chain: list[tuple[int, str, int, int]], style: str = "story"
+) -> str:
   openings, steps, questions = _STYLES[style]
   name, he, him, his = rng.choice(_PEOPLE)
   words = dict(name=name, he=he, He=he.capitalize(), him=him, his=his)

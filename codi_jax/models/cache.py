@@ -34,13 +34,16 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCac
   shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
   axes = ("batch", "cache_len", "act_kv", None)
   k = tuple(constrain(jnp.zeros(shape, dtype), axes) for _ in range(cfg.num_layers))
-  v = tuple(constrain(jnp.zeros(shape, dtype), axes) for _ in range(cfg.num_layers))  # distinct: donatable
+  v = tuple(
+    constrain(jnp.zeros(shape, dtype), axes) for _ in range(cfg.num_layers)
+  )  # distinct: donatable
   return KVCache(k, v, jnp.zeros((batch, capacity), bool), jnp.zeros((), jnp.int32))
 
 
 def write(cache_BxTxKxDh: jax.Array, new_BxLxKxDh: jax.Array, end: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_update_slice_in_dim(cache_BxTxKxDh, new_BxLxKxDh.astype(cache_BxTxKxDh.dtype),
-                                             end, axis=1)
+  return jax.lax.dynamic_update_slice_in_dim(
+    cache_BxTxKxDh, new_BxLxKxDh.astype(cache_BxTxKxDh.dtype), end, axis=1
+  )
 
 
 def advance(cache: KVCache, k, v, mask_BxL: jax.Array) -> KVCache:

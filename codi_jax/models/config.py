@@ -9,9 +9,9 @@ ARCHS = ("gpt2", "llama", "qwen2")
 
 # peft-style LoRA target names per architecture (a target matches a module whose path ends with it).
 LORA_TARGETS = {
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+  "gpt2": ("c_attn", "c_proj", "c_fc"),
+  "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+  "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 
 
@@ -69,7 +69,9 @@ class ModelConfig:
     if self.arch not in ARCHS:
       raise ValueError(f"unsupported architecture {self.arch!r}; supported: {', '.join(ARCHS)}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+      raise ValueError(
+        f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+      )
 
   @property
   def lora_targets(self) -> tuple[str, ...]:
@@ -84,8 +86,15 @@ class ModelConfig:
 def tiny(arch: str, **kw) -> ModelConfig:
   """A few-kB config for tests and the CPU demo."""
   base = dict(
-      arch=arch, vocab_size=128, num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
-      d_ff=64, max_positions=256,
+    arch=arch,
+    vocab_size=128,
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=8,
+    d_ff=64,
+    max_positions=256,
   )
   if arch != "gpt2":
     base.update(num_kv_heads=2, qkv_bias=arch == "qwen2")

@@ -23,7 +23,9 @@ def open_reader(path: str):
   try:
     reader = gguf.GGUFReader(path)
   except Exception as e:  # pylint: disable=broad-except
-    raise InputError(f"{path}: not a valid GGUF file (truncated or corrupt: {type(e).__name__}: {e})") from None
+    raise InputError(
+      f"{path}: not a valid GGUF file (truncated or corrupt: {type(e).__name__}: {e})"
+    ) from None
   size = os.path.getsize(path)
   for t in reader.tensors:
     if t.data_offset + t.n_bytes > size:
@@ -36,12 +38,15 @@ def field(reader, key: str, default=None):
   return default if f is None else f.contents()
 
 
-def config_from_gguf(reader, path: str, *, dtype="float32", param_dtype="float32",
-                     lora: LoRAConfig | None = None) -> ModelConfig:
+def config_from_gguf(
+  reader, path: str, *, dtype="float32", param_dtype="float32", lora: LoRAConfig | None = None
+) -> ModelConfig:
   arch = field(reader, "general.architecture")
   if arch not in ("llama", "qwen2", "gpt2"):
-    raise InputError(f"{path}: unsupported architecture {arch!r} (general.architecture); "
-                     "supported: gpt2, llama, qwen2")
+    raise InputError(
+      f"{path}: unsupported architecture {arch!r} (general.architecture); "
+      "supported: gpt2, llama, qwen2"
+    )
 
   def need(key):
     v = field(reader, f"{arch}.{key}")
@@ -51,32 +56,60 @@ def config_from_gguf(reader, path: str, *, dtype="float32", param_dtype="float32
 
   names = {t.name for t in reader.tensors}
   if "rope_freqs.weight" in names:
-    raise InputError(f"{path}: GGUF rope_freqs (Llama-3.1+ RoPE scaling baked into a tensor) is not "
-                     "supported; load the HF checkpoint instead")
+    raise InputError(
+      f"{path}: GGUF rope_freqs (Llama-3.1+ RoPE scaling baked into a tensor) is not "
+      "supported; load the HF checkpoint instead"
+    )
   D, H = need("embedding_length"), need("attention.head_count")
   vocab = field(reader, f"{arch}.vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
-  common = dict(arch=arch, vocab_size=vocab, num_layers=need("block_count"), d_model=D, num_heads=H,
-                num_kv_heads=field(reader, f"{arch}.attention.head_count_kv") or H,
-                d_ff=need("feed_forward_length"), max_positions=need("context_length"),
-                tie_embeddings="output.weight" not in names, dtype=dtype, param_dtype=param_dtype,
-                lora=lora)
+  common = dict(
+    arch=arch,
+    vocab_size=vocab,
+    num_layers=need("block_count"),
+    d_model=D,
+    num_heads=H,
+    num_kv_heads=field(reader, f"{arch}.attention.head_count_kv") or H,
+    d_ff=need("feed_forward_length"),
+    max_positions=need("context_length"),
+    tie_embeddings="output.weight" not in names,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    lora=lora,
+  )
   if arch == "gpt2":
     return ModelConfig(**common, head_dim=D // H, norm_eps=need("attention.layer_norm_epsilon"))
   scaling = None
   if field(reader, f"{arch}.rope.scaling.type") == "linear":
     scaling = RopeScaling("linear", float(field(reader, f"{arch}.rope.scaling.factor")))
   return ModelConfig(
-      **common, head_dim=field(reader, f"{arch}.rope.dimension_count") or D // H,
-      norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-      rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
-      qkv_bias=arch == "qwen2")
+    **common,
+    head_dim=field(reader, f"{arch}.rope.dimension_count") or D // H,
+    norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+    rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+    rope_scaling=scaling,
+    qkv_bias=arch == "qwen2",
+  )
 
 
-_LLAMA = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-_GPT2 = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
-         "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_LLAMA = {
+  "attn_norm": "input_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_norm": "post_attention_layernorm",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+}
+_GPT2 = {
+  "attn_norm": "ln_1",
+  "attn_qkv": "attn.c_attn",
+  "attn_output": "attn.c_proj",
+  "ffn_norm": "ln_2",
+  "ffn_up": "mlp.c_fc",
+  "ffn_down": "mlp.c_proj",
+}
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -90,8 +123,11 @@ def tensors_from_gguf(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
   from gguf.quants import dequantize  # pylint: disable=import-outside-toplevel
 
   gpt2 = cfg.arch == "gpt2"
-  top = ({"token_embd": "wte", "position_embd": "wpe", "output_norm": "ln_f", "output": "lm_head"} if gpt2
-         else {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"})
+  top = (
+    {"token_embd": "wte", "position_embd": "wpe", "output_norm": "ln_f", "output": "lm_head"}
+    if gpt2
+    else {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+  )
   out = {}
   for t in reader.tensors:
     a = np.asarray(dequantize(t.data, t.tensor_type), np.float32)

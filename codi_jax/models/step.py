@@ -10,7 +10,8 @@ Shape legend: B batch, L input length, D model, V vocab.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +38,26 @@ class Loop(NamedTuple):
   state: Any
 
 
-def step(model: Transformer, x_BxLxD, pos_BxL, cache: KVCache, mask_BxL=None, *,
-         hidden_states: bool = False, rng: jax.Array | None = None) -> StepOut:
+def step(
+  model: Transformer,
+  x_BxLxD,
+  pos_BxL,
+  cache: KVCache,
+  mask_BxL=None,
+  *,
+  hidden_states: bool = False,
+  rng: jax.Array | None = None,
+) -> StepOut:
   """Input embeddings + positions + cache -> outputs at the last position + new cache."""
-  out = model(embeds=x_BxLxD, positions=pos_BxL, mask=mask_BxL, cache=cache, logits="last",
-              hidden_states=hidden_states, rng=rng)
+  out = model(
+    embeds=x_BxLxD,
+    positions=pos_BxL,
+    mask=mask_BxL,
+    cache=cache,
+    logits="last",
+    hidden_states=hidden_states,
+    rng=rng,
+  )
   hs = None if out.hidden_states is None else tuple(h[:, -1] for h in out.hidden_states)
   return StepOut(out.logits, out.hidden[:, -1], hs, out.cache)
 
@@ -49,9 +65,17 @@ def step(model: Transformer, x_BxLxD, pos_BxL, cache: KVCache, mask_BxL=None, *,
 NextInput = Callable[[Any, StepOut, jax.Array], tuple[jax.Array, Any, Any]]
 
 
-def scan_steps(model: Transformer, loop: Loop, next_input: NextInput, num_steps: int, *,
-               start: jax.Array | int = 0, hidden_states: bool = False,
-               rng: jax.Array | None = None, remat: bool = False) -> tuple[Loop, Any]:
+def scan_steps(
+  model: Transformer,
+  loop: Loop,
+  next_input: NextInput,
+  num_steps: int,
+  *,
+  start: jax.Array | int = 0,
+  hidden_states: bool = False,
+  rng: jax.Array | None = None,
+  remat: bool = False,
+) -> tuple[Loop, Any]:
   """Runs `num_steps` one-position steps with `lax.scan`.
 
   next_input(state, out, i) -> (x_next [B, D], state, record) is a pure function of step i's
@@ -60,8 +84,14 @@ def scan_steps(model: Transformer, loop: Loop, next_input: NextInput, num_steps:
   """
 
   def body(lp: Loop, i):
-    out = step(model, lp.x[:, None], lp.pos[:, None], lp.cache, hidden_states=hidden_states,
-               rng=fold(rng, i) if rng is not None else None)
+    out = step(
+      model,
+      lp.x[:, None],
+      lp.pos[:, None],
+      lp.cache,
+      hidden_states=hidden_states,
+      rng=fold(rng, i) if rng is not None else None,
+    )
     x, state, record = next_input(lp.state, out, i)
     return Loop(x.astype(lp.x.dtype), lp.pos + 1, out.cache, state), record
 
@@ -70,8 +100,15 @@ def scan_steps(model: Transformer, loop: Loop, next_input: NextInput, num_steps:
   return jax.lax.scan(body, loop, start + jnp.arange(num_steps))
 
 
-def while_steps(model: Transformer, loop: Loop, next_input: NextInput, max_steps: int,
-                done: Callable[[Any], jax.Array], *, chunk: int = 1) -> tuple[Loop, jax.Array]:
+def while_steps(
+  model: Transformer,
+  loop: Loop,
+  next_input: NextInput,
+  max_steps: int,
+  done: Callable[[Any], jax.Array],
+  *,
+  chunk: int = 1,
+) -> tuple[Loop, jax.Array]:
   """Open-ended decoding: `scan_steps` in chunks of `chunk` inside a `lax.while_loop`.
 
   Stops once done(state) is true or max_steps steps ran (rounded up to a whole chunk). Records are

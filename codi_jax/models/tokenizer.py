@@ -580,13 +580,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 512, eos: str = _GPT2_EOS)
   from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
 
   backend = tokenizers.Tokenizer(models.BPE())
-  backend.pre_tokenizer = pre_tokenizers.Sequence([
-    pre_tokenizers.Digits(individual_digits=True),
-    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-  ])
+  backend.pre_tokenizer = pre_tokenizers.Sequence(
+    [
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ]
+  )
   backend.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-    vocab_size=vocab_size, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    vocab_size=vocab_size,
+    special_tokens=[eos],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     show_progress=False,
   )
   backend.train_from_iterator(list(texts), trainer=trainer)

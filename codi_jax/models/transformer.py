@@ -20,10 +20,18 @@ from flax import nnx
 from codi_jax.models import cache as kvc
 from codi_jax.models.config import ModelConfig
 from codi_jax.models.layers import (
-    Embed, LayerNorm, Linear, RMSNorm, attention, dropout, fold, rope, rope_inv_freq, rope_tables,
+  Embed,
+  LayerNorm,
+  Linear,
+  RMSNorm,
+  attention,
+  dropout,
+  fold,
+  rope,
+  rope_inv_freq,
+  rope_tables,
 )
 from codi_jax.models.partitioning import constrain
-
 
 _ACT = ("batch", None, "act_embed")  # the residual stream
 
@@ -35,11 +43,22 @@ class Output(NamedTuple):
   cache: kvc.KVCache | None
 
 
-def _linear(cfg: ModelConfig, name: str, din: int, dout: int, bias: bool, axes, rngs, init_std=0.02):
+def _linear(
+  cfg: ModelConfig, name: str, din: int, dout: int, bias: bool, axes, rngs, init_std=0.02
+):
   targets = cfg.lora_targets
   lora = cfg.lora if any(name == t or name.endswith("." + t) for t in targets) else None
-  return Linear(din, dout, bias=bias, axes=axes, dtype=jnp.dtype(cfg.dtype),
-                param_dtype=jnp.dtype(cfg.param_dtype), lora=lora, rngs=rngs, init_std=init_std)
+  return Linear(
+    din,
+    dout,
+    bias=bias,
+    axes=axes,
+    dtype=jnp.dtype(cfg.dtype),
+    param_dtype=jnp.dtype(cfg.param_dtype),
+    lora=lora,
+    rngs=rngs,
+    init_std=init_std,
+  )
 
 
 def _attend_cached(q, k, v, kv, end, allowed, cfg: ModelConfig, rng):
@@ -65,12 +84,13 @@ class GPT2Block(nnx.Module):
 
   def __call__(self, x_BxLxD, rope_cs, kv, allowed, end, rng):
     del rope_cs  # GPT-2 adds learned positions at the embedding
-    cfg, (B, L, D) = self.cfg, x_BxLxD.shape
+    cfg, (B, L, _) = self.cfg, x_BxLxD.shape
     h = self.ln_1(x_BxLxD)
     q, k, v = jnp.split(self.c_attn(h, fold(rng, 0)), 3, axis=-1)
     shape = (B, L, cfg.num_heads, cfg.head_dim)
-    o, kv = _attend_cached(q.reshape(shape), k.reshape(shape), v.reshape(shape), kv, end, allowed,
-                           cfg, fold(rng, 1))
+    o, kv = _attend_cached(
+      q.reshape(shape), k.reshape(shape), v.reshape(shape), kv, end, allowed, cfg, fold(rng, 1)
+    )
     x_BxLxD = x_BxLxD + dropout(self.attn_c_proj(o, fold(rng, 2)), cfg.resid_dropout, fold(rng, 3))
     h = jax.nn.gelu(self.c_fc(self.ln_2(x_BxLxD), fold(rng, 4)), approximate=True)
     x_BxLxD = x_BxLxD + dropout(self.mlp_c_proj(h, fold(rng, 5)), cfg.resid_dropout, fold(rng, 6))
@@ -86,10 +106,14 @@ class LlamaBlock(nnx.Module):
     resid_std = 0.02 / math.sqrt(2 * cfg.num_layers)
     self.cfg = cfg
     self.input_layernorm = RMSNorm(D, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-    self.q_proj = _linear(cfg, "self_attn.q_proj", D, H * Dh, cfg.qkv_bias, ("embed", "heads"), rngs)
+    self.q_proj = _linear(
+      cfg, "self_attn.q_proj", D, H * Dh, cfg.qkv_bias, ("embed", "heads"), rngs
+    )
     self.k_proj = _linear(cfg, "self_attn.k_proj", D, K * Dh, cfg.qkv_bias, ("embed", "kv"), rngs)
     self.v_proj = _linear(cfg, "self_attn.v_proj", D, K * Dh, cfg.qkv_bias, ("embed", "kv"), rngs)
-    self.o_proj = _linear(cfg, "self_attn.o_proj", H * Dh, D, False, ("heads", "embed"), rngs, resid_std)
+    self.o_proj = _linear(
+      cfg, "self_attn.o_proj", H * Dh, D, False, ("heads", "embed"), rngs, resid_std
+    )
     self.post_attention_layernorm = RMSNorm(D, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
     self.gate_proj = _linear(cfg, "mlp.gate_proj", D, F, False, ("embed", "mlp"), rngs)
     self.up_proj = _linear(cfg, "mlp.up_proj", D, F, False, ("embed", "mlp"), rngs)
@@ -114,18 +138,41 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.cfg = cfg
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), dtype=dt, param_dtype=pdt,
-                       rngs=rngs)
+    self.embed = Embed(
+      cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs
+    )
     gpt2 = cfg.arch == "gpt2"
-    self.pos_embed = (Embed(cfg.max_positions, cfg.d_model, axes=(None, "embed"), dtype=dt, param_dtype=pdt,
-                            rngs=rngs, init_std=0.01) if gpt2 else None)
+    self.pos_embed = (
+      Embed(
+        cfg.max_positions,
+        cfg.d_model,
+        axes=(None, "embed"),
+        dtype=dt,
+        param_dtype=pdt,
+        rngs=rngs,
+        init_std=0.01,
+      )
+      if gpt2
+      else None
+    )
     block = GPT2Block if gpt2 else LlamaBlock
     self.blocks = nnx.List([block(cfg, rngs) for _ in range(cfg.num_layers)])
     norm = LayerNorm if gpt2 else RMSNorm
     self.final_norm = norm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-    self.lm_head = None if cfg.tie_embeddings else Linear(
-        cfg.d_model, cfg.vocab_size, bias=False, axes=("embed", "vocab"), dtype=dt, param_dtype=pdt,
-        lora=None, rngs=rngs)
+    self.lm_head = (
+      None
+      if cfg.tie_embeddings
+      else Linear(
+        cfg.d_model,
+        cfg.vocab_size,
+        bias=False,
+        axes=("embed", "vocab"),
+        dtype=dt,
+        param_dtype=pdt,
+        lora=None,
+        rngs=rngs,
+      )
+    )
 
   def embed_tokens(self, ids):
     """Input embeddings of token ids (no position term); what soft/latent inputs replace."""
@@ -136,12 +183,26 @@ class Transformer(nnx.Module):
     if self.lm_head is None:
       out = self.embed.attend(h_BxLxD)
     else:
-      out = jnp.einsum("...d,dv->...v", h_BxLxD, self.lm_head.kernel[...].astype(h_BxLxD.dtype),
-                       preferred_element_type=jnp.float32)
+      out = jnp.einsum(
+        "...d,dv->...v",
+        h_BxLxD,
+        self.lm_head.kernel[...].astype(h_BxLxD.dtype),
+        preferred_element_type=jnp.float32,
+      )
     return constrain(out, ("batch",) + (None,) * (out.ndim - 2) + ("act_vocab",))
 
-  def __call__(self, tokens=None, *, embeds=None, positions, mask=None, cache: kvc.KVCache | None = None,
-               logits="all", hidden_states: bool = False, rng: jax.Array | None = None) -> Output:
+  def __call__(
+    self,
+    tokens=None,
+    *,
+    embeds=None,
+    positions,
+    mask=None,
+    cache: kvc.KVCache | None = None,
+    logits="all",
+    hidden_states: bool = False,
+    rng: jax.Array | None = None,
+  ) -> Output:
     """Runs L inputs (ids [B, L] or embeddings [B, L, D]) at `positions` [B, L].
 
     mask [B, L] marks real inputs (default all); with a cache the inputs fill slots end..end+L-1
@@ -167,10 +228,17 @@ class Transformer(nnx.Module):
       key_valid_BxT = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxL, end, axis=1)
       kvs = list(zip(cache.k, cache.v))
     T = key_valid_BxT.shape[1]
-    allowed_BxLxT = key_valid_BxT[:, None, :] & (jnp.arange(T)[None, None, :] <= q_slot[None, :, None])
+    allowed_BxLxT = key_valid_BxT[:, None, :] & (
+      jnp.arange(T)[None, None, :] <= q_slot[None, :, None]
+    )
 
-    rope_cs = None if self.pos_embed is not None else rope_tables(
-        positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), x_BxLxD.dtype)
+    rope_cs = (
+      None
+      if self.pos_embed is not None
+      else rope_tables(
+        positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), x_BxLxD.dtype
+      )
+    )
     all_h = []
     new_k, new_v = [], []
     for i, blk in enumerate(self.blocks):
@@ -185,8 +253,11 @@ class Transformer(nnx.Module):
       all_h.append(h_BxLxD)
 
     if isinstance(logits, str):
-      out = {"all": lambda: self.head(h_BxLxD), "last": lambda: self.head(h_BxLxD[:, -1]),
-             "none": lambda: None}[logits]()
+      out = {
+        "all": lambda: self.head(h_BxLxD),
+        "last": lambda: self.head(h_BxLxD[:, -1]),
+        "none": lambda: None,
+      }[logits]()
     else:
       out = self.head(jnp.take_along_axis(h_BxLxD, logits[..., None], axis=1))
     new_cache = None if cache is None else kvc.advance(cache, new_k, new_v, mask_BxL)

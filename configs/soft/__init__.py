@@ -14,8 +14,14 @@ import ml_collections
 VARIANTS = ("soft", "dirichlet", "gumbel", "sample", "greedy")
 
 
-def preset(variant=None, *, model: str, dtype: str = "bfloat16", max_new_tokens: int = 32768,
-           chat: bool = True) -> ml_collections.ConfigDict:
+def preset(
+  variant=None,
+  *,
+  model: str,
+  dtype: str = "bfloat16",
+  max_new_tokens: int = 32768,
+  chat: bool = True,
+) -> ml_collections.ConfigDict:
   """The ConfigDict read by `python -m soft_jax.generate --config=...`; variant None = soft."""
   variant = variant or "soft"
   if variant not in VARIANTS:
@@ -28,7 +34,9 @@ def preset(variant=None, *, model: str, dtype: str = "bfloat16", max_new_tokens:
   config.max_new_tokens = max_new_tokens  # one budget for thinking + answer (reference: 32768)
   config.length_bucket = 32  # prompt lengths padded to a multiple: one compile per bucket
   config.seed = 0  # the reference runs use seed 0
-  config.mesh = ""  # "data,fsdp,tensor", e.g. "1,1,-1": tensor parallel over every device (big models)
+  config.mesh = (
+    ""  # "data,fsdp,tensor", e.g. "1,1,-1": tensor parallel over every device (big models)
+  )
   config.think_end = "auto"  # "auto": a single `</think>` token if the vocabulary has one; "none"
   config.think_end_last_id = False  # True: the last id of a multi-token `</think>` (official rule)
 
