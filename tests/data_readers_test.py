@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from codi_jax.data import readers
+from codi_jax.data import formats, readers, sources
 from codi_jax.errors import InputError
 
 AUG = [
@@ -193,8 +193,9 @@ def test_unknown_names():
 
 def test_hub_without_datasets(monkeypatch):
   monkeypatch.setitem(sys.modules, "datasets", None)  # Makes `import datasets` fail.
-  assert _error(readers.read_train_set, "gsm8k-aug").startswith(
-    "zen-E/GSM8k-Aug: reading from the HF hub needs the `datasets` package"
+  assert _error(readers.read_train_set, "gsm8k-aug") == (
+    "zen-E/GSM8k-Aug: reading from the HF hub needs the `datasets` package "
+    "(pip install -e .[hub]); or pass a local file (JSON/JSONL, or `question||cot #### answer` lines)"
   )
 
 
@@ -223,4 +224,211 @@ def test_hub_with_fake_datasets(monkeypatch):
   assert _error(readers.read_train_set, "gsm8k-aug", "offline/x") == (
     "offline/x: cannot load from the HF hub (ConnectionError: Couldn't reach the hub); "
     "offline? pass a local .json/.jsonl file"
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Native file formats (formats.py) and a run's sources (sources.py), on small tmp files.
+
+
+def _gsm8k_row(question="Q", answer="a <<1+2=3>>3 b <<3*2=6>>6\n#### 6"):
+  return {"question": question, "answer": answer}
+
+
+def test_gsm8k_bad_rows_are_counted_and_named(tmp_path):
+  rows = [
+    _gsm8k_row(),
+    _gsm8k_row(answer="no marker here"),
+    _gsm8k_row(question="  "),
+    _gsm8k_row(answer="x\n#### about 5"),
+    {"question": "Q"},
+    _gsm8k_row(question=7),
+    _gsm8k_row(answer="<<2-5=-3>>-3\n#### -3"),
+    _gsm8k_row(answer="<<500*2=1000>>\n#### 1,000"),
+  ]
+  path = _jsonl(tmp_path / "gsm8k.jsonl", rows)
+  records, report = sources.read_train_file("gsm8k-aug", path)
+  assert [r["answer"] for r in records] == ["6", "1000"]
+  assert records[0]["cot"] == "<<1+2=3>>" and records[0]["results"] == [3.0, 6.0]
+  assert (report["read"], report["kept"]) == (8, 2)
+  assert report["dropped"] == {
+    "missing_field": 1,
+    "not_text": 1,
+    "empty_question": 1,
+    "no_####": 1,
+    "no_||": 0,
+    "bad_answer": 1,
+    "null_answer": 0,
+    "empty_answer": 0,
+    "non_digit_answer": 1,
+  }
+  assert report["bad_rows"] == [
+    f"{path}: line 2: no '####' in field 'answer'",
+    f"{path}: line 3: empty question",
+    f"{path}: line 4: answer 'about 5' after '####' is not a number",
+    f"{path}: line 5: missing field 'answer'",
+    f"{path}: line 6: field 'question' is int, not text",
+  ]
+  records, _ = sources.read_train_file("gsm8k-aug-nl", path)
+  assert records[0]["cot"] == ""  # One sentence: nothing is left after dropping the last.
+  assert records[0]["steps"] == ["a 3 b 6."]
+  two_lines = "x = <<1+1=2>>2 apples\n\nSo 2*3 = <<2*3=6>>6!\n"
+  assert formats.nl_cot(two_lines) == "x = 2 apples. So 2*3 = 6!"
+  assert formats.aug_cot(two_lines) == "<<1+1=2>> <<2*3=6>>"
+
+  bad = _jsonl(tmp_path / "bad.jsonl", rows[1:3])
+  message = _error(sources.read_train_file, "gsm8k-aug", bad)
+  assert message == (
+    f"{bad}: no readable rows (read 2, kept 0, dropped: empty_question=1, no_####=1; "
+    f"first: {bad}: line 1: no '####' in field 'answer')"
+  )
+
+
+def test_pipe_bad_rows(tmp_path):
+  path = tmp_path / "aug.txt"
+  lines = ["Q1||<<1+1=2>> <<2*3=6>> #### 6", "", "no separator #### 3", "||<<1+1=2>> #### 2"]
+  lines += ["Q4||<<1+1=2>> 2", "Q5||<<1+1=2>> ####  ", "Q6||#### -4"]
+  path.write_text("\n".join(lines) + "\n")
+  records, report = sources.read_train_file("gsm8k-aug", path)
+  assert records == [
+    {
+      "question": "Q1",
+      "cot": "<<1+1=2>>",
+      "answer": "6",
+      "steps": ["<<1+1=2>>", "<<2*3=6>>"],
+      "results": [2.0, 6.0],
+    }
+  ]
+  assert (report["read"], report["kept"], report["empty_cot"]) == (6, 1, 1)
+  dropped = {k: v for k, v in report["dropped"].items() if v}
+  assert dropped == {
+    "no_||": 1,
+    "empty_question": 1,
+    "no_####": 1,
+    "bad_answer": 1,
+    "non_digit_answer": 1,
+  }
+  assert report["bad_rows"][0] == f"{path}: line 3: no '||' between question and reasoning"
+  message = _error(sources.read_train_file, "gsm8k-aug-nl", path)
+  assert message.startswith(f"{path}: `||` lines hold calculator steps only")
+  message = _error(sources.read_train_file, "commonsense", path)
+  assert message.startswith(f"{path}: a pipe file holds math problems")
+
+
+def test_detect_layout(tmp_path):
+  assert sources.detect_layout(tmp_path / "x.txt") == "pipe"  # By extension, before reading.
+  assert sources.detect_layout(_jsonl(tmp_path / "a.jsonl", AUG)) == "hub"
+  assert sources.detect_layout(_json(tmp_path / "a.json", AUG)) == "hub"
+  assert sources.detect_layout(_jsonl(tmp_path / "g.jsonl", [_gsm8k_row()])) == "gsm8k"
+  assert sources.detect_layout(_json(tmp_path / "g.json", [_gsm8k_row()])) == "gsm8k"
+  pipe = tmp_path / "p.data"
+  pipe.write_text("\nQ||<<1+1=2>> #### 2\n")
+  assert sources.detect_layout(pipe) == "pipe"
+  pipe.write_text("\n\nplain text\n")
+  assert _error(sources.detect_layout, pipe).startswith(f"{pipe}: line 3: unknown layout")
+  missing = tmp_path / "none.jsonl"
+  assert _error(sources.detect_layout, missing) == f"{missing}: no such file"
+
+
+def test_eval_bad_rows(tmp_path):
+  svamp = [
+    {"Body": "A has 3.", "Question": " How  many?", "Answer": 3.0},
+    {"Body": "B", "Question": "C", "Answer": "n/a"},
+    {"Body": "", "Question": " ", "Answer": 1.0},
+    {"Body": "D", "Answer": 2.0},
+    {"Body": "E", "Question": "F", "Answer": True},
+  ]
+  path = _json(tmp_path / "SVAMP.json", svamp)
+  questions, golds, report = sources.load_eval_set("svamp", path=path)
+  assert questions == ["A has 3. How many?"] and golds == [3.0]
+  assert (report["read"], report["kept"], report["used"]) == (5, 1, 1)
+  assert {k: v for k, v in report["dropped"].items() if v} == {
+    "bad_answer": 2,
+    "empty_question": 1,
+    "missing_field": 1,
+  }
+  assert report["bad_rows"][0] == f"{path}: line 7: answer 'n/a' is not a number"
+
+  hard = [{"input": "H", "target": 1e13 + 0.5}, {"input": "H2", "target": "7"}, {"input": "x"}]
+  path = _jsonl(tmp_path / "gsmhardv2.jsonl", hard)
+  _, golds, report = sources.load_eval_set("gsm-hard", path=path)
+  assert golds == [1e13 + 0.5, 7.0] and report["dropped"]["missing_field"] == 1
+  gsm = [{"question": "G", "answer": "#### 1,024"}, {"question": "G2", "answer": "7"}]
+  path = _jsonl(tmp_path / "test.jsonl", gsm)
+  _, golds, report = sources.load_eval_set("gsm8k", path=path)
+  assert golds == [1024.0] and report["bad_rows"] == [
+    f"{path}: line 2: no '####' in field 'answer'"
+  ]
+
+  assert _error(sources.load_eval_set, "gsm9k").startswith("unknown evaluation set 'gsm9k'")
+  assert _error(sources.load_eval_set, "svamp") == (
+    "svamp: pass a data_dir holding svamp/SVAMP.json, or the file's path"
+  )
+  message = _error(sources.load_eval_set, "multiarith", data_dir=tmp_path)
+  assert message == (
+    f"{tmp_path}/multiarith/mawpsmultiarith.jsonl: no such file (evaluation set multiarith, "
+    "expected layout multiarith/mawpsmultiarith.jsonl)"
+  )
+  path = _jsonl(tmp_path / "m.jsonl", [{"input": "M", "target": None}])
+  assert _error(sources.load_eval_set, "multiarith", path=path).startswith(
+    f"{path}: no usable rows for multiarith (read 1, kept 0, dropped: missing_field=1; first: "
+  )
+
+
+def _config(**data):
+  from configs import base
+
+  c = base.get_config()
+  c.data.update(data)
+  return c
+
+
+def test_load_records_from_files(tmp_path):
+  train = [_gsm8k_row(f"Q{i}", f"<<{i}+1={i + 1}>>\n#### {i + 1}") for i in range(30)]
+  path = _jsonl(tmp_path / "train.jsonl", train)
+  valid = tmp_path / "valid.txt"
+  valid.write_text("Q3||<<3+1=4>> #### 4\nV||<<1+1=2>> <<2+2=4>> #### 4\n")
+  c = _config(source="gsm8k-aug", path=path)
+  train_recs, valid_recs, reports = sources.load_records(c)
+  assert len(train_recs) + len(valid_recs) == 30 and len(valid_recs) == 3  # Seeded hold-out.
+  assert reports["valid"] == {"source": "hold-out of train", "kept": 3}
+  assert sources.load_records(c)[1] == valid_recs
+  c.data.valid_path = str(valid)
+  train_recs, valid_recs, reports = sources.load_records(c)
+  assert len(train_recs) == 30 and [r["question"] for r in valid_recs] == ["Q3", "V"]
+  assert reports["valid"]["overlap_with_train"] == 1
+  assert reports["train"]["format"] == "gsm8k-jsonl"
+  c = _config(source="gsm8k-aug", path=path, format="parquet")
+  assert _error(sources.load_records, c).startswith("--config.data.format: unknown format")
+  records, _, _ = sources.load_records(_config(source="synthetic"))
+  assert records and "results" in records[0]
+
+
+def test_load_records_hub_and_missing_tfds(monkeypatch):
+  rows = [{"question": f"Q{i}", "cot": "<<1+1=2>> <<2+2=4>>", "answer": "4"} for i in range(20)]
+  calls = []
+
+  def load_dataset(hub_id, config=None):
+    calls.append(hub_id)
+    return {"train": rows}
+
+  monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+  train, valid, reports = sources.load_records(_config(source="gsm8k-aug", path="other/aug"))
+  assert (len(train), len(valid), reports["train"]["source"]) == (18, 2, "other/aug")
+  sources.load_records(_config(source="gsm8k-aug", valid_path="other/valid"))
+  assert calls == ["other/aug", "zen-E/GSM8k-Aug", "other/valid"]
+
+  monkeypatch.setitem(sys.modules, "datasets", None)
+  message = _error(sources.load_records, _config(source="gsm8k-aug"))
+  assert message.startswith("zen-E/GSM8k-Aug: reading from the HF hub needs the `datasets`")
+  assert "pip install -e .[hub]" in message
+
+  import codi_jax.data
+
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  monkeypatch.delitem(sys.modules, "codi_jax.data.tfds_gsm8k_aug", raising=False)
+  monkeypatch.delattr(codi_jax.data, "tfds_gsm8k_aug", raising=False)
+  c = _config(source="gsm8k-aug", format="tfds", tfds_data_dir="/nowhere")
+  assert _error(sources.load_records, c) == (
+    "--config.data.format=tfds needs tensorflow-datasets: pip install -r requirements-tfds.txt"
   )

@@ -1,8 +1,8 @@
 """Readers of CODI's training and evaluation sets: local JSON/JSONL files or HF hub datasets.
 
-Training sets get the official filtering and templating (spec 5.2) and a report counting every
+Training sets get the official filtering and templating (docs/codi.md 6.2) and a report counting every
 dropped example by reason; evaluation sets get the official question cleaning and gold parsing
-(spec 6.3). Bad input raises InputError naming the file, the line (1-based) and the field.
+(docs/codi.md 7.3). Bad input raises InputError naming the file, the line (1-based) and the field.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ def _hub_rows(hub_id: str, config: str | None, splits: Sequence[str]) -> Iterato
     import datasets  # Optional and heavy: only hub reading needs it.
   except ImportError:
     raise InputError(
-      f"{hub_id}: reading from the HF hub needs the `datasets` package (pip install datasets); "
-      "or pass a local .json/.jsonl file"
+      f"{hub_id}: reading from the HF hub needs the `datasets` package (pip install -e .[hub]); "
+      "or pass a local file (JSON/JSONL, or `question||cot #### answer` lines)"
     ) from None
   try:
     ds = datasets.load_dataset(hub_id, config) if config else datasets.load_dataset(hub_id)
@@ -216,7 +216,7 @@ def _finish(records: list[dict], report: dict) -> tuple[list[dict], dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training sets (spec 5.2)
+# Training sets (docs/codi.md 6.2)
 
 
 def step_result(step: str) -> float | None:
@@ -351,7 +351,7 @@ def _source_name(source: Source) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation sets (spec 6.3)
+# Evaluation sets (docs/codi.md 7.3)
 
 
 def clean_question(question: str) -> str:

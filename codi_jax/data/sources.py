@@ -1,0 +1,318 @@
+"""Where a run's data come from: `load_records(config)` for training, `load_eval_set` for testing.
+
+config.data (configs/base.py) picks the training data:
+  source: synthetic | gsm8k-aug | gsm8k-aug-nl | commonsense | strategy.
+  format "jsonl" reads `path`: "" is the source's HF hub dataset (`pip install -e .[hub]`); a file's
+    layout is detected (`detect_layout`): `.txt` or `question||cot #### answer` lines (GSM8k-Aug);
+    JSON/JSONL rows with a `cot` field (the hub layout); rows with `question` and an `answer`
+    ending in `#### N` (GSM8k, converted as `formats.gsm8k_train_rows`: calculator steps for
+    gsm8k-aug, reasoning text for gsm8k-aug-nl). Format "tfds" reads the ArrayRecord dataset that
+    `tfds_gsm8k_aug` built in `tfds_data_dir`: the same records, hence the same batches.
+  valid_path: a validation file (same detection); "" takes the tfds `valid` split when there is
+    one, else a seeded hold-out of the training records.
+Then the reference's filters and templating apply (readers.clean_gsm8k_aug), and every report counts
+what was dropped and why.
+
+Evaluation sets load by name from a folder with the standard file names (EVAL_FILES), or from one
+file per set; golds are floats, compared numerically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from codi_jax.data import formats, readers, synthetic
+from codi_jax.data.readers import Row
+from codi_jax.errors import InputError
+
+FORMATS = ("jsonl", "tfds")
+_TFDS_CONFIGS = {"gsm8k-aug": "aug", "gsm8k-aug-nl": "nl"}
+
+# Evaluation set -> (file under data_dir, reader kind in formats.EVAL_KINDS).
+EVAL_FILES = {
+  "gsm8k": ("gsm8k/test.jsonl", "gsm8k"),
+  "svamp": ("svamp/SVAMP.json", "svamp"),
+  "gsm_hard": ("gsm_hard/gsmhardv2.jsonl", "gsm_hard"),
+  "multiarith": ("multiarith/mawpsmultiarith.jsonl", "multiarith"),
+  "gsm8k_aug_test": ("gsm8k_aug/test.txt", "pipe"),
+}
+_EVAL_NOTES = {
+  "svamp": "all rows: the reference evaluates SVAMP's train and test splits together (1,000)",
+  "multiarith": "all rows of the file; the CODI paper's 180-row MultiArith test split is a subset",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training files
+
+
+def _first_line(path: str) -> tuple[int, str]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          return n, line.strip()
+  except FileNotFoundError:
+    raise InputError(f"{path}: no such file") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise InputError(f"{path}: cannot read ({e})") from None
+  raise InputError(f"{path}: empty file")
+
+
+def _row_layout(row: Any) -> str:
+  is_gsm8k = isinstance(row, dict) and "cot" not in row and {"question", "answer"} <= set(row)
+  return "gsm8k" if is_gsm8k else "hub"
+
+
+def detect_layout(path: str | os.PathLike) -> str:
+  """`pipe` (`||` lines), `gsm8k` (question + `####` answer rows) or `hub` (question, cot, answer).
+
+  `.txt` files are `||` lines; JSON files are judged by their first row.
+  """
+  path = os.fspath(path)
+  if path.endswith(".txt"):
+    return "pipe"
+  n, first = _first_line(path)
+  if first.startswith("{"):
+    try:
+      return _row_layout(json.loads(first))
+    except json.JSONDecodeError:
+      return "hub"  # Its reader names the bad line.
+  if first.startswith("["):
+    return _row_layout(next(readers.read_rows(path), ("", None))[1])
+  if "||" in first:
+    return "pipe"
+  raise InputError(
+    f"{path}: line {n}: unknown layout; expected JSON/JSONL rows or `question||cot #### answer` "
+    "lines"
+  )
+
+
+def _clean_converted(
+  kind: str, rows: list[Row], conversion: dict, kwargs: Mapping[str, Any]
+) -> tuple[list[dict], dict]:
+  """The reference's filters on converted rows; one report counting both stages' drops."""
+  if not rows:
+    raise InputError(f"{conversion['source']}: no readable rows ({formats.summary(conversion)})")
+  records, rep = readers.clean_gsm8k_aug(
+    rows, source=conversion["source"], nl=kind == "aug_nl", **kwargs
+  )
+  dropped = {**conversion["dropped"], **rep["dropped"]}
+  return records, {**conversion, "kept": rep["kept"], "dropped": dropped}
+
+
+def read_train_file(name: str, path: str | os.PathLike, **kwargs: Any) -> tuple[list[dict], dict]:
+  """Training set `name` (readers.TRAIN_SETS) from a local file of any supported layout.
+
+  `kwargs` go to the cleaner (include_last_cot, keep_non_digit_answers, ...).
+  """
+  if name not in readers.TRAIN_SETS:
+    raise InputError(f"unknown training set {name!r}; expected one of {sorted(readers.TRAIN_SETS)}")
+  path = os.fspath(path)
+  kind = readers.TRAIN_SETS[name].kind
+  layout = detect_layout(path)
+  if layout == "hub":
+    return readers.read_train_set(name, path, **kwargs)
+  if kind not in ("aug", "aug_nl"):
+    raise InputError(
+      f"{path}: a {layout} file holds math problems; source {name!r} needs JSON rows with "
+      "question, cot and answer"
+    )
+  if layout == "pipe":
+    if kind == "aug_nl":
+      raise InputError(
+        f"{path}: `||` lines hold calculator steps only; gsm8k-aug-nl needs GSM8k JSONL "
+        "(its natural-language reasoning)"
+      )
+    rows, conversion = formats.pipe_rows(path)
+  else:
+    rows, conversion = formats.gsm8k_train_rows(path, nl=kind == "aug_nl")
+  return _clean_converted(kind, rows, conversion, kwargs)
+
+
+def is_file_path(source: str | os.PathLike) -> bool:
+  """Whether `source` names a local file (an existing one, or a .json/.jsonl/.txt path)."""
+  path = os.fspath(source)
+  return os.path.isfile(path) or path.endswith((".json", ".jsonl", ".txt"))
+
+
+def read_train_source(
+  name: str, source: str | os.PathLike, **kwargs: Any
+) -> tuple[list[dict], dict]:
+  """Training set `name` from a local file (`read_train_file`), else from the hub: `source` is a
+  dataset id or folder for `datasets.load_dataset` ("" = the set's own hub id)."""
+  if source and is_file_path(source):
+    return read_train_file(name, source, **kwargs)
+  return readers.read_train_set(name, os.fspath(source) or None, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS (ArrayRecord)
+
+
+def _tfds_module():
+  try:
+    from codi_jax.data import tfds_gsm8k_aug
+  except ModuleNotFoundError as e:
+    if (e.name or "").split(".")[0] != "tensorflow_datasets":
+      raise
+    raise InputError(
+      "--config.data.format=tfds needs tensorflow-datasets: pip install -r requirements-tfds.txt"
+    ) from None
+  return tfds_gsm8k_aug
+
+
+def _tfds_config(d) -> str:
+  if d.source not in _TFDS_CONFIGS:
+    raise InputError(
+      f"--config.data.format=tfds: source {d.source!r} has no TFDS dataset; "
+      f"expected one of {sorted(_TFDS_CONFIGS)}"
+    )
+  if not d.get("tfds_data_dir", ""):
+    raise InputError("--config.data.tfds_data_dir: empty; format=tfds needs the TFDS data_dir")
+  if "://" in d.tfds_data_dir:
+    raise InputError(
+      f"--config.data.tfds_data_dir={d.tfds_data_dir}: ArrayRecord needs random access, which "
+      "bucket URLs do not give; use a local copy or a gcsfuse mount"
+    )
+  return _TFDS_CONFIGS[d.source]
+
+
+def _tfds_records(d, split: str, kwargs: Mapping[str, Any]) -> tuple[list[dict], dict]:
+  rows, conversion = _tfds_module().read_split(d.tfds_data_dir, _tfds_config(d), split)
+  return _clean_converted(readers.TRAIN_SETS[d.source].kind, rows, conversion, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's training and validation records
+
+
+def _overlap(train: Sequence[Mapping], valid: Sequence[Mapping]) -> int:
+  questions = {r["question"] for r in train}
+  return sum(r["question"] in questions for r in valid)
+
+
+def load_records(config) -> tuple[list[dict], list[dict], dict]:
+  """(train records, validation records, reports) for `config.data`. Validation is never test.
+
+  The validation report counts its questions also found in training (`overlap_with_train`):
+  GSM8k-Aug's valid file, for one, is drawn from GSM8k's training problems.
+  """
+  d = config.data
+  cleaning = dict(
+    include_last_cot=d.include_last_cot, keep_non_digit_answers=d.keep_non_digit_answers
+  )
+  if d.source == "synthetic":
+    s = d.synthetic
+    diff = synthetic.Difficulty.from_config(s.to_dict())
+    train, rep_t = readers.prepare_train_records(
+      synthetic.generate("train", s.train, seed=config.seed, difficulty=diff),
+      kind="aug",
+      source="synthetic:train",
+      **cleaning,
+    )
+    valid, rep_v = readers.prepare_train_records(
+      synthetic.generate("valid", s.valid, seed=config.seed, difficulty=diff),
+      kind="aug",
+      source="synthetic:valid",
+      **cleaning,
+    )
+    return train, valid, {"train": rep_t, "valid": rep_v}
+  fmt = d.get("format", "jsonl")
+  if fmt not in FORMATS:
+    raise InputError(f"--config.data.format: unknown format {fmt!r}; expected one of {FORMATS}")
+  if fmt == "tfds":
+    records, rep = _tfds_records(d, "train", cleaning)
+  else:
+    records, rep = read_train_source(d.source, d.path, **cleaning)
+  valid = None
+  if d.valid_path:
+    valid, rep_v = read_train_source(d.source, d.valid_path, **cleaning)
+  elif fmt == "tfds" and "valid" in _tfds_module().splits(d.tfds_data_dir, _tfds_config(d)):
+    valid, rep_v = _tfds_records(d, "valid", cleaning)
+  if valid is not None:
+    rep_v["overlap_with_train"] = _overlap(records, valid)
+    if rep_v["overlap_with_train"]:
+      logging.warning(
+        "%d of %d validation questions also appear in training (%s)",
+        rep_v["overlap_with_train"],
+        len(valid),
+        rep_v["source"],
+      )
+    return records, valid, {"train": rep, "valid": rep_v}
+  rng = np.random.default_rng(config.seed)
+  order = rng.permutation(len(records))
+  n_valid = min(d.valid_size, len(records) // 10)
+  valid = [records[i] for i in order[:n_valid]]
+  train = [records[i] for i in order[n_valid:]]
+  return train, valid, {"train": rep, "valid": {"source": "hold-out of train", "kept": len(valid)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation sets
+
+
+def eval_set_name(name: str) -> str:
+  """`name` in EVAL_FILES spelling (`gsm-hard` -> `gsm_hard`); InputError if unknown."""
+  key = name.replace("-", "_")
+  if key not in EVAL_FILES:
+    raise InputError(f"unknown evaluation set {name!r}; expected one of {sorted(EVAL_FILES)}")
+  return key
+
+
+def load_eval_records(
+  name: str, *, data_dir: str | os.PathLike = "", path: str | os.PathLike = "", limit: int = 0
+) -> tuple[list[dict], dict]:
+  """Evaluation set `name` as records {question, answer (float gold), cot (or None)}, report.
+
+  Reads `path` if given, else `data_dir`/EVAL_FILES[name]; `limit` > 0 keeps the first `limit`.
+  """
+  key = eval_set_name(name)
+  rel, kind = EVAL_FILES[key]
+  if not path:
+    if not data_dir:
+      raise InputError(f"{name}: pass a data_dir holding {rel}, or the file's path")
+    path = os.path.join(data_dir, rel)
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: no such file (evaluation set {key}, expected layout {rel})")
+  records, report = formats.read_eval_rows(kind, path)
+  if not records:
+    raise InputError(f"{path}: no usable rows for {key} ({formats.summary(report)})")
+  if limit > 0:
+    records = records[:limit]
+  report = {**report, "name": key, "used": len(records)}
+  if key in _EVAL_NOTES:
+    report["note"] = _EVAL_NOTES[key]
+  return records, report
+
+
+def load_eval_set(
+  name: str, *, data_dir: str | os.PathLike = "", path: str | os.PathLike = "", limit: int = 0
+) -> tuple[list[str], list[float], dict]:
+  """(questions, golds, report) of evaluation set `name`; see `load_eval_records`."""
+  records, report = load_eval_records(name, data_dir=data_dir, path=path, limit=limit)
+  return [r["question"] for r in records], [r["answer"] for r in records], report
+
+
+def load_eval_sets(
+  names: Sequence[str],
+  *,
+  data_dir: str | os.PathLike = "",
+  paths: Mapping[str, str | os.PathLike] | None = None,
+  limit: int = 0,
+) -> dict[str, tuple[list[str], list[float], dict]]:
+  """`load_eval_set` for each name; `paths` (name -> file) overrides the standard file names."""
+  paths = {eval_set_name(k): v for k, v in (paths or {}).items()}
+  return {
+    eval_set_name(n): load_eval_set(
+      n, data_dir=data_dir, path=paths.get(eval_set_name(n), ""), limit=limit
+    )
+    for n in names
+  }
