@@ -11,7 +11,7 @@ install:
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 
 install-test: install
-	$(PIP) install -q -r requirements-test.txt
+	$(PIP) install -q -r requirements-test.txt -r requirements-tfds.txt
 
 # The main job on the embedded default: CODI on a tiny model trained from scratch on the built-in task.
 demo: install

@@ -1,7 +1,7 @@
 """The reference CODI training step in PyTorch: HF transformers GPT-2 + peft-style LoRA written out.
 
 Used by `benchmarks/codi_step.py` only. It follows the official forward (zhenyi4/codi `src/model.py`
-@ 4fd88d4, described in shared/spec/codi.md section 2) step by step, inefficiencies included, since
+@ 4fd88d4, described in docs/codi.md section 3) step by step, inefficiencies included, since
 the point is to time the reference algorithm rather than an idealised one:
 
 * the encoder pass computes full-vocabulary logits (HF always does) that nothing uses;

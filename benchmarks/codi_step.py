@@ -41,8 +41,9 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 from benchmarks import _torch_codi
-from codi_jax import train_lib
-from codi_jax.codi.model import codi_loss
+from codi_jax import train_step
+from codi_jax.codi import build
+from codi_jax.codi.model import CodiOptions, codi_loss
 from codi_jax.data.codi_batches import Shapes, collate
 from codi_jax.models import hf
 from codi_jax.models.params import split_trainable
@@ -81,7 +82,7 @@ OURS = "ours (codi_jax, jitted step)"
 
 
 class _VocabOnlyTokenizer:
-  """What `train_lib.build_model` needs from a tokenizer for a from-scratch model."""
+  """What `build.build_model` needs from a tokenizer for a from-scratch model."""
 
   vocab_size = VOCAB
   eos_id = EOS
@@ -149,15 +150,14 @@ def export_weights(codi):
 class Ours:
   """The jitted CODI training step of train_lib on one set of parameters (AOT-compiled)."""
 
-  def __init__(self, codi, config, batch, dropout: bool, **codi_cfg):
-    model = nnx.clone(codi)
-    model.cfg = dataclasses.replace(codi.cfg, **codi_cfg)
-    graphdef, train_state, frozen = split_trainable(model, extra=("prj",))  # train_lib, LoRA path
+  def __init__(self, codi, config, batch, dropout: bool, **options):
+    opts = dataclasses.replace(CodiOptions.from_config(config.codi), **options)
+    graphdef, train_state, frozen = split_trainable(codi, extra=("prj",))  # train_lib, LoRA path
     self.state = jax.tree.map(jnp.copy, train_state)  # own buffers: the step donates them
     self.frozen, self.batch = frozen, batch
-    tx, _ = train_lib.make_optimizer(config, SCHEDULE_STEPS)
+    tx, _ = train_step.make_optimizer(config, SCHEDULE_STEPS)
     self.opt = tx.init(self.state)
-    step_fn = train_lib.make_train_step(graphdef, tx, jax.random.key(config.seed), dropout)
+    step_fn = train_step.make_train_step(graphdef, tx, jax.random.key(config.seed), opts, dropout)
     t0 = time.perf_counter()
     self.step_fn = step_fn.lower(self.state, self.opt, frozen, batch, jnp.int32(0)).compile()
     self.compile_s = time.perf_counter() - t0
@@ -311,7 +311,7 @@ def main(argv):
   load0 = os.getloadavg()[0]
 
   config = make_config(FLAGS.dropout)
-  codi, _, special = train_lib.build_model(config, _VocabOnlyTokenizer())
+  codi, _, special = build.build_model(config, _VocabOnlyTokenizer())
   # LoRA B starts at 0; random values make the parity check exercise the adapters too.
   key = jax.random.key(FLAGS.seed + 100)
   for i, blk in enumerate(codi.backbone.blocks):
@@ -331,7 +331,8 @@ def main(argv):
   official = make_reference(config, official=True)
   official.load_from_ours(*weights)
   gd, ts0, fr0 = split_trainable(codi, extra=("prj",))
-  ours_m = jax.jit(lambda ts, fr, b: codi_loss(nnx.merge(gd, ts, fr), b, None)[1])(ts0, fr0, batch)
+  opts = CodiOptions.from_config(config.codi)
+  ours_m = jax.jit(lambda ts, fr, b: codi_loss(nnx.merge(gd, ts, fr), b, opts)[1])(ts0, fr0, batch)
   theirs_m = official.losses(tbatch)
   parity = {
     k: (float(ours_m[k]), theirs_m[k]) for k in ("ce_student", "ce_teacher", "distill", "loss")

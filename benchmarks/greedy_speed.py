@@ -236,9 +236,7 @@ def main(argv=None):
     print(line)
   if has_dec:
     print("(dec = decode only: batch*(new-1) / (t(new) - t(1)); t(1) = prefill + first token)")
-  print(
-    "(shared/spec/assets.md recorded HF at 28.1 tok/s batch 1 and 103.9 tok/s batch 8 on an idle machine)"
-  )
+  print("(an earlier idle-machine run measured HF at 28.1 tok/s batch 1 and 103.9 tok/s batch 8)")
   print(
     f"our recompiles during timed runs: {sum(r['ours_recompiles_timed'] for r in rows)} (expected 0)"
   )

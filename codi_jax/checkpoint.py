@@ -9,17 +9,25 @@ step may donate them). Orbax writes into a temporary directory and renames it wh
 a half-written checkpoint is never listed; one that is listed but unreadable (e.g. truncated by
 hand or by a failing disk) is moved to `<dir>.corrupt/` with a warning and the previous one is
 restored. Retention: the last `keep` checkpoints plus the best one by a validation metric.
+A full disk (or quota, or file-size limit) while writing ends in one InputError naming the
+directory; the failed step stays a temporary directory (removed on the next start), so the newest
+complete checkpoint is what a rerun resumes from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import shutil
+import signal
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -64,6 +72,8 @@ class Checkpoints:
       create=True,
     )
     self._mngr = ocp.CheckpointManager(self.directory, options=self._options)
+    self._in_flight: int | None = None  # the step of the last save started
+    self._reported: int | None = None  # the step whose full-storage failure was raised
 
   # --------------------------------------------------------------------------------------- saving
 
@@ -83,14 +93,45 @@ class Checkpoints:
       data=grain.checkpoint.CheckpointSave(data_iter),
       meta=ocp.args.JsonSave(meta),
     )
-    return self._mngr.save(step, args=args, metrics=metrics, force=True)
+    self.wait()  # Orbax's save waits for the previous one too; here its failure names its step
+    self._in_flight = step
+    with self._writing(step):
+      return self._mngr.save(step, args=args, metrics=metrics, force=True)
 
   def wait(self):
-    self._mngr.wait_until_finished()
+    with self._writing(self._in_flight):
+      self._mngr.wait_until_finished()
 
   def close(self):
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      with self._writing(self._in_flight):  # an async checkpointer re-raises a failed save here
+        self._mngr.close()
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turns a full-storage failure of a save (async ones surface later) into one InputError."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      full = storage_full(e)
+      if full is None:
+        raise
+      if step == self._reported:
+        return  # Orbax raises a failed save again on wait and close: report it once
+      self._reported = step
+      # From the disk: after a failed save Orbax's own list has already dropped what the save
+      # would have retired (and no longer lists anything), though nothing was deleted.
+      names = []
+      with contextlib.suppress(OSError):
+        names = os.listdir(self.directory)
+      done = sorted(int(n) for n in names if n.isdigit() and int(n) != step)
+      kept = f"checkpoint {done[-1]} is intact" if done else "no checkpoint was complete yet"
+      raise InputError(
+        f"{self.directory}: {full} while writing checkpoint {step}; {kept}. Free space, then "
+        "rerun the same command to resume"
+      ) from None
 
   # ------------------------------------------------------------------------------------- restoring
 
@@ -109,13 +150,13 @@ class Checkpoints:
         continue
     return {}
 
-  def restore(self, abstract_state: Any, data_iter, *, restore_data: bool = True):
+  def restore(self, abstract_state: Any, data_iter):
     """(step, state, meta) of the newest readable checkpoint, or None if there is none.
 
     abstract_state: ShapeDtypeStructs with the *current* shardings (the mesh may differ from the
     one that saved). Unreadable checkpoints are moved aside with a warning; if none is readable,
-    InputError (never a silent fresh start). With restore_data=False
-    the iterator is left alone (the caller repositions it, e.g. after a process-count change).
+    InputError (never a silent fresh start). The iterator is restored only when the process
+    count is the one that saved (meta["data_restored"]); otherwise the caller repositions it.
     """
     tried = []
     for step in reversed(self.steps()):
@@ -123,7 +164,7 @@ class Checkpoints:
       try:
         meta = self._meta(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if restore_data and meta.get("process_count") == jax.process_count():
+        if meta.get("process_count") == jax.process_count():
           items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
         _check_finite(restored["state"], step)
@@ -166,6 +207,32 @@ class Checkpoints:
     self._mngr = ocp.CheckpointManager(self.directory, options=self._options)  # forget the step
 
 
+_STORAGE_FULL = {
+  errno.ENOSPC: "no space left on device",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.EFBIG: "file too large for the filesystem or the file-size limit",
+}
+
+
+def storage_full(err: BaseException) -> str | None:
+  """What ran out ("no space left on device", ...) if `err` or one of its causes is a write that
+  failed for lack of storage: an OSError from Python, or TensorStore's [os_error_code='28'] text."""
+  stack, seen = [err], set()
+  while stack:
+    e = stack.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _STORAGE_FULL:
+      return _STORAGE_FULL[e.errno]
+    text = str(e)
+    for code, what in _STORAGE_FULL.items():
+      if f"os_error_code='{code}'" in text or os.strerror(code) in text:
+        return what
+    stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return None
+
+
 def _check_finite(state: dict, step: int):
   """A checkpoint is only written after a finite loss; a non-finite parameter means corruption."""
   leaves = [
@@ -175,3 +242,61 @@ def _check_finite(state: dict, step: int):
     jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves)
   ):
     raise ValueError(f"step {step}: non-finite parameters")
+
+
+# Config keys a resumed run may change; everything else must match the checkpoint's config.
+_RESUMABLE_CHANGES = (
+  "mesh",
+  "logical_axis_rules",
+  "checkpoint",
+  "eval",
+  "log_every",
+  "workdir",
+  "resume",
+  "overwrite",
+)
+
+
+def key_data(key) -> np.ndarray:
+  """A PRNG key as plain data (what a checkpoint stores)."""
+  return np.asarray(jax.random.key_data(key))
+
+
+def check_resumable(saved: dict, config, where: str):
+  """Refuses to resume a checkpoint written with another config (mesh, eval, ... may change)."""
+  now = json.loads(config.to_json_best_effort())
+  diff = sorted(
+    k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k)
+  )
+  if diff:
+    raise InputError(
+      f"{where}: written with a different config ({', '.join(diff)} differ); resume with the "
+      "same settings, or start over with --config.overwrite=True or a new --workdir"
+    )
+
+
+class Preemption:
+  """SIGTERM -> stop at the next step boundary (all processes agree on which) and checkpoint."""
+
+  def __init__(self):
+    self._flag = False
+    self._multi = jax.process_count() > 1
+    self._old = None
+    if not self._multi:  # multi-process: jax's preemption service receives the signal
+      try:
+        self._old = signal.signal(signal.SIGTERM, self._on_signal)
+      except ValueError:  # not the main thread: no handler, as multi-process
+        self._old = None
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._flag
+
+  def close(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)

@@ -10,50 +10,33 @@ Shape legend: B batch, P padded prompt length, N new tokens, V vocab, E stop ids
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from codi_jax import sharding
+from codi_jax.batching import bucket_size, left_pad
 from codi_jax.models import cache as kvc
-from codi_jax.models.step import Loop, StepOut, merge, while_steps
+from codi_jax.models.jitted import JittedModel
+from codi_jax.models.step import Carry, StepOut, while_steps
 from codi_jax.models.transformer import Transformer
 
-
-def bucket(n: int, multiple: int = 32) -> int:
-  """Rounds a length up to a multiple, so nearby lengths share one compiled program."""
-  return max(multiple, -(-n // multiple) * multiple)
+PaddingMode = Literal["masked", "official", "official_fixmask"]
 
 
-def left_pad(
-  seqs: Sequence[Sequence[int]], pad_id: int, length: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """[B, length] ids and mask with every sequence right-aligned."""
-  ids = np.full((len(seqs), length), pad_id, np.int32)
-  mask = np.zeros((len(seqs), length), bool)
-  for i, s in enumerate(seqs):
-    if len(s) > length:
-      raise ValueError(f"sequence of {len(s)} tokens exceeds the bucket of {length}")
-    if s:
-      ids[i, length - len(s) :] = s
-      mask[i, length - len(s) :] = True
-  return ids, mask
+def positions(mask_BxL: jax.Array, mode: PaddingMode = "masked") -> jax.Array:
+  """Position ids of a left-padded block: counted from each row's first real token ("masked",
+  pads get 0), or the slot index as the reference CODI code does ("official*": pads count)."""
+  if mode == "masked":
+    return jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0).astype(jnp.int32)
+  B, L = mask_BxL.shape
+  return jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
 
 
-def positions_from_mask(mask_BxP: jax.Array) -> jax.Array:
-  """Positions counted from each row's first real token (pads get 0)."""
-  return jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0).astype(jnp.int32)
-
-
-def prefill(model: Transformer, ids_BxP, mask_BxP, capacity: int, positions=None):
-  """Runs the prompt into a fresh cache; returns (last-position logits [B, V], cache, next pos [B]).
-
-  positions default to counting from each row's first real token.
-  """
+def prefill(model: Transformer, ids_BxP, mask_BxP, capacity: int, mode: PaddingMode = "masked"):
+  """Runs the prompt into a fresh cache; returns (last-position logits [B, V], cache, next pos [B])."""
   B, _ = ids_BxP.shape
-  pos = positions_from_mask(mask_BxP) if positions is None else positions
+  pos = positions(mask_BxP, mode)
   out = model(
     ids_BxP,
     positions=pos,
@@ -90,37 +73,32 @@ def greedy_loop(
     done = done | jnp.isin(tok, eos_E)
     return model.embed_tokens(tok), (buf, done, n), None
 
-  loop = Loop(model.embed_tokens(tok0), pos_B, cache, (buf, done, n))
-  loop, _ = while_steps(model, loop, next_input, max_new - 1, lambda s: jnp.all(s[1]))
-  buf, _, n = loop.state
+  carry = Carry(model.embed_tokens(tok0), pos_B, cache, (buf, done, n))
+  carry, _ = while_steps(model, carry, next_input, max_new - 1, lambda s: jnp.all(s[1]))
+  buf, _, n = carry.state
   return buf, n
 
 
 class Generator:
-  """Jitted greedy generation for one model; compiles once per (B, P, max_new) and counts it.
+  """Jitted greedy generation for one model; compiles once per (B, P, max_new).
 
-  With a `mesh`, parameters are sharded by `rules` and prompts split along the batch axes.
+  Under a mesh context (`sharding.use_mesh`) the weights are sharded by its rules and prompts split
+  along the batch axes.
   """
 
-  def __init__(
-    self, model: Transformer, pad_id: int, eos_ids: Sequence[int], *, mesh=None, rules=None
-  ):
-    self.graphdef, self.state = nnx.split(model)
-    self.mesh, self.rules = mesh, (sharding.default_rules() if rules is None else rules)
-    self.state = sharding.shard_state(self.state, mesh, self.rules)
+  def __init__(self, model: Transformer, pad_id: int, eos_ids: Sequence[int]):
+    self.model = JittedModel(model)
     self.pad_id = int(pad_id)
     self.eos = jnp.asarray(sorted(set(int(e) for e in eos_ids)), jnp.int32)
-    self.compiles = 0
-    self._fn = jax.jit(
-      self._generate, static_argnames=("max_new",), out_shardings=sharding.replicate_out(mesh)
-    )
+    self._generate = self.model.jit(self._greedy, static_argnames=("max_new",))
 
-  def _generate(self, state, ids, mask, eos, *, max_new: int):
-    self.compiles += 1  # runs at trace time only
-    with sharding.activations(self.mesh, self.rules):
-      model = merge(self.graphdef, state)
-      logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
-      return greedy_loop(model, logits, cache, pos, max_new, eos, self.pad_id)
+  @property
+  def compiles(self) -> int:
+    return self.model.compiles
+
+  def _greedy(self, model: Transformer, ids, mask, eos, *, max_new: int):
+    logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
+    return greedy_loop(model, logits, cache, pos, max_new, eos, self.pad_id)
 
   def __call__(
     self,
@@ -135,8 +113,7 @@ class Generator:
       raise ValueError("max_new must be >= 1")
     B = batch or len(prompts)
     rows = list(prompts) + [[self.pad_id]] * (B - len(prompts))
-    ids, mask = left_pad(rows, self.pad_id, bucket(max(len(p) for p in rows), length_bucket))
-    ids, mask = (sharding.put_batch(x, self.mesh, self.rules) for x in (ids, mask))
-    toks, n = self._fn(self.state, ids, mask, self.eos, max_new=max_new)
-    toks, n = np.asarray(toks), np.asarray(n)
+    width = bucket_size(max(len(p) for p in rows), length_bucket)
+    ids, mask = (self.model.put_batch(x) for x in left_pad(rows, self.pad_id, width))
+    toks, n = jax.device_get(self._generate(ids, mask, self.eos, max_new=max_new))
     return [toks[i, : n[i]].tolist() for i in range(len(prompts))]

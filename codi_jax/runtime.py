@@ -21,3 +21,39 @@ def setup_cli():
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def flags_parser(prog: str):
+  """An absl `flags_parser` for `app.run`: a bad flag, config file or `--config.x` override is one
+  line on stderr (`prog: error: ...`) and exit 2 instead of a traceback."""
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      message = lines[0] if len(lines) < 2 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+      detail = str(e).strip('"')
+      message = f"invalid config override {detail} (overrides given: {', '.join(given) or 'none'})"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+  return parse
+
+
+def config_value(holder, prog: str):
+  """The value of a `config_flags` holder (loaded lazily, on first access); a missing config file
+  or an error inside it is one line on stderr and exit 2."""
+  import sys  # pylint: disable=import-outside-toplevel
+
+  try:
+    return holder.value
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f"{prog}: error: --config: {lines[-1] if lines else e}", file=sys.stderr)
+    sys.exit(2)

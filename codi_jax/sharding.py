@@ -6,6 +6,9 @@ MLP width and vocabulary split across devices). `config.mesh` gives their sizes,
 (inferred from the device count); `config.logical_axis_rules` maps the model's logical axis names
 to mesh axes. The mesh is Auto (GSPMD propagates shardings from inputs, parameters and the hints
 of `models.partitioning.constrain`).
+
+Each entry point enters `use_mesh(mesh, rules)` once; the functions below read the active mesh and
+rules from that context (`current()`), so no signature below an entry point carries them.
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from codi_jax.errors import InputError
-from codi_jax.models.partitioning import Rules, activation_rules, spec_for
+from codi_jax.models.partitioning import Rules, spec_for
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axes. Parameters: FSDP along `embed`, tensor parallelism along the
-# head/MLP/vocab axes (Megatron-style column/row splits). Activations: batch over both data axes,
-# the same tensor split inside attention and the MLP, residual stream replicated over `tensor`.
+# The library's fallback when an entry point's config gives no rules (e.g. soft decoding without
+# --config). Training configs carry their own commented copy (configs/base.py; a test keeps the two
+# equal). Parameters: FSDP along `embed`, tensor parallelism along head/MLP/vocab axes; activations:
+# batch over both data axes, the residual stream replicated over `tensor`.
 DEFAULT_RULES = (
   ("batch", ("data", "fsdp")),
   ("embed", ("fsdp",)),
@@ -106,22 +111,54 @@ def rules_from_config(
   return out
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: Rules | Iterable | None = None):
+  """The one mesh + logical-axis-rules context of an entry point (`jax.set_mesh` and flax's
+  `nnx.logical_axis_rules`); everything below reads them with `current()`. No-op without a mesh."""
+  if mesh is None:
+    yield
+    return
+  rules = DEFAULT_RULES if rules is None else rules
+  rules = rules if isinstance(rules, Mapping) else rules_from_config(rules)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules.items())):
+    yield
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
+def current() -> tuple[Mesh | None, dict[str, tuple[str, ...]]]:
+  """(mesh, rules) of the active `use_mesh` context; (None, {}) outside one."""
+  mesh = jax.sharding.get_mesh()
+  if mesh.empty:
+    return None, {}
+  return mesh, {name: tuple(axes) for name, axes in flax_spmd.get_logical_axis_rules()}
+
+
+def _active() -> tuple[Mesh, dict[str, tuple[str, ...]]]:
+  mesh, rules = current()
+  if mesh is None:
+    raise ValueError("no active mesh: call inside `sharding.use_mesh(mesh, rules)`")
+  return mesh, rules
+
+
+def replicated() -> NamedSharding:
+  return NamedSharding(_active()[0], PartitionSpec())
+
+
+def batch_sharding(shape: Sequence[int]) -> NamedSharding:
   """Leading axis over the batch mesh axes (if it divides), the rest replicated."""
+  mesh, rules = _active()
   return NamedSharding(mesh, spec_for(("batch",), shape, mesh, rules))
 
 
-def batch_axes_size(mesh: Mesh, rules: Rules) -> int:
-  """How many ways the batch axis is split (the global batch must be a multiple of it)."""
-  return math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+def batch_axes_size() -> int:
+  """How many ways the batch axis is split (the global batch must be a multiple of it); 1 without
+  a mesh."""
+  mesh, rules = current()
+  return 1 if mesh is None else math.prod(mesh.shape[a] for a in rules.get("batch", ()))
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
+def state_shardings(state: Any) -> Any:
   """NamedShardings for an nnx.State (or abstract state) from each Variable's logical axes."""
+  mesh, rules = _active()
 
   def one(v):
     value = v.get_value()
@@ -131,18 +168,17 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def optimizer_shardings(
-  tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh
-) -> Any:
+def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any) -> Any:
   """Optimizer-state shardings: parameter-shaped leaves (Adam moments) follow their parameter,
   everything else (counts, MultiSteps bookkeeping) is replicated."""
   abstract = jax.eval_shape(tx.init, params)
+  repl = replicated()
   return optax.tree_map_params(
     tx,
     lambda _, sh: sh,
     abstract,
     param_shardings,
-    transform_non_params=lambda _: replicated(mesh),
+    transform_non_params=lambda _: repl,
     is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
 
@@ -160,17 +196,17 @@ def place(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(one, tree, shardings)
 
 
-def shard_state(state: Any, mesh: Mesh | None, rules: Rules) -> Any:
-  """An nnx.State placed by its logical axes on `mesh` (unchanged without a mesh)."""
-  return state if mesh is None else place(state, state_shardings(state, mesh, rules))
+def shard_state(state: Any) -> Any:
+  """An nnx.State placed by its logical axes on the active mesh (unchanged without one)."""
+  return state if current()[0] is None else place(state, state_shardings(state))
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+def global_batch(local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays split along the batch mesh axes."""
   out = {}
   for k, v in local.items():
     shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, rules, shape), v, shape)
+    out[k] = jax.make_array_from_process_local_data(batch_sharding(shape), v, shape)
   return out
 
 
@@ -184,25 +220,14 @@ def describe(state: Any, shardings: Any) -> list[str]:
   return lines
 
 
-def activations(mesh: Mesh | None, rules: Rules | None):
-  """Context for tracing model code: activation hints follow `rules` on `mesh` (no-op without a mesh)."""
-  if mesh is None:
-    return contextlib.nullcontext()
-  return activation_rules(mesh, rules)
-
-
-def put_batch(x, mesh: Mesh | None, rules: Rules | None) -> jax.Array:
+def put_batch(x) -> jax.Array:
   """A host batch (the same on every process) -> one array split along the batch mesh axes."""
-  if mesh is None:
+  if current()[0] is None:
     return jax.numpy.asarray(x)
   x = np.asarray(x)
-  return place(x, batch_sharding(mesh, rules, x.shape))
+  return place(x, batch_sharding(x.shape))
 
 
-def replicate_out(mesh: Mesh | None) -> NamedSharding | None:
-  """out_shardings for small results every process reads (None: let jit decide)."""
-  return None if mesh is None else replicated(mesh)
-
-
-def default_rules() -> dict[str, tuple[str, ...]]:
-  return rules_from_config(DEFAULT_RULES)
+def replicate_out() -> NamedSharding | None:
+  """out_shardings for small results every process reads (None without a mesh: jit decides)."""
+  return None if current()[0] is None else replicated()

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from codi_jax import runtime
 from codi_jax.errors import exit_on_input_error
 
+PROG = "codi_jax.train"
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/*.py).", lock_config=True
 )
@@ -31,17 +32,12 @@ def main(argv):
   runtime.setup_cli()
   from codi_jax import distributed, train_lib  # pylint: disable=import-outside-toplevel
 
-  with exit_on_input_error("codi_jax.train"):
+  with exit_on_input_error(PROG):
     distributed.maybe_initialize()
 
-  try:
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or config.workdir
-  except OSError as e:  # the config file is loaded lazily: missing file or an error inside it
-    first = [line.strip() for line in str(e).splitlines() if line.strip()]
-    print(f"codi_jax.train: error: --config: {first[-1] if first else e}", file=sys.stderr)
-    sys.exit(2)
-  with exit_on_input_error("codi_jax.train"):
+  config = runtime.config_value(_CONFIG, PROG)
+  workdir = _WORKDIR.value or config.workdir
+  with exit_on_input_error(PROG):
     if not workdir:
       from codi_jax.errors import InputError  # pylint: disable=import-outside-toplevel
 
@@ -57,21 +53,5 @@ def main(argv):
       sys.exit(1)
 
 
-def parse_flags(argv):
-  """absl parsing, with config-override mistakes reported in one line (exit 2) instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"codi_jax.train: error: {e}", file=sys.stderr)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    print(
-      f"codi_jax.train: error: invalid config override {str(e).strip(chr(34))} "
-      f"(overrides given: {', '.join(bad) or 'none'})",
-      file=sys.stderr,
-    )
-  sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=runtime.flags_parser(PROG))

@@ -1,11 +1,29 @@
 """Defaults shared by every CODI config; a config file overrides what differs.
 
-Values follow the reference (shared/spec/codi.md section 4) unless a comment says otherwise.
+Values follow the reference (docs/codi.md, optimisation settings) unless a comment says otherwise.
 """
 
 import ml_collections
 
-from codi_jax import sharding
+# Logical axis (named in the model code) -> mesh axes (config.mesh). Data, not code: a run changes
+# its parallelism by editing this table. A dimension that does not divide its mesh axes stays
+# replicated (codi_jax/models/partitioning.py).
+LOGICAL_AXIS_RULES = (
+  # Parameters.
+  ("embed", ("fsdp",)),  # FSDP: every weight split along its model-width axis
+  ("heads", ("tensor",)),  # attention heads (q and the output projection's input): tensor parallel
+  ("kv", ("tensor",)),  # key/value heads (GQA)
+  ("mlp", ("tensor",)),  # MLP width: column-parallel up, row-parallel down (Megatron)
+  ("vocab", ("tensor",)),  # embedding rows / LM-head columns
+  # Activations.
+  ("batch", ("data", "fsdp")),  # the batch is split over both data-parallel axes
+  ("act_heads", ("tensor",)),  # attention inside a tensor-parallel group
+  ("act_kv", ("tensor",)),
+  ("act_mlp", ("tensor",)),
+  ("act_vocab", ("tensor",)),  # logits: vocabulary split, gathered by the loss
+  ("act_embed", ()),  # the residual stream: replicated over `tensor`
+  ("cache_len", ()),  # the KV cache's slot axis
+)
 
 
 def get_config():
@@ -51,6 +69,7 @@ def get_config():
       gamma=1.0,
       padding_mode="masked",
       separate_teacher_target_pass=False,
+      remat_thoughts=False,  # recompute the thought scan in the backward pass (memory option)
       train_special_embeddings=False,
     )
   )  # reference: pad/bot/eot rows stay frozen under LoRA
@@ -60,6 +79,10 @@ def get_config():
   config.data.path = ""  # local JSON/JSONL (else the HF dataset id of the source)
   config.data.valid_path = ""  # validation file; "" = a seeded hold-out of the training data
   config.data.valid_size = 500
+  # jsonl: `path` as a file (JSON/JSONL, GSM8k JSONL or `||` lines, detected) or the hub;
+  # tfds: the ArrayRecord dataset built by codi_jax/data/tfds_gsm8k_aug.py (gsm8k-aug[-nl] only).
+  config.data.format = "jsonl"  # jsonl | tfds
+  config.data.tfds_data_dir = ""  # format=tfds: its TFDS data_dir (local disk or a gcsfuse mount)
   config.data.synthetic = ml_collections.ConfigDict(
     dict(
       train=20000,
@@ -105,7 +128,7 @@ def get_config():
   # GPT-2 and ~1B Llama fit FSDP on one axis; tensor parallelism is for models that don't.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Logical axis (model) -> mesh axes (codi_jax/sharding.py documents each name).
-  config.logical_axis_rules = sharding.DEFAULT_RULES
+  config.logical_axis_rules = LOGICAL_AXIS_RULES
 
   config.checkpoint = ml_collections.ConfigDict(
     dict(

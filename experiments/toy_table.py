@@ -65,10 +65,10 @@ def train_one(name: str, base, out: str) -> tuple[str, dict]:
 
 def evaluate_one(workdir: str) -> dict:
   """Test-split accuracy, tokens and latency of one finished run."""
-  from codi_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from codi_jax import eval_lib  # pylint: disable=import-outside-toplevel
 
-  res = evaluate.evaluate(
-    evaluate.Options(workdir=workdir, split="test", efficiency=True, progress=False)
+  res = eval_lib.evaluate(
+    eval_lib.Options(workdir=workdir, split="test", efficiency=True, progress=False)
   )
   s, eff = (
     res["results"][0],

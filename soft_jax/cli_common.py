@@ -1,91 +1,122 @@
 """Flags and config plumbing shared by the soft_jax command lines (generate, evaluate, analyze).
 
-Defines (once per process) --model, --prompt, --data (and its layout/field/limit flags),
---n_samples, --out, --progress, --mesh, --max_new_tokens, --dtype, --length_bucket, --config, --mode,
---seed, --think_end, --think_end_last_id and one flag per SamplerParams knob. A flag given on the
-command line wins over the --config file, which wins over the flag default; sampler knobs given
-nowhere take the SamplerParams defaults (spec section 5). Bad values raise InputError naming the
-flag.
+Each CLI calls `define(...)` for the flag groups it uses when it runs as a program. This module
+disclaims its flags, so absl files them under the calling program: `--help` lists every flag of
+that program once (importing a CLI module defines nothing, so the modules can import each other).
+
+One spelling per knob: `--config` names a configs/soft/*.py[:variant] preset file (read by
+`load_config`, not an ml_collections override tree); a flag given on the command line wins over
+the preset, which wins over the flag default; sampler knobs given nowhere take the SamplerParams
+defaults (docs/soft_thinking.md, defaults). Bad values raise InputError naming the flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import sys
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
 from codi_jax.errors import InputError
 
-MODEL = flags.DEFINE_string("model", "smollm2", "Alias, HF directory, .gguf file or hub id.")
-MAX_NEW = flags.DEFINE_integer(
-  "max_new_tokens", 32, "Tokens to generate at most (stop id included)."
+flags.disclaim_key_flags()  # flags defined below belong to the program that calls define()
+
+# Sampler flags: None = the preset's value, else the SamplerParams default.
+_SAMPLER = (
+  ("float", "temperature", "Thinking temperature (0 = argmax)."),
+  ("integer", "top_k", "Thinking top-k (0 = off)."),
+  ("float", "top_p", "Thinking top-p, in (0, 1]."),
+  ("float", "min_p", "Thinking min-p, in [0, 1)."),
+  ("integer", "max_topk", "K: tokens mixed into a concept token."),
+  ("float", "dirichlet_alpha", "Dirichlet gamma (> 0)."),
+  ("float", "gumbel_tau", "Gumbel-Softmax temperature (> 0)."),
+  ("string", "after_temperature", "Answer-phase temperature, or `thinking` to reuse it."),
+  ("integer", "after_top_k", "Answer-phase top-k (0 = off)."),
+  ("float", "after_top_p", "Answer-phase top-p."),
+  ("float", "after_min_p", "Answer-phase min-p."),
+  ("float", "cold_stop_entropy", "Cold Stop theta (0 = off)."),
+  ("integer", "cold_stop_patience", "Cold Stop patience P."),
+  ("bool", "entropy_normalized", "Entropy / ln V (Stochastic Soft Thinking's rule)."),
+  ("integer", "max_thinking_tokens", "Thinking budget incl. the forced `</think>` (0 = off)."),
+  ("string", "answer_phase", "sample | legacy_argmax (the published numbers' answer phase)."),
+  ("bool", "answer_low_entropy_abort", "Abort rows on P low-entropy answer steps."),
+  ("string", "embed_mix_dtype", "float32 | model (the reference's model-dtype sum)."),
 )
-DTYPE = flags.DEFINE_enum(
-  "dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype."
-)
-BUCKET = flags.DEFINE_integer(
-  "length_bucket", 32, "Prompt lengths are padded up to a multiple of this."
-)
-CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Optional configs/soft/*.py[:variant] file."
-)
-MODE = flags.DEFINE_string(
-  "mode", None, "greedy | sample | soft | dirichlet | gumbel (default greedy)."
-)
-SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default 0); same seed, same output.")
-THINK_END = flags.DEFINE_string(
-  "think_end", None, "`</think>` text: auto (a single `</think>` token if any) | none | a token."
-)
-THINK_END_LAST_ID = flags.DEFINE_bool(
-  "think_end_last_id", None, "Use the last id of a multi-token --think_end (official rule)."
-)
-PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")
-DATA = flags.DEFINE_string("data", None, "Problems: a .jsonl/.json file or a hub dataset id.")
-LAYOUT = flags.DEFINE_string("layout", "auto", "gsm8k | math500 | aime | softthinking | auto.")
-QUESTION_FIELD = flags.DEFINE_string(
-  "question_field", None, "Overrides the layout's question field."
-)
-ANSWER_FIELD = flags.DEFINE_string("answer_field", None, "Overrides the layout's answer field.")
-ID_FIELD = flags.DEFINE_string("id_field", None, "Overrides the layout's id field.")
-LIMIT = flags.DEFINE_integer("limit", None, "Use only the first N problems.")
-N_SAMPLES = flags.DEFINE_integer("n_samples", 1, "Samples per problem / prompt.")
-OUT = flags.DEFINE_string("out", None, "Output directory.")
-PROGRESS = flags.DEFINE_bool("progress", True, "Show a tqdm progress bar on stderr.")
-MESH = flags.DEFINE_string(
-  "mesh",
-  None,
-  "Device mesh data,fsdp,tensor (one may be -1), e.g. 1,1,-1 for tensor parallelism "
-  "over every device; empty: one device.",
-)
-# Sampler flags: None = the config's value, else the SamplerParams default (spec section 5).
-SAMPLER_FLAGS = {
-  "temperature": flags.DEFINE_float("temperature", None, "Thinking temperature (0 = argmax)."),
-  "top_k": flags.DEFINE_integer("top_k", None, "Thinking top-k (0 = off)."),
-  "top_p": flags.DEFINE_float("top_p", None, "Thinking top-p, in (0, 1]."),
-  "min_p": flags.DEFINE_float("min_p", None, "Thinking min-p, in [0, 1)."),
-  "max_topk": flags.DEFINE_integer("max_topk", None, "K: tokens mixed into a concept token."),
-  "dirichlet_alpha": flags.DEFINE_float("dirichlet_alpha", None, "Dirichlet gamma (> 0)."),
-  "gumbel_tau": flags.DEFINE_float("gumbel_tau", None, "Gumbel-Softmax temperature (> 0)."),
-  "after_temperature": flags.DEFINE_string(
-    "after_temperature", None, "Answer-phase temperature, or `thinking` to reuse --temperature."
-  ),
-  "after_top_k": flags.DEFINE_integer("after_top_k", None, "Answer-phase top-k (0 = off)."),
-  "after_top_p": flags.DEFINE_float("after_top_p", None, "Answer-phase top-p."),
-  "after_min_p": flags.DEFINE_float("after_min_p", None, "Answer-phase min-p."),
-  "cold_stop_entropy": flags.DEFINE_float("cold_stop_entropy", None, "Cold Stop theta (0 = off)."),
-  "cold_stop_patience": flags.DEFINE_integer("cold_stop_patience", None, "Cold Stop patience P."),
-  "entropy_normalized": flags.DEFINE_bool("entropy_normalized", None, "Entropy / ln V ([SST])."),
-  "max_thinking_tokens": flags.DEFINE_integer(
-    "max_thinking_tokens", None, "Thinking budget incl. the forced `</think>` (0 = off)."
-  ),
-  "answer_phase": flags.DEFINE_string("answer_phase", None, "sample | legacy_argmax."),
-  "answer_low_entropy_abort": flags.DEFINE_bool(
-    "answer_low_entropy_abort", None, "Abort rows on P low-entropy answer steps (HEAD only)."
-  ),
-  "embed_mix_dtype": flags.DEFINE_string("embed_mix_dtype", None, "float32 | model."),
+SAMPLER_FLAGS = tuple(name for _, name, _ in _SAMPLER)
+
+
+def _define_decode():
+  flags.DEFINE_string("model", "smollm2", "Alias, HF directory, .gguf file or hub id.")
+  flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most (stop id included).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype.")
+  flags.DEFINE_integer("length_bucket", 32, "Prompt lengths are padded up to a multiple of this.")
+  flags.DEFINE_string("config", None, "Preset file configs/soft/*.py[:variant]; flags win over it.")
+  flags.DEFINE_string("mode", None, "greedy | sample | soft | dirichlet | gumbel.")
+  flags.DEFINE_integer("seed", None, "Sampling seed (default 0); same seed, same output.")
+  flags.DEFINE_string(
+    "think_end", None, "`</think>` text: auto (a single `</think>` token if any) | none | a token."
+  )
+  flags.DEFINE_bool(
+    "think_end_last_id", None, "Use the last id of a multi-token --think_end (official rule)."
+  )
+  flags.DEFINE_string(
+    "mesh",
+    None,
+    "Device mesh data,fsdp,tensor (one may be -1), e.g. 1,1,-1 for tensor parallelism over "
+    "every device; empty: one device.",
+  )
+
+
+def _define_sampler():
+  for kind, name, help_text in _SAMPLER:
+    getattr(flags, f"DEFINE_{kind}")(name, None, help_text)
+
+
+def _define_prompt():
+  flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")
+
+
+def _define_data():
+  flags.DEFINE_string("data", None, "Problems: a .jsonl/.json file or a hub dataset id.")
+  flags.DEFINE_string("layout", "auto", "gsm8k | math500 | aime | softthinking | auto.")
+  flags.DEFINE_string("question_field", None, "Overrides the layout's question field.")
+  flags.DEFINE_string("answer_field", None, "Overrides the layout's answer field.")
+  flags.DEFINE_string("id_field", None, "Overrides the layout's id field.")
+  flags.DEFINE_integer("limit", None, "Use only the first N problems.")
+
+
+def _define_samples():
+  flags.DEFINE_integer("n_samples", 1, "Samples per problem / prompt.")
+
+
+def _define_output():
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_bool("progress", True, "Show a tqdm progress bar on stderr.")
+
+
+_GROUPS = {
+  "decode": _define_decode,
+  "sampler": _define_sampler,
+  "prompt": _define_prompt,
+  "data": _define_data,
+  "samples": _define_samples,
+  "output": _define_output,
 }
+
+
+def define(*groups: str) -> None:
+  """Defines the named flag groups (decode, sampler, prompt, data, samples, output) for the
+  calling program; call once, when the CLI module runs as `__main__`."""
+  for g in groups:
+    _GROUPS[g]()
+
+
+def value(name: str) -> Any:
+  """The parsed value of a flag defined by `define`."""
+  return flags.FLAGS[name].value
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
@@ -95,9 +126,27 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
   return tokenizer.encode(text, add_special_tokens=True)
 
 
+def load_config(spec: str | None):
+  """A preset `path[:variant]` -> its get_config(variant) ConfigDict (None for no spec)."""
+  if not spec:
+    return None
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise InputError(f"--config: {path}: no such file")
+  if os.getcwd() not in sys.path:  # presets import `configs.soft` from the repository root
+    sys.path.insert(0, os.getcwd())
+  module_spec = importlib.util.spec_from_file_location("_soft_preset", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+  except Exception as e:  # noqa: BLE001  (any error inside the preset is reported in one line)
+    raise InputError(f"--config: {spec}: {type(e).__name__}: {e}") from None
+
+
 def _after_temperature(value):
   """--after_temperature: a number, or `thinking` (None: reuse the thinking temperature)."""
-  if value is None or value == "thinking" or isinstance(value, (int, float)):
+  if value is None or value == "thinking" or isinstance(value, int | float):
     return None if value == "thinking" else value
   try:
     return float(value)
@@ -125,11 +174,14 @@ def sampler_params(mode: str, config=None, overrides: dict | None = None):
   return SamplerParams(**values).validate(prefix="--")
 
 
-def setting(name: str, config, flag_value):
-  """A flag given on the command line wins over the config, which wins over the flag default."""
-  if config is not None and not flags.FLAGS[name].present and name in config:
+def setting(name: str, config, default=None):
+  """A flag given on the command line wins over the preset, which wins over the flag default."""
+  flag = flags.FLAGS[name] if name in flags.FLAGS else None
+  if flag is not None and flag.present:
+    return flag.value
+  if config is not None and name in config:
     return config[name]
-  return flag_value
+  return flag.value if flag is not None else default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +197,9 @@ class Settings:
   seed: int
   think_end: str
   think_end_last_id: bool
-  config: Any  # the ConfigDict or None
+  config: Any  # the preset ConfigDict or None
   mesh: Any = None  # jax Mesh or None (one device)
+  rules: Any = None  # the preset's logical-axis rules, or None for the library default
 
 
 def make_mesh(text: str | None):
@@ -168,26 +221,21 @@ def make_mesh(text: str | None):
 
 def settings(default_mode: str = "greedy") -> Settings:
   """Resolves the shared flags against --config (call inside `exit_on_input_error`)."""
-  cfg = CONFIG.value
-  mode = MODE.value or (cfg.mode if cfg is not None and "mode" in cfg else default_mode)
-  params = sampler_params(mode, cfg, {k: f.value for k, f in SAMPLER_FLAGS.items()})
-  think_end = THINK_END.value
-  if think_end is None:
-    think_end = cfg.get("think_end", "auto") if cfg is not None else "auto"
-  last_id = THINK_END_LAST_ID.value
-  if last_id is None:
-    last_id = bool(cfg.get("think_end_last_id", False)) if cfg is not None else False
-  seed = SEED.value if SEED.value is not None else (cfg.get("seed", 0) if cfg is not None else 0)
+  cfg = load_config(value("config"))
+  mode = setting("mode", cfg) or default_mode
+  params = sampler_params(mode, cfg, {k: value(k) for k in SAMPLER_FLAGS})
+  rules = cfg.get("logical_axis_rules") if cfg is not None else None
   return Settings(
-    setting("model", cfg, MODEL.value),
-    setting("max_new_tokens", cfg, MAX_NEW.value),
-    setting("dtype", cfg, DTYPE.value),
-    setting("length_bucket", cfg, BUCKET.value),
-    mode,
-    params,
-    int(seed),
-    think_end,
-    bool(last_id),
-    cfg,
-    make_mesh(setting("mesh", cfg, MESH.value)),
+    model=setting("model", cfg),
+    max_new_tokens=setting("max_new_tokens", cfg),
+    dtype=setting("dtype", cfg),
+    length_bucket=setting("length_bucket", cfg),
+    mode=mode,
+    params=params,
+    seed=int(setting("seed", cfg) or 0),
+    think_end=setting("think_end", cfg) or "auto",
+    think_end_last_id=bool(setting("think_end_last_id", cfg)),
+    config=cfg,
+    mesh=make_mesh(setting("mesh", cfg)),
+    rules=rules,
   )

@@ -1,6 +1,7 @@
 """Batched Soft Thinking decoding: prefill once, then one jitted fixed-shape loop on the shared step.
 
-Every row starts in the thinking phase. Per step (shared/spec/soft_thinking.md sections 2-3):
+Every row starts in the thinking phase. Per step (docs/soft_thinking.md, per-step algorithm and
+phase control):
 `sampling.sample_step` gives the row's emitted token and the thinking concept token; then, per row
 and with `jnp.where` only, Cold Stop (soft modes: P consecutive thinking steps with entropy < theta
 replace the token with `</think>`), the thinking budget (`max_thinking_tokens`), the `</think>`
@@ -12,7 +13,7 @@ Models without a single `</think>` token (e.g. SmolLM2): pass think_end_id=None;
 only by Cold Stop or the thinking budget, and the emitted token is kept as is.
 
 The loop is `step.while_steps` (chunks of `step.scan_steps`), so it is the one shared step; for
-analyses, `soft_step` is that step on one input embedding and `emit` is the pure per-step update.
+analyses, `emit` is the pure per-step update.
 
 Shape legend: B batch, P padded prompt length, N max new tokens, V vocab, K concept width
 (max_topk), D model, E stop ids.
@@ -28,13 +29,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from codi_jax import sharding
-from codi_jax.decoding import bucket, left_pad, prefill
+from codi_jax.batching import bucket_size, left_pad
+from codi_jax.decoding import prefill
 from codi_jax.errors import InputError
 from codi_jax.models.cache import KVCache
-from codi_jax.models.step import Loop, StepOut, merge, step, while_steps
+from codi_jax.models.jitted import JittedModel
+from codi_jax.models.step import Carry, StepOut, while_steps
 from codi_jax.models.transformer import Transformer
 from soft_jax import sampling
 from soft_jax.sampling import Sampled, SamplerParams
@@ -174,28 +175,12 @@ def row_keys(key: jax.Array, sample_ids_B: jax.Array) -> jax.Array:
   return sampling.fold_keys(jnp.broadcast_to(key, sample_ids_B.shape), sample_ids_B)
 
 
-def embedding_table(model: Transformer) -> jax.Array:
-  """The input embedding table [V, D] (param dtype)."""
-  return model.embed.embedding[...]
-
-
 def embed_input(model: Transformer, params: SamplerParams, idx_BxK, w_BxK) -> jax.Array:
-  """Next input embedding [B, D] in the model's compute dtype."""
+  """Next input embedding [B, D] in the model's compute dtype: the K rows mixed by their weights."""
   dtype = jnp.dtype(model.cfg.dtype)
   accum = jnp.float32 if params.embed_mix_dtype == "float32" else dtype
-  return sampling.mix_embeddings(embedding_table(model), idx_BxK, w_BxK, dtype, accum)
-
-
-def soft_step(
-  model: Transformer,
-  x_BxD: jax.Array,
-  pos_B: jax.Array,
-  cache: KVCache,
-  *,
-  hidden_states: bool = False,
-) -> StepOut:
-  """One input embedding per row at positions pos -> logits [B, V], new cache (= `step.step`)."""
-  return step(model, x_BxD[:, None], pos_B[:, None], cache, hidden_states=hidden_states)
+  rows = model.embed.rows(jnp.clip(idx_BxK, 0, model.cfg.vocab_size - 1))
+  return sampling.mix_embeddings(rows, w_BxK, dtype, accum)
 
 
 def emit(
@@ -243,7 +228,7 @@ def decode_loop(
   B = logits_BxV.shape[0]
   sample_ids = jnp.arange(B) if sample_ids is None else sample_ids
   keys = row_keys(key, sample_ids)
-  kw = {"think_end_id": think_end_id, "eos_ids": eos_ids, "pad_id": pad_id, "max_new": max_new}
+  common = {"think_end_id": think_end_id, "eos_ids": eos_ids, "pad_id": pad_id, "max_new": max_new}
   st, x = emit(
     model,
     params,
@@ -251,73 +236,32 @@ def decode_loop(
     logits_BxV,
     keys,
     0,
-    **kw,
+    **common,
   )
 
   def next_input(st, out: StepOut, i):
-    st, x = emit(model, params, st, out.logits, keys, i + 1, **kw)
+    st, x = emit(model, params, st, out.logits, keys, i + 1, **common)
     return x, st, None
 
-  loop, _ = while_steps(
+  carry, _ = while_steps(
     model,
-    Loop(x, pos_B, cache, st),
+    Carry(x, pos_B, cache, st),
     next_input,
     max_new - 1,
     lambda s: jnp.all(s.done),
     chunk=chunk,
   )
-  return loop.state
-
-
-def _single_token(tokenizer, text: str) -> int | None:
-  """The id of `text` if it is one vocabulary entry that also encodes alone to that id."""
-  tid = tokenizer.token_to_id(text)
-  if tid is None or tokenizer.encode(text, add_special_tokens=False) != [tid]:
-    return None
-  return int(tid)
-
-
-def resolve_think_end(
-  tokenizer, text: str = "auto", *, last_id: bool = False, flag: str = "--think_end"
-) -> int | None:
-  """The `</think>` id: "auto" (the `</think>` vocabulary entry if it encodes to itself, else None),
-  "" or "none" (None), or a text that must encode to one token (last_id: its last id, official rule).
-  """
-  if text in ("", "none"):
-    return None
-  if text == "auto":
-    return _single_token(tokenizer, "</think>")
-  ids = tokenizer.encode(text, add_special_tokens=False)
-  if len(ids) == 1:
-    return int(ids[0])
-  if last_id and ids:
-    return int(ids[-1])
-  raise InputError(
-    f"{flag}: {text!r} is {len(ids)} tokens for this tokenizer, not one; pass "
-    f"{flag}_last_id to use its last id (official rule) or {flag}=none"
-  )
-
-
-def open_thinking(tokenizer, ids: list[int], think_start: str = "<think>") -> list[int]:
-  """Appends `<think>\\n` unless the (templated) prompt already opened thinking (spec 3.1).
-
-  Only for tokenizers with a `<think>` vocabulary entry; prompts whose last 4 tokens hold it are
-  kept as they are.
-  """
-  start = _single_token(tokenizer, think_start)
-  if start is None or start in ids[-4:]:
-    return list(ids)
-  return list(ids) + tokenizer.encode(think_start + "\n", add_special_tokens=False)
+  return carry.state
 
 
 class SoftDecoder:
   """Jitted soft/stochastic-soft/token decoding for one model.
 
-  Splits the model once, compiles once per (B, P, max_new, record, static sampler fields) and
-  counts compiles in `.compiles`. Float sampler knobs (temperatures, p's, gamma, tau, theta, P,
-  budget) are traced: `params=` overrides per call without recompiling. The attributes `eos_ids`
-  and `think_end_id` (None: no `</think>`) are read at each call and traced too. With a `mesh`,
-  parameters are sharded by `rules` (default `sharding.DEFAULT_RULES`), prompts split along the
+  Splits the model once (`JittedModel`), compiles once per (B, P, max_new, record, static sampler
+  fields) and counts compiles in `.compiles`. Float sampler knobs (temperatures, p's, gamma, tau,
+  theta, P, budget) are traced: `params=` overrides per call without recompiling. The attributes
+  `eos_ids` and `think_end_id` (None: no `</think>`) are read at each call and traced too. Under a
+  mesh context (`sharding.use_mesh`) parameters are sharded by its rules, prompts split along the
   batch axes, and results come back replicated.
   """
 
@@ -330,49 +274,41 @@ class SoftDecoder:
     eos_ids: Sequence[int],
     think_end_id: int | None = None,
     chunk: int = 8,
-    mesh=None,
-    rules=None,
   ):
     self.vocab = model.cfg.vocab_size
     self.params = params.validate(vocab=self.vocab)
-    self.graphdef, self.state = nnx.split(model)
-    self.mesh, self.rules = mesh, (sharding.default_rules() if rules is None else rules)
-    self.state = sharding.shard_state(self.state, mesh, self.rules)
+    self.model = JittedModel(model)
     self.pad_id = int(pad_id)
     # Both are read at call time and traced: changing them between calls does not recompile
     # (a different number of stop ids does).
     self.eos_ids = tuple(sorted({int(e) for e in eos_ids}))
     self.think_end_id = think_end_id
     self.chunk = int(chunk)
-    self.compiles = 0
-    self._fn = jax.jit(
-      self._decode,
-      static_argnames=("max_new", "record"),
-      out_shardings=sharding.replicate_out(mesh),
-    )
+    self._fn = self.model.jit(self._decode, static_argnames=("max_new", "record"))
+
+  @property
+  def compiles(self) -> int:
+    return self.model.compiles
 
   def _decode(
-    self, state, ids, mask, eos, think_end, key, sample_ids, params, *, max_new: int, record: bool
+    self, model, ids, mask, eos, think_end, key, sample_ids, params, *, max_new: int, record: bool
   ):
-    self.compiles += 1  # runs at trace time only
-    with sharding.activations(self.mesh, self.rules):
-      model = merge(self.graphdef, state)
-      logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
-      return decode_loop(
-        model,
-        params,
-        logits,
-        cache,
-        pos,
-        max_new=max_new,
-        key=key,
-        sample_ids=sample_ids,
-        eos_ids=eos,
-        pad_id=self.pad_id,
-        think_end_id=think_end,
-        record=record,
-        chunk=self.chunk,
-      )
+    logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
+    return decode_loop(
+      model,
+      params,
+      logits,
+      cache,
+      pos,
+      max_new=max_new,
+      key=key,
+      sample_ids=sample_ids,
+      eos_ids=eos,
+      pad_id=self.pad_id,
+      think_end_id=think_end,
+      record=record,
+      chunk=self.chunk,
+    )
 
   def run(
     self,
@@ -397,16 +333,16 @@ class SoftDecoder:
     params = self.params if params is None else params.validate(vocab=self.vocab)
     B = batch or len(prompts)
     rows = list(prompts) + [[self.pad_id]] * (B - len(prompts))
-    ids, mask = left_pad(rows, self.pad_id, bucket(max(len(p) for p in rows), length_bucket))
+    width = bucket_size(max(len(p) for p in rows), length_bucket)
+    ids, mask = left_pad(rows, self.pad_id, width)
     sids = np.arange(B) if sample_ids is None else np.asarray(sample_ids)
     if sids.shape != (B,):
       raise InputError(f"sample_ids: expected {B} ids, got shape {sids.shape}")
     end = -1 if self.think_end_id is None else int(self.think_end_id)
     if not -1 <= end < self.vocab:
       raise InputError(f"think_end_id: {end} is outside the vocabulary of {self.vocab}")
-    ids, mask = (sharding.put_batch(x, self.mesh, self.rules) for x in (ids, mask))
+    ids, mask = (self.model.put_batch(x) for x in (ids, mask))
     return self._fn(
-      self.state,
       ids,
       mask,
       jnp.asarray(self.eos_ids, jnp.int32),

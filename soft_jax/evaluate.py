@@ -5,7 +5,7 @@ r"""Evaluate greedy, token sampling, Soft Thinking and its stochastic variants o
   python -m soft_jax.evaluate --config=configs/soft/smollm2.py:gumbel --data=gsm8k_test.jsonl \
       --layout=gsm8k --gumbel_tau=0.6 --batch_size=8 --out=/tmp/soft_eval_gumbel
 
-Protocol (shared/spec/soft_thinking.md section 7): each problem becomes one user turn (math
+Protocol (docs/soft_thinking.md, evaluation protocol and judging): each problem becomes one user turn (math
 instruction, then the problem) through the model's chat template, `<think>\n` appended when the
 vocabulary has a `<think>` token the template did not open; n samples per problem are n rows with
 distinct sample ids (row p * n + s), so a sample's draws depend only on the seed and its id, never on
@@ -26,8 +26,6 @@ import collections
 import json
 import os
 import platform
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,15 +33,20 @@ from typing import Any
 from absl import app, flags
 
 from codi_jax import runtime
+from codi_jax.batching import bucket_size, fixed_batches
 from codi_jax.errors import InputError, exit_on_input_error
-from soft_jax import cli_common
+from codi_jax.files import write_atomic
+from soft_jax import cli_common, decode, math_answers, metrics, problems, thinking
 
-_DATA, _LAYOUT, _LIMIT, _OUT = cli_common.DATA, cli_common.LAYOUT, cli_common.LIMIT, cli_common.OUT
-_QUESTION_FIELD, _ANSWER_FIELD = cli_common.QUESTION_FIELD, cli_common.ANSWER_FIELD
-_ID_FIELD, _N_SAMPLES, _PROGRESS = cli_common.ID_FIELD, cli_common.N_SAMPLES, cli_common.PROGRESS
-_K = flags.DEFINE_list("k", ["1"], "The k of each reported pass@k (each <= --n_samples).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows (samples) per decoder call.")
-_JUDGE = flags.DEFINE_enum("judge", "auto", ["auto", "numeric", "math_verify"], "Answer checker.")
+PROG = "soft_jax.evaluate"
+
+
+def _define_flags():
+  """This program's flags (defined only when run as a program: importing defines none)."""
+  cli_common.define("decode", "sampler", "data", "samples", "output")
+  flags.DEFINE_list("k", ["1"], "The k of each reported pass@k (each <= --n_samples).")
+  flags.DEFINE_integer("batch_size", 8, "Rows (samples) per decoder call.")
+  flags.DEFINE_enum("judge", "auto", ["auto", "numeric", "math_verify"], "Answer checker.")
 
 
 def parse_ks(values: Sequence[str], n_samples: int) -> list[int]:
@@ -62,27 +65,12 @@ def parse_ks(values: Sequence[str], n_samples: int) -> list[int]:
   return sorted(set(ks))
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file in the same directory and a rename."""
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def prompt_ids(tokenizer, question: str, think_end_id: int | None) -> list[int]:
-  """Chat-templated math prompt ids (spec 7.2); `<think>\\n` opened when the model has one."""
-  from soft_jax import decode, problems  # pylint: disable=import-outside-toplevel
+  """Chat-templated math prompt ids (docs/soft_thinking.md 9.2); `<think>\\n` opened when the model has one."""
 
   ids = tokenizer.encode(problems.build_math_prompt(tokenizer, question), add_special_tokens=False)
   if think_end_id is not None:
-    ids = decode.open_thinking(tokenizer, ids)
+    ids = thinking.open_thinking(tokenizer, ids)
   return ids
 
 
@@ -101,7 +89,6 @@ def evaluate(
   length_bucket: int = 32,
   judge: str = "auto",
   progress: bool = False,
-  mesh=None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Decodes n samples of every problem, judges them and summarizes.
 
@@ -119,15 +106,10 @@ def evaluate(
     length_bucket: Prompt lengths are padded to one multiple of this for the whole set.
     judge: `math_answers.check_answer` judge.
     progress: Show a tqdm bar.
-    mesh: Optional device mesh: parameters sharded, rows split along its batch axes.
 
   Returns:
     (summary, samples): `metrics.summarize` output plus timing, and one dict per sample.
   """
-  import tqdm  # pylint: disable=import-outside-toplevel
-
-  from codi_jax.decoding import bucket  # pylint: disable=import-outside-toplevel
-  from soft_jax import decode, math_answers  # pylint: disable=import-outside-toplevel
 
   if n_samples < 1:
     raise InputError(f"--n_samples: must be >= 1, got {n_samples}")
@@ -140,34 +122,21 @@ def evaluate(
   params = params.validate(prefix="--", vocab=model.cfg.vocab_size)
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
   dec = decode.SoftDecoder(
-    model, params, pad_id=pad, eos_ids=tokenizer.eos_ids, think_end_id=think_end_id, mesh=mesh
+    model, params, pad_id=pad, eos_ids=tokenizer.eos_ids, think_end_id=think_end_id
   )
   ids = [prompt_ids(tokenizer, p.question, think_end_id) for p in problems]
-  width = bucket(max(len(i) for i in ids), length_bucket)  # one prompt shape for every batch
+  width = bucket_size(max(len(i) for i in ids), length_bucket)  # one prompt shape for all batches
   rows = [(pi, s) for pi in range(len(problems)) for s in range(n_samples)]
-  results: list[Any] = []
+
+  def run(batch):  # sample s of problem p draws with sample id p * n_samples + s
+    sids = [pi * n_samples + s for pi, s in batch]
+    prompts = [ids[pi] for pi, _ in batch]
+    return dec(prompts, max_new_tokens=max_new_tokens, seed=seed, sample_ids=sids,
+               length_bucket=width)  # fmt: skip
+
   t0 = time.perf_counter()
-  bar = tqdm.tqdm(
-    total=len(rows),
-    desc=f"evaluate {params.mode}",
-    unit="sample",
-    disable=not progress,
-    file=sys.stderr,
-  )
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start : start + batch_size]
-    sids = [pi * n_samples + s for pi, s in chunk]
-    sids += [0] * (batch_size - len(chunk))
-    results += dec(
-      [ids[pi] for pi, _ in chunk],
-      max_new_tokens=max_new_tokens,
-      seed=seed,
-      sample_ids=sids,
-      length_bucket=width,
-      batch=batch_size,
-    )
-    bar.update(len(chunk))
-  bar.close()
+  bar = f"evaluate {params.mode}" if progress else None
+  results = fixed_batches(rows, batch_size, run, progress=bar)
   seconds = time.perf_counter() - t0
 
   samples = []
@@ -208,7 +177,6 @@ def evaluate(
 
 def summarize_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
   """`metrics.summarize` from sample records (grouped by problem, in first-seen order)."""
-  from soft_jax import metrics  # pylint: disable=import-outside-toplevel
 
   by_problem: dict[str, list[dict[str, Any]]] = collections.OrderedDict()
   for x in samples:
@@ -247,81 +215,72 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   runtime.setup_cli()
-  with exit_on_input_error("soft_jax.evaluate"):
+  v = cli_common.value
+  with exit_on_input_error(PROG):
     st = cli_common.settings(default_mode="soft")
-    if not _DATA.value:
+    if not v("data"):
       raise InputError("--data: no problem file given")
-    if not _OUT.value:
+    if not v("out"):
       raise InputError("--out: no output directory given")
-    if _N_SAMPLES.value < 1:
-      raise InputError(f"--n_samples: must be >= 1, got {_N_SAMPLES.value}")
-    ks = parse_ks(_K.value or [], _N_SAMPLES.value)
+    if v("n_samples") < 1:
+      raise InputError(f"--n_samples: must be >= 1, got {v('n_samples')}")
+    ks = parse_ks(v("k") or [], v("n_samples"))
+    from codi_jax import sharding  # pylint: disable=import-outside-toplevel
     from codi_jax.models import loader  # pylint: disable=import-outside-toplevel
-    from soft_jax import decode, problems  # pylint: disable=import-outside-toplevel
 
     probs = problems.read_problems(
-      _DATA.value,
-      layout=_LAYOUT.value,
-      question_field=_QUESTION_FIELD.value,
-      answer_field=_ANSWER_FIELD.value,
-      id_field=_ID_FIELD.value,
-      limit=_LIMIT.value,
+      v("data"),
+      layout=v("layout"),
+      question_field=v("question_field"),
+      answer_field=v("answer_field"),
+      id_field=v("id_field"),
+      limit=v("limit"),
     )
     loaded = loader.load(st.model, dtype=st.dtype, param_dtype=st.dtype)
-    end_id = decode.resolve_think_end(loaded.tokenizer, st.think_end, last_id=st.think_end_last_id)
-    summary, samples = evaluate(
-      loaded.model,
-      loaded.tokenizer,
-      probs,
-      st.params,
-      n_samples=_N_SAMPLES.value,
-      ks=ks,
-      max_new_tokens=st.max_new_tokens,
-      batch_size=_BATCH.value,
-      seed=st.seed,
-      think_end_id=end_id,
-      length_bucket=st.length_bucket,
-      judge=_JUDGE.value,
-      progress=_PROGRESS.value,
-      mesh=st.mesh,
+    end_id = thinking.resolve_think_end(
+      loaded.tokenizer, st.think_end, last_id=st.think_end_last_id
     )
+    with sharding.use_mesh(st.mesh, st.rules):
+      summary, samples = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        probs,
+        st.params,
+        n_samples=v("n_samples"),
+        ks=ks,
+        max_new_tokens=st.max_new_tokens,
+        batch_size=v("batch_size"),
+        seed=st.seed,
+        think_end_id=end_id,
+        length_bucket=st.length_bucket,
+        judge=v("judge"),
+        progress=v("progress"),
+      )
     import jax  # pylint: disable=import-outside-toplevel
 
     summary["settings"] = {
       "model": st.model,
       "mode": st.mode,
-      "data": _DATA.value,
-      "layout": _LAYOUT.value,
-      "n_samples": _N_SAMPLES.value,
+      "data": v("data"),
+      "layout": v("layout"),
+      "n_samples": v("n_samples"),
       "k": ks,
-      "limit": _LIMIT.value,
-      "batch_size": _BATCH.value,
+      "limit": v("limit"),
+      "batch_size": v("batch_size"),
       "max_new_tokens": st.max_new_tokens,
       "dtype": st.dtype,
       "seed": st.seed,
       "think_end_id": end_id,
-      "judge": _JUDGE.value,
+      "judge": v("judge"),
       "sampler": st.params.to_dict(),
       "device": str(jax.devices()[0].device_kind),
       "host": platform.node(),
     }
-    write_outputs(_OUT.value, summary, samples)
-  print(
-    json.dumps(
-      {
-        k: summary[k]
-        for k in (
-          "problems",
-          "samples",
-          "pass@1",
-          "pass@k",
-          "mean_thinking_tokens",
-          "mean_completion_tokens",
-        )
-      }
-    )
-  )
+    write_outputs(v("out"), summary, samples)
+  keys = ("problems", "samples", "pass@1", "pass@k", "mean_thinking_tokens")
+  print(json.dumps({k: summary[k] for k in (*keys, "mean_completion_tokens")}))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

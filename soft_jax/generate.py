@@ -23,13 +23,19 @@ from absl import app, flags
 
 from codi_jax import runtime
 from codi_jax.errors import InputError, exit_on_input_error
-from soft_jax.cli_common import PROMPT as _PROMPT
-from soft_jax.cli_common import encode_prompt, sampler_params, setting, settings
+from soft_jax import cli_common, decode, thinking
+from soft_jax.cli_common import encode_prompt, sampler_params
 
-_CHAT = flags.DEFINE_bool(
-  "chat", False, "Wrap each prompt as a user turn with the model's chat template."
-)
-_JSON = flags.DEFINE_bool("json", False, "End stdout with one JSON line.")
+PROG = "soft_jax.generate"
+
+
+def _define_flags():
+  """This program's flags (defined only when run as a program: importing defines none)."""
+  cli_common.define("decode", "prompt", "sampler")
+  flags.DEFINE_bool(
+    "chat", False, "Wrap each prompt as a user turn with the model's chat template."
+  )
+  flags.DEFINE_bool("json", False, "End stdout with one JSON line.")
 
 
 def _thinking_length(tokens: list[int], think_end_id: int | None) -> int:
@@ -52,16 +58,15 @@ def run(
   seed: int = 0,
   think_end: str = "auto",
   think_end_last_id: bool = False,
-  mesh=None,
 ) -> list[dict]:
   """Loads the model, generates for every prompt in one batch, returns one record per prompt.
 
   mode=greedy without a thinking budget uses the greedy Generator; every other case SoftDecoder.
+  Under a mesh context (`sharding.use_mesh`) the weights are sharded and the batch split.
   """
   # Imported here so that flag errors answer without loading JAX.
   from codi_jax.decoding import Generator  # pylint: disable=import-outside-toplevel
   from codi_jax.models import loader  # pylint: disable=import-outside-toplevel
-  from soft_jax import decode  # pylint: disable=import-outside-toplevel
 
   if not prompts:
     raise InputError("--prompt: no prompt given")
@@ -76,14 +81,14 @@ def run(
   loaded = loader.load(model_spec, dtype=dtype, param_dtype=dtype)
   params.validate(prefix="--", vocab=loaded.config.vocab_size)
   tok = loaded.tokenizer
-  end_id = decode.resolve_think_end(tok, think_end, last_id=think_end_last_id)
+  end_id = thinking.resolve_think_end(tok, think_end, last_id=think_end_last_id)
   ids = [encode_prompt(tok, p, chat) for p in prompts]
   if chat and end_id is not None:
-    ids = [decode.open_thinking(tok, i) for i in ids]
+    ids = [thinking.open_thinking(tok, i) for i in ids]
   pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
   t0 = time.perf_counter()
   if params.mode == "greedy" and not params.max_thinking_tokens:
-    gen = Generator(loaded.model, pad_id=pad, eos_ids=tok.eos_ids, mesh=mesh)
+    gen = Generator(loaded.model, pad_id=pad, eos_ids=tok.eos_ids)
     outs = gen(ids, max_new, length_bucket=bucket)
     eos = set(tok.eos_ids)
     rows = [
@@ -91,7 +96,7 @@ def run(
     ]
   else:
     dec = decode.SoftDecoder(
-      loaded.model, params, pad_id=pad, eos_ids=tok.eos_ids, think_end_id=end_id, mesh=mesh
+      loaded.model, params, pad_id=pad, eos_ids=tok.eos_ids, think_end_id=end_id
     )
     outs = dec(ids, max_new_tokens=max_new, seed=seed, length_bucket=bucket)
     rows = [(r.tokens, r.thinking_tokens, r.stop_reason) for r in outs]
@@ -121,33 +126,34 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   runtime.setup_cli()
-  with exit_on_input_error("soft_jax.generate"):
-    from codi_jax import distributed  # pylint: disable=import-outside-toplevel
+  with exit_on_input_error(PROG):
+    from codi_jax import distributed, sharding  # pylint: disable=import-outside-toplevel
 
     distributed.maybe_initialize()
-    st = settings()
-    records = run(
-      st.model,
-      _PROMPT.value or [],
-      st.max_new_tokens,
-      chat=setting("chat", st.config, _CHAT.value),
-      dtype=st.dtype,
-      bucket=st.length_bucket,
-      mode=st.mode,
-      params=st.params,
-      seed=st.seed,
-      think_end=st.think_end,
-      think_end_last_id=st.think_end_last_id,
-      mesh=st.mesh,
-    )
+    st = cli_common.settings()
+    with sharding.use_mesh(st.mesh, st.rules):
+      records = run(
+        st.model,
+        cli_common.value("prompt") or [],
+        st.max_new_tokens,
+        chat=cli_common.setting("chat", st.config),
+        dtype=st.dtype,
+        bucket=st.length_bucket,
+        mode=st.mode,
+        params=st.params,
+        seed=st.seed,
+        think_end=st.think_end,
+        think_end_last_id=st.think_end_last_id,
+      )
   if not distributed.is_main():  # every process decoded the same batch; one prints it
     return
   for r in records:
     print(r["text"])
-  if _JSON.value:
+  if cli_common.value("json"):
     print(json.dumps(records[0] if len(records) == 1 else {"results": records}))
   sys.stdout.flush()
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

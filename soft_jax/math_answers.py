@@ -1,4 +1,6 @@
-r"""Math answer checking for the soft-thinking evaluation (spec 7.3).
+r"""Math answer checking for the soft-thinking evaluation (docs/soft_thinking.md 9.3).
+
+(Over 400 lines: the two judges, their normalisation and the timeout guard are one checker.)
 
 Two rules decide whether a completion answers a problem:
 

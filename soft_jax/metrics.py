@@ -1,4 +1,4 @@
-"""Evaluation metrics over n samples per problem: pass@1, unbiased pass@k, mean lengths (spec 7.3, 8.5).
+"""Evaluation metrics over n samples per problem: pass@1, unbiased pass@k, mean lengths (docs/soft_thinking.md 9.3, 9.4).
 
 pass@k is the unbiased estimator of arXiv 2107.03374: for a problem with n samples of which c are
 correct, 1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) (1 when n - c < k),

@@ -1,4 +1,4 @@
-r"""Math problems for evaluation: JSON/JSONL files (or hub datasets) in the common layouts (spec 7).
+r"""Math problems for evaluation: JSON/JSONL files (or hub datasets) in the common layouts (docs/soft_thinking.md 9).
 
 Layouts (field names are tried in order; the first present is used):
 
@@ -195,7 +195,7 @@ def read_problems(
 
 
 def math_prompt(question: str, instruction: str = MATH_INSTRUCTION) -> str:
-  """The user turn for a math problem (spec 7.2): the instruction, a blank line, the problem."""
+  """The user turn for a math problem (docs/soft_thinking.md 9.2): the instruction, a blank line, the problem."""
   return f"{instruction}\n\n{question.strip()}"
 
 

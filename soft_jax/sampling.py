@@ -1,6 +1,6 @@
 """Soft Thinking samplers: pure functions from one step's logits to the emitted token and next input.
 
-One thinking step (shared/spec/soft_thinking.md section 2):
+One thinking step (docs/soft_thinking.md 3):
 temperature -> full-vocabulary softmax -> entropy (for Cold Stop, on the unfiltered p) -> top-k ->
 top-p -> min-p (each followed by renormalisation) -> [Dirichlet resampling on the filtered
 support] -> keep the top K and renormalise -> [Gumbel-Softmax on the kept K, re-sort] -> the concept
@@ -11,7 +11,7 @@ The next input is sum_k w_k E[idx_k]: a gather of K embedding rows, never a [V, 
 
 `top_candidates` (one `lax.top_k(z, N)`, N = `SamplerParams.k_max`) runs once per step; both phases
 filter within those N entries, which equals filtering the full vocabulary as long as N >= the
-phase's top-k (spec 10.4). No full-vocabulary sort, and the only full-vocabulary pass is the
+phase's top-k. No full-vocabulary sort, and the only full-vocabulary pass is the
 entropy.
 
 Random functions take one key per row (`keys_B`, a typed key array of shape [B]), so a row's draws
@@ -43,7 +43,7 @@ _DIRICHLET, _GUMBEL, _THINK, _ANSWER = range(4)
 
 @dataclasses.dataclass(frozen=True)
 class SamplerParams:
-  """Sampling parameters of both phases. Defaults: Soft Thinking (2505.15778), spec section 5.
+  """Sampling parameters of both phases. Defaults: Soft Thinking (2505.15778), docs/soft_thinking.md 6.
 
   Registered as a pytree: the float/int knobs are traced leaves (changing them does not recompile),
   the fields that change shapes or code paths (mode, top-k sizes, flags) are static.
@@ -65,7 +65,9 @@ class SamplerParams:
   cold_stop_patience: int = 256  # P consecutive low-entropy thinking steps end thinking
   entropy_normalized: bool = False  # divide the entropy by ln V ([SST] presets)
   max_thinking_tokens: int = 0  # thinking budget incl. the forced `</think>`; 0 = off (parity)
-  answer_phase: str = "sample"  # sample (intended) | legacy_argmax (published numbers, spec 3.4)
+  answer_phase: str = (
+    "sample"  # sample (intended) | legacy_argmax (published numbers, docs/soft_thinking.md 4.4)
+  )
   answer_low_entropy_abort: bool = False  # HEAD-only: abort a row on P low-entropy answer steps
   embed_mix_dtype: str = "float32"  # accumulate the mixture in f32 | "model" dtype (reference)
 
@@ -74,8 +76,8 @@ class SamplerParams:
     """Whether thinking inputs are concept tokens (else one-hot, as token decoding)."""
     return self.mode in SOFT_MODES
 
-  def replace(self, **kw) -> SamplerParams:
-    return dataclasses.replace(self, **kw)
+  def replace(self, **changes) -> SamplerParams:
+    return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -294,7 +296,7 @@ def categorical(keys_B: jax.Array, idx_BxN: jax.Array, q_BxN: jax.Array) -> jax.
 
 
 def concept_token(params: SamplerParams, keys_B: jax.Array, idx_BxN: jax.Array, q_BxN: jax.Array):
-  """Filtered candidates -> the thinking concept token (idx [B, K], w [B, K]), spec 2.4-2.6.
+  """Filtered candidates -> the thinking concept token (idx [B, K], w [B, K]), docs/soft_thinking.md 3 (steps 4-6).
 
   dirichlet: Dir(gamma q) on the filtered support, then the K-cut; gumbel: K-cut, then Gumbel-Softmax
   on the kept K. Other modes: the plain K-cut.
@@ -351,14 +353,14 @@ def sample_step(
 
 
 def mix_embeddings(
-  table_VxD: jax.Array, idx_BxK: jax.Array, w_BxK: jax.Array, out_dtype, accum_dtype=jnp.float32
+  rows_BxKxD: jax.Array, w_BxK: jax.Array, out_dtype, accum_dtype=jnp.float32
 ) -> jax.Array:
-  """e = sum_k w_k E[idx_k] / sum_k w_k: gathers K rows per row (never a [V, D] matmul); [B, D].
+  """e = sum_k w_k E[idx_k] / sum_k w_k from the K gathered rows E[idx] (never a [V, D] matmul).
 
   Accumulates in accum_dtype (f32 by default; the reference sums in the model dtype), then casts to
   out_dtype. A one-hot (idx, w) gives exactly the token's embedding. Works for bf16 tables.
   """
-  rows = jnp.take(table_VxD, jnp.clip(idx_BxK, 0, table_VxD.shape[0] - 1), axis=0)
+  rows = rows_BxKxD
   w = w_BxK.astype(accum_dtype)
   w = w / jnp.sum(w, axis=-1, keepdims=True)
   # Elementwise multiply-add, not an einsum: exact f32 on every backend (TPU einsums may use bf16).

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from codi_jax.codi.convert import import_official
-from codi_jax.codi.model import CodiConfig
 from codi_jax.errors import InputError
-from codi_jax.models import hf
+from codi_jax.models import hf, weights_io
 from codi_jax.models.config import LoRAConfig
 
 torch = pytest.importorskip("torch")
@@ -91,10 +90,10 @@ def test_import_matches_merged_reference(tmp_path, arch, fmt):
   ref, sd, cfg = official_checkpoint(arch, np.random.default_rng(0))
   path = str(tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"))
   if fmt == "safetensors":
-    hf.write_safetensors(path, sd)
+    weights_io.write_safetensors(path, sd)
   else:
     torch.save({k: torch.tensor(v) for k, v in sd.items()}, path)
-  codi = import_official(str(tmp_path), cfg, CodiConfig())
+  codi = import_official(str(tmp_path), cfg)
   ids = np.random.default_rng(1).integers(0, V, (2, 9))
   with torch.no_grad():
     want = ref(torch.tensor(ids)).logits.numpy()
@@ -113,9 +112,9 @@ def test_import_errors(tmp_path):
     ("no_prj", {k: v for k, v in sd.items() if not k.startswith("prj.")}, "projection keys"),
   ]:
     path = tmp_path / f"{name}.safetensors"
-    hf.write_safetensors(str(path), broken)
+    weights_io.write_safetensors(str(path), broken)
     with pytest.raises(InputError, match=msg):
-      import_official(str(path), cfg, CodiConfig())
+      import_official(str(path), cfg)
   with pytest.raises(InputError, match="rows"):
-    hf.write_safetensors(str(tmp_path / "ok.safetensors"), sd)
-    import_official(str(tmp_path / "ok.safetensors"), cfg.replace(vocab_size=V - 3), CodiConfig())
+    weights_io.write_safetensors(str(tmp_path / "ok.safetensors"), sd)
+    import_official(str(tmp_path / "ok.safetensors"), cfg.replace(vocab_size=V - 3))

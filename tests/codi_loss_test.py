@@ -9,7 +9,7 @@ from flax import nnx
 
 from codi_jax.codi.model import (
   Codi,
-  CodiConfig,
+  CodiOptions,
   codi_loss,
   encode_and_think,
   masked_ce,
@@ -138,13 +138,10 @@ def test_loss_matches_pytorch_reference(arch, padding_mode):
   ref = hf_model(arch)
   cfg = hf.config_from_hf(ref.config.to_dict())
   sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-  codi = Codi(
-    hf.assign(cfg, sd, where=arch),
-    CodiConfig(num_latent=N, beta=2.0, gamma=0.5, padding_mode=padding_mode),
-    nnx.Rngs(0),
-  )
+  codi = Codi(hf.assign(cfg, sd, where=arch), rngs=nnx.Rngs(0))
+  opts = CodiOptions(num_latent=N, beta=2.0, gamma=0.5, padding_mode=padding_mode)
   b = make_batch(np.random.default_rng(0))
-  _, m = jax.jit(codi_loss)(codi, {k: jnp.asarray(v) for k, v in b.items()})
+  _, m = jax.jit(codi_loss, static_argnums=2)(codi, {k: jnp.asarray(v) for k, v in b.items()}, opts)
   with torch.no_grad():
     ce_s, ce_t, kd, total = torch_reference(ref, torch_prj(codi), b, beta=2.0, gamma=0.5)
   for ours, theirs in [
@@ -160,12 +157,14 @@ def test_gradients_reach_question_through_every_thought():
   """Every thought z_i depends on the question embedding, and so does the student CE."""
   cfg = mcfg.tiny("gpt2", vocab_size=V)
   b = {k: jnp.asarray(v) for k, v in make_batch(np.random.default_rng(1)).items()}
-  codi = Codi(transformer.build(cfg, seed=2), CodiConfig(num_latent=4), nnx.Rngs(0))
+  codi = Codi(transformer.build(cfg, seed=2), rngs=nnx.Rngs(0))
+  opts = CodiOptions(num_latent=4)
   graphdef, state = nnx.split(codi)
   q = codi.backbone.embed_tokens(b["encoder_ids"])
 
   def thought(q_emb, i):
-    return encode_and_think(nnx.merge(graphdef, state), b, enc_embeds=q_emb)[2][i].sum()
+    model = nnx.merge(graphdef, state)
+    return encode_and_think(model, b, num_latent=4, enc_embeds=q_emb)[2][i].sum()
 
   for i in range(4):
     g = jax.jit(jax.grad(thought), static_argnums=1)(q, i)
@@ -173,7 +172,8 @@ def test_gradients_reach_question_through_every_thought():
   g = jax.jit(
     jax.grad(
       lambda q_emb: masked_ce(
-        student_forward(nnx.merge(graphdef, state), b, enc_embeds=q_emb).logits, b["decoder_labels"]
+        student_forward(nnx.merge(graphdef, state), b, opts, enc_embeds=q_emb).logits,
+        b["decoder_labels"],
       )
     )
   )(q)
@@ -191,26 +191,30 @@ def test_special_rows_train_only_with_the_flag(train_special):
   b["decoder_ids"][:, 0] = V - 1  # the answer starts with eot
   b = {k: jnp.asarray(v) for k, v in b.items()}
   codi = Codi(
-    transformer.build(cfg, seed=2),
-    CodiConfig(num_latent=2, train_special_embeddings=train_special),
-    nnx.Rngs(0),
+    transformer.build(cfg, seed=2), train_special_embeddings=train_special, rngs=nnx.Rngs(0)
   )
   extra = ("prj", "special") if train_special else ("prj",)
   graphdef, trainable, frozen = split_trainable(codi, extra=extra)
-  grads = jax.grad(lambda t: codi_loss(nnx.merge(graphdef, t, frozen), b)[0])(trainable)
+  opts = CodiOptions(num_latent=2)
+  grads = jax.grad(lambda t: codi_loss(nnx.merge(graphdef, t, frozen), b, opts)[0])(trainable)
   names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
-  assert ("special" in names) == train_special
+  assert ("backbone/embed/special" in names) == train_special
   assert not any("embed/embedding" in n for n in names)  # the table itself never trains under LoRA
   if train_special:
-    g = np.asarray(grads["special"][...])
+    g = np.asarray(grads["backbone"]["embed"]["special"][...])
     assert np.abs(g[1:]).sum() > 0  # bot and eot rows get gradients
-    moved = nnx.merge(graphdef, trainable, frozen)
-    moved.special.set_value(moved.special[...] + 1.0)
-    table = np.asarray(moved.sync_special_rows().backbone.embed.embedding[...])
-    np.testing.assert_allclose(table[-3:], np.asarray(moved.special[...]), atol=0)
+    embed = nnx.merge(graphdef, trainable, frozen).backbone.embed
+    embed.special.set_value(embed.special[...] + 1.0)
+    table = np.asarray(embed.table())
+    np.testing.assert_allclose(table[-3:], np.asarray(embed.special[...]), atol=0)
     np.testing.assert_allclose(
       table[:-3], np.asarray(codi.backbone.embed.embedding[...])[:-3], atol=0
     )
+    # Lookups and the tied head see the moved rows, with no call-order rule.
+    looked_up = embed(jnp.arange(V - 3, V))
+    np.testing.assert_allclose(np.asarray(looked_up), np.asarray(embed.special[...]), atol=0)
+    h = jnp.ones((1, table.shape[1]), jnp.float32)
+    np.testing.assert_allclose(np.asarray(embed.attend(h)), np.asarray(h @ table.T), atol=1e-5)
 
 
 def collated_batch():
@@ -245,10 +249,11 @@ def test_sparse_teacher_logits_match_full(method):
   _, labels = teacher_label_window(b)
   assert int((labels >= 0).sum()) == int((b["teacher_labels"][:, 1:] >= 0).sum())  # each label once
   backbone = transformer.build(mcfg.tiny("gpt2", vocab_size=V), seed=5)
-  graphdef, state = nnx.split(Codi(backbone, CodiConfig(num_latent=2, method=method), nnx.Rngs(0)))
+  graphdef, state = nnx.split(Codi(backbone, rngs=nnx.Rngs(0)))
+  opts = CodiOptions(num_latent=2, method=method)
 
   def loss_fn(s, batch):
-    return codi_loss(nnx.merge(graphdef, s), batch)
+    return codi_loss(nnx.merge(graphdef, s), batch, opts)
 
   loss_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   (_, m_sparse), g_sparse = loss_grad(state, b)

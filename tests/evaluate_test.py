@@ -9,8 +9,10 @@ import pytest
 from flax import nnx
 from train_test import tiny_config
 
-from codi_jax import evaluate as ev
-from codi_jax import train_lib
+from codi_jax import eval_lib as ev
+from codi_jax import final
+from codi_jax.codi import build
+from codi_jax.data import eval_sets, sources
 from codi_jax.errors import InputError
 
 PROG = "codi_jax.evaluate"
@@ -22,9 +24,9 @@ def _save_run(workdir, method):
   c.data.buckets = 160  # every synthetic question in one bucket: one compile per test
   c.data.synthetic.test = 24
   c.eval.batch_size = 8
-  train, _, _ = train_lib.load_records(c)
-  codi, tok, special = train_lib.build_model(c, train_lib.build_tokenizer(c, train))
-  train_lib.save_final(str(workdir), nnx.state(codi, nnx.Param), c, tok, special, {"steps": 0})
+  train, _, _ = sources.load_records(c)
+  codi, tok, special = build.build_model(c, build.build_tokenizer(c, train))
+  final.save_final(str(workdir), nnx.state(codi, nnx.Param), c, tok, special, {"steps": 0})
   return str(workdir)
 
 
@@ -36,7 +38,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finals(runs):
-  return {m: ev.load_final(w) for m, w in runs.items()}
+  return {m: final.load_final(w) for m, w in runs.items()}
 
 
 def run_cli(tmp_path, *args):
@@ -113,7 +115,7 @@ def test_cli_end_to_end_with_efficiency_and_probe(runs, tmp_path):
 
 @pytest.mark.parametrize("method,mode", [("codi", "student"), ("cot_sft", "teacher")])
 def test_batched_equals_batch_one(finals, method, mode):
-  data = ev.load_eval_data("test", finals[method].config, limit=6)
+  data = eval_sets.load_eval_data("test", finals[method].config, limit=6)
   runner = ev.Runner(finals[method], mode, max_new_tokens=6)
   _, batched, _ = runner.run(data, 4, progress=False)
   _, single, _ = runner.run(data, 1, progress=False)
@@ -122,12 +124,12 @@ def test_batched_equals_batch_one(finals, method, mode):
 
 
 def test_one_compile_per_bucket(finals):
-  final = ev.Final(
+  run = final.FinishedRun(
     **{**vars(finals["codi"]), "config": finals["codi"].config.copy_and_resolve_references()}
   )
-  final.config.data.buckets = 16
+  run.config.data.buckets = 16
   short, long_ = "Tom has 3 apples.", "Tom has 3 apples and buys 4 more. " * 3 + "How many?"
-  data = ev.EvalData(
+  data = eval_sets.EvalData(
     "mixed",
     "math",
     [short, long_, short, long_, short],
@@ -136,7 +138,7 @@ def test_one_compile_per_bucket(finals):
     [None] * 5,
     {"source": "test"},
   )
-  runner = ev.Runner(final, "student", max_new_tokens=4)
+  runner = ev.Runner(run, "student", max_new_tokens=4)
   summary, examples, _ = runner.run(data, 2, progress=False)
   assert len(summary["buckets"]) == 2 and summary["compiles"] == 2
   assert [e["index"] for e in examples] == [0, 1, 2, 3, 4]
@@ -152,10 +154,10 @@ def test_missing_final_is_a_one_line_error(tmp_path):
   assert_one_line_error(proc, str(tmp_path), "no finished run")
   (tmp_path / "final.tmp").mkdir()
   with pytest.raises(InputError, match="unfinished run"):
-    ev.load_final(str(tmp_path))
+    final.load_final(str(tmp_path))
   (tmp_path / "final").mkdir()
   with pytest.raises(InputError, match="incomplete checkpoint"):
-    ev.load_final(str(tmp_path))
+    final.load_final(str(tmp_path))
 
 
 def test_malformed_data_line_names_file_and_line(runs, tmp_path):
@@ -174,7 +176,7 @@ def test_data_specs(finals, tmp_path):
     {"question": "Q2", "answer": "#### 1,000"},
   ]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  plain = ev.load_eval_data(str(path), config, steps=True)
+  plain = eval_sets.load_eval_data(str(path), config, steps=True)
   assert (plain.name, plain.task, plain.golds, plain.steps) == (
     "gsm",
     "math",
@@ -182,15 +184,15 @@ def test_data_specs(finals, tmp_path):
     [[24.0], []],
   )
   assert plain.questions == ["Q1 here", "Q2"]
-  named = ev.load_eval_data(f"gsm8k={path}", config, limit=1)
+  named = eval_sets.load_eval_data(f"gsm8k={path}", config, limit=1)
   assert (named.name, named.golds, named.steps) == (
     "gsm8k",
     [24.0],
     [[]],
   )  # steps only when probing
-  syn = ev.load_eval_data("synthetic:valid", config, limit=3)
+  syn = eval_sets.load_eval_data("synthetic:valid", config, limit=3)
   assert syn.name == "synthetic_valid" and len(syn.questions) == 3 and all(syn.steps)
   with pytest.raises(InputError, match="not a .json/.jsonl file"):
-    ev.load_eval_data("nope", config)
+    eval_sets.load_eval_data("nope", config)
   with pytest.raises(InputError, match="unknown evaluation set"):
-    ev.load_eval_data(f"nope={path}", config)
+    eval_sets.load_eval_data(f"nope={path}", config)

@@ -269,7 +269,7 @@ def test_config_file_with_flag_overrides(tmp_path, tiny_dir):
       "--prompt=w7 w8",
       "--chat=false",
       "--gumbel_tau=0.7",
-      "--config.sampler.max_topk=5",
+      "--max_topk=5",
       "--max_new_tokens=4",
       "--json",
     )
@@ -277,7 +277,7 @@ def test_config_file_with_flag_overrides(tmp_path, tiny_dir):
   s = out["sampler"]
   assert out["mode"] == "gumbel" and out["model"] == tiny_dir
   assert out["prompt_tokens"] == [7, 8]  # --chat=false won over the config's chat template
-  assert s["gumbel_tau"] == 0.7 and s["max_topk"] == 5  # flag and --config.* overrides
+  assert s["gumbel_tau"] == 0.7 and s["max_topk"] == 5  # flags win over the preset
   assert s["entropy_normalized"] is True and s["min_p"] == 0.0  # the SST preset
   assert 1 <= len(out["tokens"]) <= 4
 

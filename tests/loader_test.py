@@ -23,7 +23,7 @@ from flax import nnx
 
 from codi_jax.decoding import Generator
 from codi_jax.errors import InputError
-from codi_jax.models import hf, loader
+from codi_jax.models import hf, loader, weights_io
 from codi_jax.models.config import LoRAConfig
 
 torch = pytest.importorskip("torch")
@@ -226,7 +226,7 @@ def test_sharded_checkpoint(tiny, tmp_path):
 def test_bf16_safetensors(tiny, tmp_path):
   ref = _hf_model("llama").to(torch.bfloat16)
   path = save_tiny(ref, tmp_path / "bf16")
-  tensors = hf.read_safetensors(os.path.join(path, "model.safetensors"))
+  tensors = weights_io.read_safetensors(os.path.join(path, "model.safetensors"))
   name = "model.layers.1.self_attn.q_proj.weight"
   assert tensors[name].dtype == ml_dtypes.bfloat16
   want = ref.state_dict()[name].float().numpy()
@@ -257,8 +257,8 @@ def test_safetensors_roundtrip(tmp_path):
     "mask": np.array([True, False, True]),
   }
   path = str(tmp_path / "x.safetensors")
-  hf.write_safetensors(path, tensors)
-  back = hf.read_safetensors(path)
+  weights_io.write_safetensors(path, tensors)
+  back = weights_io.read_safetensors(path)
   assert set(back) == set(tensors)
   for k, v in tensors.items():
     assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
@@ -271,13 +271,13 @@ def test_safetensors_roundtrip(tmp_path):
 
 def test_safetensors_scalar(tmp_path):
   path = str(tmp_path / "s.safetensors")
-  hf.write_safetensors(path, {"s": np.array(1.5, np.float32)})
-  assert hf.read_safetensors(path)["s"].shape == ()
+  weights_io.write_safetensors(path, {"s": np.array(1.5, np.float32)})
+  assert weights_io.read_safetensors(path)["s"].shape == ()
 
 
 def test_read_safetensors_written_by_hf(tiny):
   path, ref = tiny["qwen2"]
-  ours = hf.read_safetensors(os.path.join(path, "model.safetensors"))
+  ours = weights_io.read_safetensors(os.path.join(path, "model.safetensors"))
   theirs = {k: v.numpy() for k, v in ref.state_dict().items()}
   assert set(ours) <= set(theirs)  # the tied lm_head.weight is not saved
   for k, v in ours.items():
@@ -297,7 +297,7 @@ def test_export_tensors_roundtrip(tiny, tmp_path, arch):
   out.mkdir()
   shutil.copy(os.path.join(path, "config.json"), out / "config.json")
   _write_tokenizer(out)
-  hf.write_safetensors(str(out / "model.safetensors"), exported)
+  weights_io.write_safetensors(str(out / "model.safetensors"), exported)
   again = loader.load(str(out))
   np.testing.assert_array_equal(_forward(again.model, IDS), _forward(loaded.model, IDS))
 
@@ -518,9 +518,9 @@ def test_missing_weights(tiny, tmp_path):
 
 def _rewrite_weights(path, edit):
   file = os.path.join(path, "model.safetensors")
-  tensors = {k: np.array(v) for k, v in hf.read_safetensors(file).items()}
+  tensors = {k: np.array(v) for k, v in weights_io.read_safetensors(file).items()}
   edit(tensors)
-  hf.write_safetensors(file, tensors)
+  weights_io.write_safetensors(file, tensors)
 
 
 def test_missing_tensor(tiny, tmp_path):
@@ -583,7 +583,7 @@ def test_safetensors_bad_header(tmp_path, meta):
   with open(file, "wb") as f:
     f.write(struct.pack("<Q", len(header)) + header + bytes(8))
   with pytest.raises(InputError, match="x.safetensors"):
-    hf.read_safetensors(file)
+    weights_io.read_safetensors(file)
 
 
 def test_shard_index_errors(tiny, tmp_path):

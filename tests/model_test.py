@@ -12,7 +12,7 @@ from codi_jax.models import cache as kvc
 from codi_jax.models import config as mcfg
 from codi_jax.models import hf, transformer
 from codi_jax.models.params import split_trainable
-from codi_jax.models.step import Loop, merge, scan_steps, step
+from codi_jax.models.step import Carry, scan_steps, step
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -121,7 +121,7 @@ def test_embeddings_path_equals_token_path(arch):
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("pad_side", ["left", "right"])
 def test_cached_stepwise_decoding_equals_full_forward(arch, pad_side):
-  """Prefill a prefix, then feed the rest one position at a time through `step`."""
+  """Prefill a prefix, then feed the rest one position at a time (masked pad positions included)."""
   _, cfg, model = make_pair(arch)
   ids, mask, pos = padded_batch(pad_side, np.random.default_rng(3), L=12, lens=(12, 9, 6))
   full = model(
@@ -142,12 +142,12 @@ def test_cached_stepwise_decoding_equals_full_forward(arch, pad_side):
   cache = pre.cache
   for t in range(P, ids.shape[1]):
     x = model.embed_tokens(jnp.asarray(ids[:, t : t + 1]))
-    out = step(
-      model,
-      x,
-      jnp.asarray(pos[:, t : t + 1]),
-      cache,
-      jnp.asarray(mask[:, t : t + 1]),
+    out = model(
+      embeds=x,
+      positions=jnp.asarray(pos[:, t : t + 1]),
+      mask=jnp.asarray(mask[:, t : t + 1]),
+      cache=cache,
+      logits="last",
       hidden_states=True,
     )
     cache = out.cache
@@ -157,7 +157,7 @@ def test_cached_stepwise_decoding_equals_full_forward(arch, pad_side):
     )
     for hs, hf_ in zip(out.hidden_states, full.hidden_states):
       np.testing.assert_allclose(
-        np.asarray(hs)[real], np.asarray(hf_[:, t])[real], atol=TOL, rtol=0
+        np.asarray(hs[:, -1])[real], np.asarray(hf_[:, t])[real], atol=TOL, rtol=0
       )
   assert int(cache.end) == ids.shape[1]
 
@@ -174,7 +174,7 @@ def test_scan_steps_equals_python_loop_and_compiles_once():
   @jax.jit
   def run(state, ids):
     traces.append(1)
-    m = merge(graphdef, state)
+    m = nnx.merge(graphdef, state)
     pre = m(ids, positions=pos, cache=kvc.init_cache(cfg, B, P + N), logits="last")
     tok = jnp.argmax(pre.logits, -1)
 
@@ -183,8 +183,8 @@ def test_scan_steps_equals_python_loop_and_compiles_once():
       t = jnp.argmax(out.logits, -1)
       return m.embed_tokens(t), None, t
 
-    loop = Loop(m.embed_tokens(tok), jnp.full((B,), P), pre.cache, None)
-    _, toks = scan_steps(m, loop, next_input, N)
+    carry = Carry(m.embed_tokens(tok), jnp.full((B,), P), pre.cache, None)
+    _, toks = scan_steps(m, carry, next_input, N)
     return tok, toks.T
 
   tok, toks = run(state, ids)
@@ -209,16 +209,16 @@ def test_gradients_flow_through_scanned_latent_steps():
   ids = jnp.arange(B * P).reshape(B, P) % cfg.vocab_size
 
   def loss(emb):
-    m = merge(graphdef, state)
+    m = nnx.merge(graphdef, state)
     pre = m(
       embeds=emb,
       positions=jnp.broadcast_to(jnp.arange(P), (B, P)),
       cache=kvc.init_cache(cfg, B, P + N),
       logits="none",
     )
-    loop = Loop(pre.hidden[:, -1], jnp.full((B,), P), pre.cache, None)
-    lp, hs = scan_steps(m, loop, lambda s, out, i: (out.hidden, s, out.hidden), N, remat=True)
-    return jnp.sum(hs[-1] ** 2) + 0 * jnp.sum(lp.x)
+    carry = Carry(pre.hidden[:, -1], jnp.full((B,), P), pre.cache, None)
+    carry, hs = scan_steps(m, carry, lambda s, out, i: (out.hidden, s, out.hidden), N, remat=True)
+    return jnp.sum(hs[-1] ** 2) + 0 * jnp.sum(carry.x)
 
   emb = model.embed_tokens(ids)
   g = jax.jit(jax.grad(loss))(emb)
@@ -254,7 +254,7 @@ def test_only_lora_and_chosen_extras_train():
   pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
 
   def loss(train, frozen):
-    logits = merge(graphdef, train, frozen)(ids, positions=pos).logits
+    logits = nnx.merge(graphdef, train, frozen)(ids, positions=pos).logits
     return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
   opt = optax.adam(1e-2)
@@ -343,7 +343,7 @@ def test_causality():
   emb = model.embed_tokens(jnp.arange(6)[None])
   pos = jnp.arange(6)[None]
   g = jax.jit(
-    jax.grad(lambda e: merge(graphdef, state)(embeds=e, positions=pos).logits[0, 2].sum())
+    jax.grad(lambda e: nnx.merge(graphdef, state)(embeds=e, positions=pos).logits[0, 2].sum())
   )(emb)
   assert float(jnp.abs(g[0, 3:]).max()) == 0.0
   assert float(jnp.abs(g[0, :3]).max()) > 0.0

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from codi_jax.batching import left_pad
 from codi_jax.codi import probe
-from codi_jax.codi.model import Codi, CodiConfig, encode_and_think
-from codi_jax.decoding import left_pad
+from codi_jax.codi.model import Codi, encode_and_think
 from codi_jax.models import config as mcfg
 from codi_jax.models import transformer
 
@@ -22,12 +22,11 @@ def backbone(arch, tie):
   return transformer.build(mcfg.tiny(arch, tie_embeddings=tie), seed=1)
 
 
-def tiny_codi(arch="gpt2", padding_mode="masked", tie=True, num_latent=N):
-  return Codi(
-    backbone(arch, tie),
-    CodiConfig(num_latent=num_latent, padding_mode=padding_mode),
-    nnx.Rngs(params=2),
-  )
+def tiny_codi(arch="gpt2", tie=True):
+  return Codi(backbone(arch, tie), rngs=nnx.Rngs(params=2))
+
+
+KW = {"num_latent": N, "padding_mode": "masked"}  # the method options of these probes
 
 
 def jitted(fn, codi, ids, mask):
@@ -47,7 +46,7 @@ def test_head_top_k_equals_numpy(arch, tie):
   ids, mask = question_batch()
   states, (probs, top) = jax.device_get(
     jitted(
-      lambda c, i, m: (probe.thought_states(c, i, m), probe.probe_top_k(c, i, m, k=5)),
+      lambda c, i, m: (probe.thought_states(c, i, m, **KW), probe.probe_top_k(c, i, m, k=5, **KW)),
       codi,
       ids,
       mask,
@@ -68,15 +67,17 @@ def test_head_top_k_equals_numpy(arch, tie):
 @pytest.mark.parametrize("padding_mode", ["masked", "official", "official_fixmask"])
 def test_pre_projection_states_are_what_the_thoughts_project(padding_mode):
   """prj(state at bot) is thought 1 and prj(state after thought i) is thought i+1, in every mode."""
-  codi = tiny_codi(padding_mode=padding_mode)
+  codi = tiny_codi()
   ids, mask = question_batch()
+  kw = {"num_latent": N, "padding_mode": padding_mode}
 
   def fn(c, i, m):
-    pre = probe.thought_states(c, i, m, "pre_prj")
-    _, _, thoughts = encode_and_think(c, {"encoder_ids": i, "encoder_mask": m}, capacity_extra=0)
+    pre = probe.thought_states(c, i, m, "pre_prj", **kw)
+    batch = {"encoder_ids": i, "encoder_mask": m}
+    _, _, thoughts = encode_and_think(c, batch, capacity_extra=0, **kw)
     return (
       c.project(pre[:, :N]),
-      probe.thought_states(c, i, m, "post_prj"),
+      probe.thought_states(c, i, m, "post_prj", **kw),
       jnp.swapaxes(thoughts, 0, 1),
     )
 
@@ -86,10 +87,10 @@ def test_pre_projection_states_are_what_the_thoughts_project(padding_mode):
 
 
 def test_no_thoughts_probes_the_bot_state_only():
-  codi = tiny_codi(num_latent=0)
+  codi = tiny_codi()  # the same module: the thought count is a call argument
   ids, mask = question_batch()
-  assert probe.thought_states(codi, ids, mask).shape == (2, 1, 32)
-  assert probe.thought_states(codi, ids, mask, "post_prj").shape == (2, 0, 32)
+  assert probe.thought_states(codi, ids, mask, num_latent=0).shape == (2, 1, 32)
+  assert probe.thought_states(codi, ids, mask, "post_prj", num_latent=0).shape == (2, 0, 32)
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,13 @@ class FakeMesh:
 RULES = sharding.rules_from_config(sharding.DEFAULT_RULES)
 
 
+def test_config_rules_equal_the_library_fallback():
+  """configs/base.py carries the rules as commented data; the library's fallback is the same map."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+
+  assert sharding.rules_from_config(base.LOGICAL_AXIS_RULES) == RULES
+
+
 def test_spec_for_rules_divisibility_and_reuse():
   mesh = FakeMesh(data=2, fsdp=2, tensor=2)
   assert spec_for(("embed", "mlp"), (32, 64), mesh, RULES) == P("fsdp", "tensor")
@@ -116,7 +123,8 @@ def test_mesh_shape_inference_and_errors():
 
 def test_single_device_mesh_places_everything_replicated():
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  x = sharding.put_batch(np.arange(6).reshape(3, 2), mesh, RULES)
+  with sharding.use_mesh(mesh, RULES):
+    x = sharding.put_batch(np.arange(6).reshape(3, 2))
   assert x.sharding.spec == P() and np.asarray(x).tolist() == [[0, 1], [2, 3], [4, 5]]
 
 
@@ -175,3 +183,26 @@ def test_soft_decode_loop_identical_sharded_and_unsharded(tmp_path):
     assert len(ref) == 8 and all(1 <= len(t) <= 12 for t in ref) and sum(map(len, ref)) > 60
     for mesh in ("8,1,1", "2,2,2", "1,1,8"):
       assert res[f"{mode}/{mesh}"] == ref, f"{mode} on mesh {mesh}"
+
+
+@pytest.fixture(scope="module")
+def loss_runs(tmp_path_factory):
+  return _run("loss", ("1,1,1", "2,2,1"), 4, tmp_path_factory.mktemp("loss"))
+
+
+def test_auto_mode_loss_is_mesh_independent(loss_runs):
+  one, four = loss_runs["auto/1,1,1"], loss_runs["auto/2,2,1"]
+  np.testing.assert_allclose(four["loss"], one["loss"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(four["grad_norm"], one["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.xfail(
+  strict=True,
+  reason="Explicit sharding mode: jax 0.10 supports it, but the model code does not yet pass "
+  "out_sharding= to its gathers and contractions (the first failure is the embedding lookup's "
+  "ShardingTypeError); only Auto mode (GSPMD) is supported. Strict: passing means it now works.",
+)
+def test_explicit_mode_loss_equals_auto(loss_runs):
+  explicit = loss_runs["explicit/2,2,1"]
+  assert "error" not in explicit, explicit.get("error")
+  np.testing.assert_allclose(explicit["loss"], loss_runs["auto/2,2,1"]["loss"], atol=1e-5)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soft_jax import analyze
+from soft_jax import traces
 from soft_jax.sampling import SamplerParams
 
 PROG = "soft_jax.analyze"
@@ -26,7 +26,7 @@ PROG = "soft_jax.analyze"
 
 def test_js_identical_is_zero():
   p = jax.nn.softmax(jax.random.normal(jax.random.key(0), (4, 50)), axis=-1)
-  np.testing.assert_allclose(analyze.js_divergence(p, p), 0.0, atol=1e-7)
+  np.testing.assert_allclose(traces.js_divergence(p, p), 0.0, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -46,8 +46,8 @@ def test_js_identical_is_zero():
   ],
 )
 def test_js_known_values(p, q, want):
-  assert float(analyze.js_divergence(p, q)) == pytest.approx(want, abs=1e-6)
-  assert float(analyze.js_divergence(q, p)) == pytest.approx(want, abs=1e-6)  # symmetric
+  assert float(traces.js_divergence(p, q)) == pytest.approx(want, abs=1e-6)
+  assert float(traces.js_divergence(q, p)) == pytest.approx(want, abs=1e-6)  # symmetric
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,8 +66,8 @@ def test_js_known_values(p, q, want):
   ],
 )
 def test_rouge_l_table(cand, ref, lcs, f1):
-  assert analyze.lcs_length(cand, ref) == lcs
-  assert analyze.rouge_l(cand, ref)["f1"] == pytest.approx(f1)
+  assert traces.lcs_length(cand, ref) == lcs
+  assert traces.rouge_l(cand, ref)["f1"] == pytest.approx(f1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_randomness_monotone_on_toy():
   keys = jax.random.split(jax.random.key(0), 64)
 
   def stats(noise, v):
-    r, s = analyze.noise_randomness(keys, top_z, params, noise=noise, value=v)
+    r, s = traces.noise_randomness(keys, top_z, params, noise=noise, value=v)
     return float(jnp.mean(r)), float(jnp.mean(s))
 
   dirichlet = [stats("dirichlet", g) for g in (0.1, 1.0, 10.0, 1000.0)]
@@ -92,7 +92,7 @@ def test_randomness_monotone_on_toy():
   assert [s for _, s in gumbel] == sorted(s for _, s in gumbel)  # larger tau: softer
   assert gumbel[-1][1] < math.log(4) + 1e-5  # at most K entries
   # The reference's metric (softmax of st' first) differs from JS on probabilities.
-  r_legacy, _ = analyze.noise_randomness(
+  r_legacy, _ = traces.noise_randomness(
     keys, top_z, params, noise="dirichlet", value=1000.0, legacy_softmax=True
   )
   assert float(jnp.mean(r_legacy)) > 0.05
@@ -123,7 +123,7 @@ MASK = jnp.asarray([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
 def test_js_probe_one_hot_soft_input(tiny_model):
   # K = 1: the soft input is exactly the top-1 embedding, so JS(P1, Pst) = 0 and P2 = P1.
   params = SamplerParams(mode="soft", max_topk=1, top_k=10, after_top_k=10)
-  rec = jax.jit(lambda p, i, m, k: analyze.js_probe_trace(tiny_model, p, i, m, k, steps=6))(
+  rec = jax.jit(lambda p, i, m, k: traces.js_probe_trace(tiny_model, p, i, m, k, steps=6))(
     params, IDS, MASK, jax.random.key(0)
   )
   assert rec["js"].shape == (2, 6, 3)
@@ -134,7 +134,7 @@ def test_js_probe_soft_input_differs(tiny_model):
   params = SamplerParams(
     mode="soft", max_topk=4, top_k=10, after_top_k=10, temperature=1.0, top_p=1.0, min_p=0.0
   )
-  rec = analyze.js_probe_trace(tiny_model, params, IDS, MASK, jax.random.key(0), steps=6)
+  rec = traces.js_probe_trace(tiny_model, params, IDS, MASK, jax.random.key(0), steps=6)
   js = np.asarray(rec["js"])
   assert js.min() >= 0 and js.max() <= math.log(2) + 1e-6
   assert js[..., 1].mean() > 0  # a real mixture: the top-2 counterfactual differs
@@ -148,13 +148,13 @@ def test_js_probe_soft_input_differs(tiny_model):
 
 
 def test_logit_lens_shapes(tiny_model):
-  rec = analyze.logit_lens_trace(tiny_model, IDS, MASK, 0.6, steps=3)
+  rec = traces.logit_lens_trace(tiny_model, IDS, MASK, 0.6, steps=3)
   L = tiny_model.cfg.num_layers
   assert rec["overlap"].shape == (2, 3, L + 1, 2)
   ov = np.asarray(rec["overlap"])
   assert ov.min() >= 0 and ov.max() <= 1
   # alpha = 1: the mixture is t1 itself, its top-10 holds t1's top-5 at every layer.
-  rec1 = analyze.logit_lens_trace(tiny_model, IDS, MASK, 1.0, steps=2)
+  rec1 = traces.logit_lens_trace(tiny_model, IDS, MASK, 1.0, steps=2)
   np.testing.assert_allclose(np.asarray(rec1["overlap"])[..., 0], 1.0)
 
 

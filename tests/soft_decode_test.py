@@ -13,7 +13,8 @@ from codi_jax.decoding import Generator, prefill
 from codi_jax.errors import InputError
 from codi_jax.models import config as mcfg
 from codi_jax.models import transformer
-from soft_jax import decode, sampling
+from codi_jax.models.step import step
+from soft_jax import decode, sampling, thinking
 from soft_jax.decode import SoftDecoder
 from soft_jax.sampling import SamplerParams
 
@@ -119,7 +120,7 @@ def test_budget_without_think_end_token_keeps_the_emitted_token(soft_dec):
 
 
 def replay_logits(model, prompt, records):
-  """Logits of every step, re-run with `soft_step` from the recorded inputs (eager, one row)."""
+  """Logits of every step, re-run with the shared `step` from the recorded inputs (eager, one row)."""
   ids = jnp.asarray([prompt], jnp.int32)
   logits, cache, pos = prefill(model, ids, jnp.ones_like(ids, bool), len(prompt) + N)
   out = [logits[0]]
@@ -128,9 +129,9 @@ def replay_logits(model, prompt, records):
     x = decode.embed_input(
       model, params, jnp.asarray(records["idx"][t : t + 1]), jnp.asarray(records["w"][t : t + 1])
     )
-    step = decode.soft_step(model, x, pos, cache)
-    cache, pos = step.cache, pos + 1
-    out.append(step.logits[0])
+    res = step(model, x[:, None], pos[:, None], cache)
+    cache, pos = res.cache, pos + 1
+    out.append(res.logits[0])
   return np.stack([np.asarray(o) for o in out])
 
 
@@ -340,15 +341,17 @@ class _WordTok:
 
 def test_resolve_think_end_and_open_thinking():
   tok = _WordTok(["a", "b", "<think>", "</think>", "\n", "</", "think>"])
-  assert decode.resolve_think_end(tok) == 3
-  assert decode.resolve_think_end(tok, "none") is None and decode.resolve_think_end(tok, "") is None
-  assert decode.resolve_think_end(tok, "b") == 1
+  assert thinking.resolve_think_end(tok) == 3
+  assert (
+    thinking.resolve_think_end(tok, "none") is None and thinking.resolve_think_end(tok, "") is None
+  )
+  assert thinking.resolve_think_end(tok, "b") == 1
   with pytest.raises(InputError, match="^--think_end: .*2 tokens"):
-    decode.resolve_think_end(tok, "</ think>")
-  assert decode.resolve_think_end(tok, "</ think>", last_id=True) == 6
-  assert decode.open_thinking(tok, [0, 1]) == [0, 1, 2, 4]
-  assert decode.open_thinking(tok, [0, 1, 2, 4]) == [0, 1, 2, 4]
-  assert decode.resolve_think_end(_WordTok(["a", "</", "think>"])) is None  # auto: none
+    thinking.resolve_think_end(tok, "</ think>")
+  assert thinking.resolve_think_end(tok, "</ think>", last_id=True) == 6
+  assert thinking.open_thinking(tok, [0, 1]) == [0, 1, 2, 4]
+  assert thinking.open_thinking(tok, [0, 1, 2, 4]) == [0, 1, 2, 4]
+  assert thinking.resolve_think_end(_WordTok(["a", "</", "think>"])) is None  # auto: none
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +365,7 @@ def smol():
 @pytest.mark.slow
 def test_smollm2_soft_k1_equals_greedy_and_gumbel_runs(smol):
   tok = smol.tokenizer
-  assert decode.resolve_think_end(tok) is None  # no `</think>` token: thinking ends by budget
+  assert thinking.resolve_think_end(tok) is None  # no `</think>` token: thinking ends by budget
   prompt = [tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}]))]
   want = Generator(smol.model, pad_id=tok.pad_id, eos_ids=tok.eos_ids)(prompt, 8)
   dec = SoftDecoder(

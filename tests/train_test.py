@@ -10,7 +10,9 @@ import pytest
 import tiny_codi
 from flax import nnx
 
-from codi_jax import train_lib
+from codi_jax import final, train_lib
+from codi_jax.codi import build
+from codi_jax.data import sources
 from codi_jax.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,8 +81,6 @@ def test_lora_bf16_run_trains_only_adapters_and_prj(tmp_path):
   import tokenizers  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
-  from codi_jax import evaluate  # pylint: disable=import-outside-toplevel
-
   hf_dir = tmp_path / "hf"
   hf_cfg = transformers.GPT2Config(vocab_size=400, n_positions=256, n_embd=32, n_layer=2, n_head=2)
   transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(hf_dir)
@@ -101,7 +101,7 @@ def test_lora_bf16_run_trains_only_adapters_and_prj(tmp_path):
   lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
 
-  params = nnx.to_pure_dict(nnx.state(evaluate.load_final(str(tmp_path / "run")).codi, nnx.Param))
+  params = nnx.to_pure_dict(nnx.state(final.load_final(str(tmp_path / "run")).codi, nnx.Param))
   wte = load_file(str(hf_dir / "model.safetensors"))["transformer.wte.weight"]
   np.testing.assert_array_equal(np.asarray(params["backbone"]["embed"]["embedding"])[:400], wte)
   lora_b = [
@@ -115,12 +115,10 @@ def test_sharded_init_equals_eager_build():
   from codi_jax import sharding  # pylint: disable=import-outside-toplevel
 
   c = tiny_config()
-  recs, _, _ = train_lib.load_records(c)
-  eager, _, ids_a = train_lib.build_model(c, train_lib.build_tokenizer(c, recs))
-  mesh = sharding.make_mesh(c.mesh)
-  sharded, _, ids_b = train_lib.init_model(
-    c, train_lib.build_tokenizer(c, recs), mesh, sharding.rules_from_config(c.logical_axis_rules)
-  )
+  recs, _, _ = sources.load_records(c)
+  eager, _, ids_a = build.build_model(c, build.build_tokenizer(c, recs))
+  with sharding.use_mesh(sharding.make_mesh(c.mesh), c.logical_axis_rules):
+    sharded, _, ids_b = build.init_model(c, build.build_tokenizer(c, recs))
   assert ids_a == ids_b
   a = dict(nnx.to_flat_state(nnx.state(eager, nnx.Param)))
   b = dict(nnx.to_flat_state(nnx.state(sharded, nnx.Param)))

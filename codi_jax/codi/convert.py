@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from codi_jax.codi.model import Codi, CodiConfig
+from codi_jax.codi.model import Codi
 from codi_jax.errors import InputError
-from codi_jax.models import hf
+from codi_jax.models import hf, weights_io
 from codi_jax.models.config import ModelConfig
 
 _PREFIX = "codi.base_model.model."
@@ -33,14 +33,19 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     raise InputError(f"{path}: no model.safetensors or pytorch_model.bin")
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such file")
-  return hf.read_safetensors(path) if path.endswith(".safetensors") else hf.read_torch_bin(path)
+  return (
+    weights_io.read_safetensors(path)
+    if path.endswith(".safetensors")
+    else weights_io.read_torch_bin(path)
+  )
 
 
-def import_official(path: str, backbone_cfg: ModelConfig, codi_cfg: CodiConfig) -> Codi:
+def import_official(path: str, backbone_cfg: ModelConfig, **module_options) -> Codi:
   """A Codi whose backbone, LoRA adapters and projection come from an official checkpoint.
 
   backbone_cfg must describe the resized model (vocab V + 3) with the LoRA rank/alpha used in
-  training. Strict: missing, unexpected or mis-shaped tensors raise InputError naming them.
+  training; module_options are `Codi`'s (e.g. use_prj). Strict: missing, unexpected or mis-shaped
+  tensors raise InputError naming them.
   """
   sd = read_checkpoint(path)
   base, lora, prj, other = {}, {}, {}, []
@@ -92,7 +97,7 @@ def import_official(path: str, backbone_cfg: ModelConfig, codi_cfg: CodiConfig) 
       f"{path}: LoRA tensors for modules the config does not adapt: "
       f"{sorted({k[0] for k in set(lora) - used})[:5]}"
     )
-  codi = Codi(backbone, codi_cfg, nnx.Rngs(params=0))
+  codi = Codi(backbone, rngs=nnx.Rngs(params=0), **module_options)
   _assign_prj(codi, prj, path)
   return codi
 

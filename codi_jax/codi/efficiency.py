@@ -2,7 +2,7 @@
 
 Latency is wall time per problem of the jitted decode (question encoding included), timed with
 `block_until_ready`: the first call of each shape (compile + one run) is reported on its own, then
-the median over the remaining calls. Compression follows the paper (spec 6.4): the CoT-SFT
+the median over the remaining calls. Compression follows the paper (docs/codi.md 7.4): the CoT-SFT
 model's mean generated tokens / (N + 2), the thoughts plus [bot] and [eot]; we also give the ratio
 of generated tokens per problem, thoughts and answer included.
 """

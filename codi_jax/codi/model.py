@@ -4,7 +4,7 @@ The student encodes [question][bot], runs N continuous thoughts through the shar
 (last hidden state -> projection -> next input embedding, cache carried), then teacher-forces
 [eot][answer] on the cache. The teacher runs [question][CoT][answer]. Hidden states are aligned at
 the token before the answer value on every layer (paper arXiv 2502.21074; reference behaviour and
-its quirks: shared/spec/codi.md, reachable through `CodiConfig` flags).
+its quirks: docs/codi.md, reachable through `CodiOptions` fields).
 
 Shape legend: B batch, Lq question(+bot) length, La decoder length, Lt teacher length, D model,
 V vocab, N thoughts, J hidden-state entries (layers + 1).
@@ -14,6 +14,7 @@ V vocab, N thoughts, J hidden-state entries (layers + 1).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Literal
 
@@ -21,43 +22,69 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from codi_jax.decoding import positions_from_mask
+from codi_jax.decoding import PaddingMode, positions
 from codi_jax.models import cache as kvc
 from codi_jax.models.layers import LayerNorm, dropout, fold, param
-from codi_jax.models.step import Loop, scan_steps
+from codi_jax.models.step import Carry, scan_steps
 from codi_jax.models.transformer import Transformer
+
+METHODS = ("codi", "cot_sft", "no_cot_sft")
 
 
 @dataclasses.dataclass(frozen=True)
-class CodiConfig:
-  """Method options. Defaults follow the reference where it was used for the reported numbers.
+class CodiOptions:
+  """Method options of one call (loss or decoding); the `Codi` module holds only weights.
+
+  Defaults follow the reference where it was used for the reported numbers (docs/codi.md).
 
   padding_mode: "masked" (ours: pads masked in every pass, positions count real tokens) or
     "official" (reference: latent and answer passes attend to question pads, positions are slot
     indices) or "official_fixmask" (reference fix_attn_mask=True: only the answer pass is masked).
   separate_teacher_target_pass: reference runs the teacher twice (no-grad targets + CE pass, two
     dropout masks); ours by default runs it once and stops gradients on its hidden states.
-  train_special_embeddings: reference (False): under LoRA the embedding table is frozen, so pad/bot/eot
-    keep their random rows although the paper calls them learnable. True: the table's last 3 rows
-    (where train_lib puts pad/bot/eot) live in a separate [3, D] parameter `special` that trains and
-    is written into the table at every forward. Moot under full fine-tuning (the table trains).
+  remat_thoughts: recompute the thought scan's activations in the backward pass (memory option).
   """
 
+  method: Literal["codi", "cot_sft", "no_cot_sft"] = "codi"
   num_latent: int = 6
-  prj_dim: int = 0  # 0: the model width (reference: prj_dim = d)
-  use_prj: bool = True  # False: feed the raw last hidden state back (ablation "w/o projection")
-  prj_layernorm: bool = True
-  prj_dropout: float = 0.0
   distill_loss: Literal["smooth_l1", "l1", "l2"] = "smooth_l1"
   distill_layers: Literal["all_plus_embedding", "blocks_only"] = "all_plus_embedding"
   distill_div_std: bool = True
   alpha: float = 1.0  # student CE
   beta: float = 1.0  # distillation (Llama scripts: 20)
   gamma: float = 1.0  # teacher CE
-  padding_mode: Literal["masked", "official", "official_fixmask"] = "masked"
+  padding_mode: PaddingMode = "masked"
   separate_teacher_target_pass: bool = False
-  method: Literal["codi", "cot_sft", "no_cot_sft"] = "codi"
-  train_special_embeddings: bool = False
+  remat_thoughts: bool = False
+
+  @classmethod
+  def from_config(cls, codi_config, *, inference: bool = False) -> CodiOptions:
+    """From `config.codi` (a ConfigDict or dict); `inference` uses num_latent_infer if >= 0.
+
+    No-CoT-SFT's student reads [question][bot][eot][answer]: it always has 0 thoughts.
+    """
+    values = dict(codi_config)
+    opts = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+    n = opts.num_latent
+    if inference and values.get("num_latent_infer", -1) >= 0:
+      n = values["num_latent_infer"]
+    if opts.method == "no_cot_sft":
+      n = 0
+    return dataclasses.replace(opts, num_latent=n)
+
+
+class Stream(enum.IntEnum):
+  """Named dropout streams: `fold(rng, stream)` gives each pass its own dropout key."""
+
+  ENCODER = 1
+  FIRST_PROJECTION = 2
+  THOUGHTS = 3
+  LAST_THOUGHT = 4
+  ANSWER = 5
+  TEACHER = 10
+  TEACHER_TARGETS = 11
+  STUDENT = 20
+  PROJECTION = 100  # then fold_in(step): one key per thought's projection
 
 
 class Projection(nnx.Module):
@@ -88,36 +115,35 @@ class Projection(nnx.Module):
 
 
 class Codi(nnx.Module):
-  """The backbone plus the projection; the loss is `codi_loss` below."""
+  """The backbone plus the projection (weights only); the loss is `codi_loss` below.
 
-  def __init__(self, backbone: Transformer, cfg: CodiConfig, rngs: nnx.Rngs):
+  train_special_embeddings: reference (False): under LoRA the embedding table is frozen, so
+  pad/bot/eot keep their random rows although the paper calls them learnable. True: the table's
+  last 3 rows (pad/bot/eot) become a separate [3, D] parameter `embed.special` that trains and
+  replaces those rows inside every embedding lookup and LM-head product.
+  """
+
+  def __init__(
+    self,
+    backbone: Transformer,
+    *,
+    prj_dim: int = 0,
+    use_prj: bool = True,
+    prj_layernorm: bool = True,
+    prj_dropout: float = 0.0,
+    train_special_embeddings: bool = False,
+    rngs: nnx.Rngs,
+  ):
     self.backbone = backbone
-    self.cfg = cfg
     d = backbone.cfg.d_model
     self.prj = (
-      Projection(
-        d, cfg.prj_dim or d, layernorm=cfg.prj_layernorm, dropout_rate=cfg.prj_dropout, rngs=rngs
-      )
-      if cfg.use_prj
+      Projection(d, prj_dim or d, layernorm=prj_layernorm, dropout_rate=prj_dropout, rngs=rngs)
+      if use_prj
       else None
     )
-    table = backbone.embed.embedding
-    self.special = (
-      param(table[...][-3:].astype(jnp.float32), (None, "embed"))
-      if cfg.train_special_embeddings
-      else None
-    )
-
-  def sync_special_rows(self):
-    """Writes the trainable pad/bot/eot rows into the embedding table (no-op unless they train)."""
-    if self.special is not None:
-      table = (
-        self.backbone.embed.embedding
-      )  # replaced, not mutated: the frozen tree may be a closure
-      self.backbone.embed.embedding = table.replace(
-        table[...].at[-3:].set(self.special[...].astype(table.dtype))
-      )
-    return self
+    if train_special_embeddings:
+      table = backbone.embed.embedding
+      backbone.embed.special = param(table[...][-3:].astype(jnp.float32), (None, "embed"))
 
   def project(self, h_BxD, rng=None):
     return h_BxD if self.prj is None else self.prj(h_BxD, rng)
@@ -175,85 +201,106 @@ def distill_terms(student, teacher, kind: str, div_std: bool):
   return jnp.stack(out)
 
 
-def encode_and_think(codi: Codi, batch, rng=None, enc_embeds=None, capacity_extra=None):
-  """Encodes [question][bot] into a fresh cache, then runs N continuous thoughts on it.
+def encode_and_think(
+  codi: Codi,
+  batch,
+  *,
+  num_latent: int,
+  padding_mode: PaddingMode = "masked",
+  rng=None,
+  enc_embeds=None,
+  capacity_extra=None,
+  remat: bool = False,
+):
+  """Encodes [question][bot] into a fresh cache, then runs `num_latent` continuous thoughts on it.
 
   Returns (cache ready for the answer pass, next position [B], thoughts [N, B, D]: the input
   embeddings fed at each latent step). enc_embeds [B, Lq, D] replaces the question ids if given.
   The cache leaves room for the decoder batch (or `capacity_extra` slots when decoding).
   """
-  cfg, bb = codi.cfg, codi.backbone
+  backbone = codi.backbone
   enc_ids, enc_mask = batch["encoder_ids"], batch["encoder_mask"]
   B, Lq = enc_ids.shape
-  N = cfg.num_latent
-  official = cfg.padding_mode != "masked"
+  N = num_latent
+  official = padding_mode != "masked"
   extra = batch["decoder_ids"].shape[1] if capacity_extra is None else capacity_extra
-  cache = kvc.init_cache(bb.cfg, B, Lq + N + extra)
-  enc_pos = jnp.broadcast_to(jnp.arange(Lq), (B, Lq)) if official else positions_from_mask(enc_mask)
-  enc = bb(
+  cache = kvc.init_cache(backbone.cfg, B, Lq + N + extra)
+  enc_pos = positions(enc_mask, padding_mode)
+  enc = backbone(
     None if enc_embeds is not None else enc_ids,
     embeds=enc_embeds,
     positions=enc_pos,
     mask=enc_mask,
     cache=cache,
     logits="none",
-    rng=fold(rng, 1),
+    rng=fold(rng, Stream.ENCODER),
   )
   cache = enc.cache
   answer_valid = cache.valid
   if official:  # the reference's latent (and, unless fixmask, answer) passes see question pads
     cache = cache._replace(valid=cache.valid | (jnp.arange(cache.capacity) < Lq)[None])
   next_pos = jnp.full((B,), Lq) if official else enc_pos[:, -1] + 1
-  thoughts = jnp.zeros((0, B, bb.cfg.d_model), jnp.float32)
+  thoughts = jnp.zeros((0, B, backbone.cfg.d_model), jnp.float32)
   if N > 0:
-    x = codi.project(enc.hidden[:, -1], fold(rng, 2))
+    z_BxD = codi.project(enc.hidden[:, -1], fold(rng, Stream.FIRST_PROJECTION))
 
     def next_input(state, out, i):
-      z = codi.project(out.hidden, fold(rng, 100 + i))
+      z = codi.project(out.hidden, fold(rng, Stream.PROJECTION, i))
       return z, state, z
 
     # N-1 projected feedbacks: the reference's unused z_{N+1} is never computed.
-    loop, zs = scan_steps(bb, Loop(x, next_pos, cache, None), next_input, N - 1, rng=fold(rng, 3))
-    last = bb(
-      embeds=loop.x[:, None],
-      positions=loop.pos[:, None],
-      cache=loop.cache,
+    carry, zs = scan_steps(
+      backbone,
+      Carry(z_BxD, next_pos, cache, None),
+      next_input,
+      N - 1,
+      rng=fold(rng, Stream.THOUGHTS),
+      remat=remat,
+    )
+    last = backbone(
+      embeds=carry.x[:, None],
+      positions=carry.pos[:, None],
+      cache=carry.cache,
       logits="none",
-      rng=fold(rng, 4),
+      rng=fold(rng, Stream.LAST_THOUGHT),
     )
-    cache, next_pos = last.cache, loop.pos + 1
-    thoughts = jnp.concatenate([x[None].astype(jnp.float32), zs.astype(jnp.float32)], 0)
-  if cfg.padding_mode != "official":
-    cache = cache._replace(
-      valid=cache.valid & (answer_valid | (jnp.arange(cache.capacity) >= Lq)[None])
-    )
+    cache, next_pos = last.cache, carry.pos + 1
+    thoughts = jnp.concatenate([z_BxD[None].astype(jnp.float32), zs.astype(jnp.float32)], 0)
+  if padding_mode != "official":
+    keep = answer_valid | (jnp.arange(cache.capacity) >= Lq)[None]
+    cache = cache._replace(valid=cache.valid & keep)
   return cache, next_pos, thoughts
 
 
-def student_forward(codi: Codi, batch, rng=None, enc_embeds=None):
+def student_forward(codi: Codi, batch, opts: CodiOptions, rng=None, enc_embeds=None):
   """Encoder -> N thoughts -> teacher-forced [eot][answer] on the cache (hidden states on)."""
-  bb, official = codi.backbone, codi.cfg.padding_mode != "masked"
-  cache, next_pos, _ = encode_and_think(codi, batch, rng, enc_embeds)
-  dec_ids, dec_mask = batch["decoder_ids"], batch["decoder_mask"]
-  dec_pos = next_pos[:, None] + (
-    jnp.arange(dec_ids.shape[1])[None] if official else positions_from_mask(dec_mask)
+  backbone = codi.backbone
+  cache, next_pos, _ = encode_and_think(
+    codi,
+    batch,
+    num_latent=opts.num_latent,
+    padding_mode=opts.padding_mode,
+    rng=rng,
+    enc_embeds=enc_embeds,
+    remat=opts.remat_thoughts,
   )
-  return bb(
-    embeds=bb.embed_tokens(dec_ids),
+  dec_ids, dec_mask = batch["decoder_ids"], batch["decoder_mask"]
+  dec_pos = next_pos[:, None] + positions(dec_mask, opts.padding_mode)
+  return backbone(
+    embeds=backbone.embed_tokens(dec_ids),
     positions=dec_pos,
     mask=dec_mask,
     cache=cache,
     hidden_states=True,
-    rng=fold(rng, 5),
+    rng=fold(rng, Stream.ANSWER),
   )
 
 
 def teacher_forward(codi: Codi, batch, rng=None, hidden_states=True, logits="all"):
   """Teacher pass over [question][CoT][answer]; logits "all", "none" or at positions [B, N]."""
   ids, mask = batch["teacher_ids"], batch["teacher_mask"]
-  pos = jnp.broadcast_to(
-    jnp.arange(ids.shape[1]), ids.shape
-  )  # right-padded, starts at 0 in every mode
+  # Right-padded, so every row starts at position 0 in every padding mode.
+  pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
   return codi.backbone(
     ids, positions=pos, mask=mask, hidden_states=hidden_states, logits=logits, rng=rng
   )
@@ -263,18 +310,17 @@ def _gather(h_BxLxD, idx_B):
   return jnp.take_along_axis(h_BxLxD, idx_B[:, None, None], axis=1)[:, 0]
 
 
-def codi_loss(codi: Codi, batch, rng=None):
+def codi_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
   """(loss, metrics): alpha * CE_student + beta * L_KD + gamma * CE_teacher (per method)."""
-  cfg = codi.sync_special_rows().cfg
   metrics = {}
   loss = 0.0
-  if cfg.method in ("codi", "cot_sft"):
+  if opts.method in ("codi", "cot_sft"):
     window = teacher_label_window(batch)  # logits at the labelled positions only, if batched
     tea = teacher_forward(
       codi,
       batch,
-      fold(rng, 10),
-      hidden_states=cfg.method == "codi",
+      fold(rng, Stream.TEACHER),
+      hidden_states=opts.method == "codi",
       logits="all" if window is None else window[0],
     )
     ce_t = (
@@ -283,23 +329,23 @@ def codi_loss(codi: Codi, batch, rng=None):
       else token_ce(tea.logits, window[1])
     )
     metrics["ce_teacher"] = ce_t
-    loss = loss + (cfg.gamma if cfg.method == "codi" else 1.0) * ce_t
-  if cfg.method in ("codi", "no_cot_sft"):
-    stu = student_forward(codi, batch, fold(rng, 20))
+    loss = loss + (opts.gamma if opts.method == "codi" else 1.0) * ce_t
+  if opts.method in ("codi", "no_cot_sft"):
+    stu = student_forward(codi, batch, opts, fold(rng, Stream.STUDENT))
     ce_s = masked_ce(stu.logits, batch["decoder_labels"])
     metrics["ce_student"] = ce_s
-    loss = loss + (cfg.alpha if cfg.method == "codi" else 1.0) * ce_s
-  if cfg.method == "codi":
-    if cfg.separate_teacher_target_pass:
-      tea = teacher_forward(codi, batch, fold(rng, 11), logits="none")  # hidden-state targets only
+    loss = loss + (opts.alpha if opts.method == "codi" else 1.0) * ce_s
+  if opts.method == "codi":
+    if opts.separate_teacher_target_pass:  # hidden-state targets only
+      tea = teacher_forward(codi, batch, fold(rng, Stream.TEACHER_TARGETS), logits="none")
     s = [_gather(h, batch["decoder_distill_index"]) for h in stu.hidden_states]
     t = [_gather(h, batch["teacher_distill_index"]) for h in tea.hidden_states]
-    if cfg.distill_layers == "blocks_only":
+    if opts.distill_layers == "blocks_only":
       s, t = s[1:], t[1:]
-    terms = distill_terms(s, t, cfg.distill_loss, cfg.distill_div_std)
+    terms = distill_terms(s, t, opts.distill_loss, opts.distill_div_std)
     kd = terms.mean()
     metrics["distill"] = kd
     metrics["distill_per_layer"] = terms
-    loss = loss + cfg.beta * kd
+    loss = loss + opts.beta * kd
   metrics["loss"] = loss
   return loss, metrics

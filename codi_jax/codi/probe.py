@@ -1,6 +1,6 @@
 """Probing CODI's continuous thoughts: decode each through the LM head, and the paper's Table 3.
 
-As the reference `probe_latent_token.py` (spec 6.5), the default probes the **pre-projection**
+As the reference `probe_latent_token.py` (docs/codi.md, probing), the default probes the **pre-projection**
 last-layer hidden state (after the final norm) at [bot] and after each latent step: N+1 vectors,
 each pushed through the LM head, softmaxed over every column, top-k. `source="post_prj"` probes the
 N projected thoughts (the input embeddings actually fed back) instead.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from codi_jax.codi.model import Codi, encode_and_think
 from codi_jax.data.readers import step_result
-from codi_jax.decoding import positions_from_mask
+from codi_jax.decoding import PaddingMode, positions
 from codi_jax.models.transformer import Transformer
 
 Source = Literal["pre_prj", "post_prj"]
@@ -40,7 +40,15 @@ _STEP = re.compile(r"<<[^<>]*>>")
 # ----------------------------------------------------------------------------------- model side
 
 
-def thought_states(codi: Codi, enc_ids_BxLq, enc_mask_BxLq, source: Source = "pre_prj"):
+def thought_states(
+  codi: Codi,
+  enc_ids_BxLq,
+  enc_mask_BxLq,
+  source: Source = "pre_prj",
+  *,
+  num_latent: int,
+  padding_mode: PaddingMode = "masked",
+):
   """The vectors to probe, [B, M, D] f32: M = N+1 pre-projection states or N projected thoughts.
 
   The thoughts come from `encode_and_think` (the evaluation path). The pre-projection states are
@@ -51,24 +59,24 @@ def thought_states(codi: Codi, enc_ids_BxLq, enc_mask_BxLq, source: Source = "pr
   if source not in SOURCES:
     raise ValueError(f"probe source must be one of {SOURCES}, got {source!r}")
   batch = {"encoder_ids": enc_ids_BxLq, "encoder_mask": enc_mask_BxLq}
-  codi.sync_special_rows()
-  cache, next_pos, thoughts_NxBxD = encode_and_think(codi, batch, capacity_extra=0)
+  cache, next_pos, thoughts_NxBxD = encode_and_think(
+    codi, batch, num_latent=num_latent, padding_mode=padding_mode, capacity_extra=0
+  )
   thoughts = jnp.swapaxes(thoughts_NxBxD, 0, 1)
   if source == "post_prj":
     return thoughts
-  bb, official = codi.backbone, codi.cfg.padding_mode != "masked"
-  B, Lq = enc_ids_BxLq.shape
+  backbone, official = codi.backbone, padding_mode != "masked"
+  Lq = enc_ids_BxLq.shape[1]
   N = thoughts.shape[1]
-  enc_pos = (
-    jnp.broadcast_to(jnp.arange(Lq), (B, Lq)) if official else positions_from_mask(enc_mask_BxLq)
-  )
-  h_bot = bb(enc_ids_BxLq, positions=enc_pos, mask=enc_mask_BxLq, logits="none").hidden[:, -1:]
+  enc_pos = positions(enc_mask_BxLq, padding_mode)
+  h_bot = backbone(enc_ids_BxLq, positions=enc_pos, mask=enc_mask_BxLq, logits="none").hidden
+  h_bot = h_bot[:, -1:]
   if N == 0:
     return h_bot.astype(jnp.float32)
   valid = cache.valid | ((jnp.arange(cache.capacity) < Lq)[None] & official)
   rewound = cache._replace(end=jnp.asarray(Lq, jnp.int32), valid=valid)
   pos = next_pos[:, None] - N + jnp.arange(N)[None]
-  h = bb(embeds=thoughts, positions=pos, cache=rewound, logits="none").hidden
+  h = backbone(embeds=thoughts, positions=pos, cache=rewound, logits="none").hidden
   return jnp.concatenate([h_bot, h], 1).astype(jnp.float32)
 
 
@@ -78,9 +86,21 @@ def head_top_k(backbone: Transformer, vecs_BxMxD, k: int):
   return jax.lax.top_k(probs, k)
 
 
-def probe_top_k(codi: Codi, enc_ids_BxLq, enc_mask_BxLq, *, k: int = 5, source: Source = "pre_prj"):
+def probe_top_k(
+  codi: Codi,
+  enc_ids_BxLq,
+  enc_mask_BxLq,
+  *,
+  k: int = 5,
+  source: Source = "pre_prj",
+  num_latent: int,
+  padding_mode: PaddingMode = "masked",
+):
   """Top-k decoded tokens of every probed vector of each row: (probs, ids), both [B, M, K]."""
-  return head_top_k(codi.backbone, thought_states(codi, enc_ids_BxLq, enc_mask_BxLq, source), k)
+  states = thought_states(
+    codi, enc_ids_BxLq, enc_mask_BxLq, source, num_latent=num_latent, padding_mode=padding_mode
+  )
+  return head_top_k(codi.backbone, states, k)
 
 
 # ------------------------------------------------------------------------------------ Table 3

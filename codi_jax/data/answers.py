@@ -1,4 +1,4 @@
-"""Answer extraction and scoring, exactly as the official CODI `test.py` (spec 6.2).
+"""Answer extraction and scoring, exactly as the official CODI `test.py` (docs/codi.md 7.2).
 
 Predictions and golds compare with plain `==`, as the reference does: floats for math, letters for
 CommonsenseQA, bools for StrategyQA.

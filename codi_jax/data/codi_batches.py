@@ -1,4 +1,4 @@
-"""CODI's token sequences (spec 5.3), distillation index checked, padded to fixed bucket shapes.
+"""CODI's token sequences (docs/codi.md 6.3), distillation index checked, padded to fixed bucket shapes.
 
 Sequences per example (Lq, Lt, La: padded lengths):
   student encoder [Q][bot], left-padded to Lq;
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from codi_jax.batching import bucket_size
 from codi_jax.data.answers import ANSWER_PROMPT
 from codi_jax.errors import InputError
 from codi_jax.models.tokenizer import Tokenizer
@@ -133,7 +134,7 @@ def _find(seq: Sequence[int], sub: Sequence[int]) -> int:
 
 
 def infer_distill_offset(tokenizer: Tokenizer, answer_prompt: str = ANSWER_PROMPT) -> int:
-  """The distilled token's offset from the prompt's ":" (spec 2.2): 1 if the tokenizer puts a lone
+  """The distilled token's offset from the prompt's ":" (docs/codi.md 3.2): 1 if the tokenizer puts a lone
   " " token between ":" and a number (Llama-3), else 0 (GPT-2)."""
   prompt = _prompt_ids(tokenizer, answer_prompt)
   ids = _strip_bos(_encode_all(tokenizer, [f"{answer_prompt} 18"])[0], tokenizer.bos_id)
@@ -266,18 +267,6 @@ def teacher_span(question_len, teacher_len):
   """Teacher positions whose next label is valid: labels cover [len(q), lt) and position p
   predicts label p + 1, so p runs over [max(len(q), 1) - 1, lt - 1)."""
   return teacher_len - np.maximum(question_len, 1)
-
-
-def bucket_size(length: int, buckets: int | Sequence[int]) -> int:
-  """`length` rounded up to a multiple of `buckets` (an int) or to the next listed size."""
-  if isinstance(buckets, int):
-    if buckets <= 0:
-      raise InputError(f"bucket multiple must be positive, got {buckets}")
-    return -(-length // buckets) * buckets
-  fits = [b for b in sorted(buckets) if b >= length]
-  if not fits:
-    raise InputError(f"length {length} exceeds the largest bucket {max(buckets)}")
-  return fits[0]
 
 
 def fit_shapes(examples: CodiExamples, buckets: int | Sequence[int] = 32) -> Shapes:

@@ -127,8 +127,8 @@ class Difficulty:
       raise InputError(
         f"config.data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(names)}"
       )
-    kw = {k: (tuple(v) if k == "ops" else v) for k, v in cfg.items() if k in names}
-    return cls(**kw)
+    fields = {k: (tuple(v) if k == "ops" else v) for k, v in cfg.items() if k in names}
+    return cls(**fields)
 
 
 def split_of(cot: str) -> str:

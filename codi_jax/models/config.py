@@ -79,11 +79,11 @@ class ModelConfig:
       return ()
     return self.lora.targets or LORA_TARGETS[self.arch]
 
-  def replace(self, **kw) -> ModelConfig:
-    return dataclasses.replace(self, **kw)
+  def replace(self, **changes) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
 
 
-def tiny(arch: str, **kw) -> ModelConfig:
+def tiny(arch: str, **overrides) -> ModelConfig:
   """A few-kB config for tests and the CPU demo."""
   base = dict(
     arch=arch,
@@ -98,5 +98,5 @@ def tiny(arch: str, **kw) -> ModelConfig:
   )
   if arch != "gpt2":
     base.update(num_kv_heads=2, qkv_bias=arch == "qwen2")
-  base.update(kw)
+  base.update(overrides)
   return ModelConfig(**base)

@@ -1,19 +1,14 @@
-"""HF transformers checkpoints <-> our parameters: config.json mapping, weight names, safetensors I/O.
+"""HF transformers checkpoints <-> our parameters: config.json mapping, weight names, assignment.
 
-Reads safetensors without torch (bf16 through ml_dtypes); a torch `.bin` only through
-`torch.load(weights_only=True)` and only when torch is installed.
+The tensor files themselves are read and written by `weights_io` (safetensors without torch).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import struct
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -175,123 +170,6 @@ def strip_prefix(key: str) -> str:
     if key.startswith(pre):
       return key[len(pre) :]
   return key
-
-
-# ----------------------------------------------------------------------------------------- tensors
-
-_ST_DTYPES = {
-  "F64": np.float64,
-  "F32": np.float32,
-  "F16": np.float16,
-  "BF16": ml_dtypes.bfloat16,
-  "I64": np.int64,
-  "I32": np.int32,
-  "I16": np.int16,
-  "I8": np.int8,
-  "U8": np.uint8,
-  "BOOL": np.bool_,
-}
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Memory-maps a .safetensors file into numpy arrays (bf16 via ml_dtypes), no torch needed."""
-  try:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-      (n,) = struct.unpack("<Q", f.read(8))
-      if n > size - 8:
-        raise InputError(f"{path}: not a safetensors file (header length {n} exceeds the file)")
-      header = json.loads(f.read(n))
-    data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
-  except (OSError, ValueError, struct.error) as e:
-    raise InputError(f"{path}: not a readable safetensors file ({e})") from None
-  if not isinstance(header, dict):
-    raise InputError(f"{path}: malformed safetensors header (not a JSON object)")
-  out = {}
-  for k, meta in header.items():
-    if k == "__metadata__":
-      continue
-    try:
-      dtype = np.dtype(_ST_DTYPES[meta["dtype"]])
-      shape = [int(x) for x in meta["shape"]]
-      a, b = (int(x) for x in meta["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise InputError(
-        f"{path}: malformed header entry for tensor {k!r} ({type(e).__name__}: {e})"
-      ) from None
-    if not 0 <= a <= b or b - a != int(np.prod(shape)) * dtype.itemsize:
-      raise InputError(
-        f"{path}: tensor {k!r} offsets {a}..{b} do not match shape {shape} {meta['dtype']}"
-      )
-    if b > data.size:
-      raise InputError(f"{path}: truncated (tensor {k!r} ends at byte {b}, file has {data.size})")
-    out[k] = data[a:b].view(dtype).reshape(shape)
-  return out
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
-  """Writes numpy arrays as .safetensors (for tests and exports)."""
-  inv = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-  header, off, blobs = {}, 0, []
-  for k, v in tensors.items():
-    v = np.asarray(v, order="C")
-    header[k] = {
-      "dtype": inv[v.dtype],
-      "shape": list(v.shape),
-      "data_offsets": [off, off + v.nbytes],
-    }
-    off += v.nbytes
-    blobs.append(v.tobytes())
-  h = json.dumps(header).encode()
-  h += b" " * (-len(h) % 8)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(h)) + h)
-    for b in blobs:
-      f.write(b)
-
-
-def read_torch_bin(path: str) -> dict[str, np.ndarray]:
-  """A pytorch_model.bin through torch.load(weights_only=True); torch is optional."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise InputError(
-      f"{path}: reading a PyTorch .bin needs torch (pip install torch); "
-      "safetensors checkpoints need nothing extra"
-    ) from None
-  try:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [""])[0]
-    raise InputError(
-      f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {first})"
-    ) from None
-  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
-
-
-def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
-  """All tensors of an HF model directory: sharded or single safetensors, else pytorch_model.bin."""
-  idx = os.path.join(directory, "model.safetensors.index.json")
-  single = os.path.join(directory, "model.safetensors")
-  if os.path.exists(idx):
-    try:
-      with open(idx) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-    except (ValueError, KeyError) as e:
-      raise InputError(f"{idx}: malformed index ({e})") from None
-    out = {}
-    for name in files:
-      out.update(read_safetensors(os.path.join(directory, name)))
-    return out
-  if os.path.exists(single):
-    return read_safetensors(single)
-  for name in ("pytorch_model.bin",):
-    if os.path.exists(os.path.join(directory, name)):
-      return read_torch_bin(os.path.join(directory, name))
-  raise InputError(
-    f"{directory}: no weights (expected model.safetensors, model.safetensors.index.json "
-    "or pytorch_model.bin)"
-  )
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -81,7 +81,11 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token (or position) embedding table [V, D]; also the tied LM head."""
+  """Token (or position) embedding table [V, D]; also the tied LM head.
+
+  `special` (None, or a [S, D] parameter set by the owner) replaces the table's last S rows in
+  every lookup and in `attend`, so those rows can train while the table stays frozen.
+  """
 
   def __init__(
     self,
@@ -98,15 +102,41 @@ class Embed(nnx.Module):
     self.embedding = param(
       init_std * jax.random.normal(rngs.params(), (num, dim), param_dtype), axes
     )
+    self.special = nnx.data(None)  # a [S, D] Param when set by the owner
+
+  def rows(self, ids):
+    """Table rows of `ids` in the parameter dtype, with the special rows written in."""
+    x = jnp.take(self.embedding[...], ids, axis=0)
+    if self.special is None:
+      return x
+    S, V = self.special.shape[0], self.embedding.shape[0]
+    tail = jnp.take(self.special[...], jnp.clip(ids - (V - S), 0, S - 1), axis=0)
+    return jnp.where((ids >= V - S)[..., None], tail.astype(x.dtype), x)
 
   def __call__(self, ids):
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    return self.rows(ids).astype(self.dtype)
+
+  def table(self):
+    """The effective [V, D] table (special rows written in), e.g. for export."""
+    table = self.embedding[...]
+    if self.special is None:
+      return table
+    return table.at[-self.special.shape[0] :].set(self.special[...].astype(table.dtype))
 
   def attend(self, h):
     """Logits against the table: h [..., D] -> [..., V], accumulated in f32."""
-    return jnp.einsum(
-      "...d,vd->...v", h, self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32
+    logits = jnp.einsum(
+      "...d,vd->...v",
+      h,
+      self.embedding[...].astype(self.dtype),
+      preferred_element_type=jnp.float32,
     )
+    if self.special is None:
+      return logits
+    tail = jnp.einsum(
+      "...d,sd->...s", h, self.special[...].astype(self.dtype), preferred_element_type=jnp.float32
+    )
+    return logits.at[..., -self.special.shape[0] :].set(tail)
 
 
 class LayerNorm(nnx.Module):

@@ -13,7 +13,7 @@ import os
 import re
 
 from codi_jax.errors import InputError
-from codi_jax.models import gguf_io, hf
+from codi_jax.models import gguf_io, hf, weights_io
 from codi_jax.models import tokenizer as tok
 from codi_jax.models.config import LoRAConfig, ModelConfig
 from codi_jax.models.transformer import Transformer
@@ -114,6 +114,6 @@ def load(
       param_dtype=param_dtype,
       lora=lora,
     )
-    model = hf.assign(cfg, hf.read_hf_weights(path), where=path, seed=seed)
+    model = hf.assign(cfg, weights_io.read_hf_weights(path), where=path, seed=seed)
     tokenizer = tok.from_hf_dir(path)
   return Loaded(model, tokenizer, cfg, path)

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from codi_jax.models.cache import KVCache
 from codi_jax.models.layers import fold
@@ -29,7 +28,7 @@ class StepOut(NamedTuple):
   cache: KVCache
 
 
-class Loop(NamedTuple):
+class Carry(NamedTuple):
   """Scan carry: the next input embedding, its position, the cache and the caller's state."""
 
   x: jax.Array  # [B, D]
@@ -43,7 +42,6 @@ def step(
   x_BxLxD,
   pos_BxL,
   cache: KVCache,
-  mask_BxL=None,
   *,
   hidden_states: bool = False,
   rng: jax.Array | None = None,
@@ -52,7 +50,6 @@ def step(
   out = model(
     embeds=x_BxLxD,
     positions=pos_BxL,
-    mask=mask_BxL,
     cache=cache,
     logits="last",
     hidden_states=hidden_states,
@@ -67,66 +64,53 @@ NextInput = Callable[[Any, StepOut, jax.Array], tuple[jax.Array, Any, Any]]
 
 def scan_steps(
   model: Transformer,
-  loop: Loop,
+  carry: Carry,
   next_input: NextInput,
   num_steps: int,
   *,
   start: jax.Array | int = 0,
-  hidden_states: bool = False,
   rng: jax.Array | None = None,
   remat: bool = False,
-) -> tuple[Loop, Any]:
+) -> tuple[Carry, Any]:
   """Runs `num_steps` one-position steps with `lax.scan`.
 
   next_input(state, out, i) -> (x_next [B, D], state, record) is a pure function of step i's
   outputs; records are stacked along a leading step axis. Gradients flow through the scan;
-  remat=True wraps the body in jax.checkpoint to trade compute for memory.
+  remat=True wraps the body in jax.checkpoint (activations recomputed in the backward pass).
   """
 
-  def body(lp: Loop, i):
-    out = step(
-      model,
-      lp.x[:, None],
-      lp.pos[:, None],
-      lp.cache,
-      hidden_states=hidden_states,
-      rng=fold(rng, i) if rng is not None else None,
-    )
-    x, state, record = next_input(lp.state, out, i)
-    return Loop(x.astype(lp.x.dtype), lp.pos + 1, out.cache, state), record
+  def body(c: Carry, i):
+    out = step(model, c.x[:, None], c.pos[:, None], c.cache, rng=fold(rng, i))
+    x, state, record = next_input(c.state, out, i)
+    return Carry(x.astype(c.x.dtype), c.pos + 1, out.cache, state), record
 
   if remat:
     body = jax.checkpoint(body)
-  return jax.lax.scan(body, loop, start + jnp.arange(num_steps))
+  return jax.lax.scan(body, carry, start + jnp.arange(num_steps))
 
 
 def while_steps(
   model: Transformer,
-  loop: Loop,
+  carry: Carry,
   next_input: NextInput,
   max_steps: int,
   done: Callable[[Any], jax.Array],
   *,
   chunk: int = 1,
-) -> tuple[Loop, jax.Array]:
+) -> tuple[Carry, jax.Array]:
   """Open-ended decoding: `scan_steps` in chunks of `chunk` inside a `lax.while_loop`.
 
   Stops once done(state) is true or max_steps steps ran (rounded up to a whole chunk). Records are
-  dropped: next_input writes what it keeps into buffers in its state. Returns (loop, steps run).
+  dropped: next_input writes what it keeps into buffers in its state. Returns (carry, steps run).
   """
 
-  def cond(c):
-    lp, n = c
-    return (n < max_steps) & ~done(lp.state)
+  def cond(loop_state):
+    c, n = loop_state
+    return (n < max_steps) & ~done(c.state)
 
-  def body(c):
-    lp, n = c
-    lp, _ = scan_steps(model, lp, next_input, chunk, start=n)
-    return lp, n + chunk
+  def body(loop_state):
+    c, n = loop_state
+    c, _ = scan_steps(model, c, next_input, chunk, start=n)
+    return c, n + chunk
 
-  return jax.lax.while_loop(cond, body, (loop, jnp.zeros((), jnp.int32)))
-
-
-def merge(graphdef: nnx.GraphDef, *states) -> Transformer:
-  """Rebuilds the module inside a jitted pure function (split once outside, merge per trace)."""
-  return nnx.merge(graphdef, *states)
+  return jax.lax.while_loop(cond, body, (carry, jnp.zeros((), jnp.int32)))

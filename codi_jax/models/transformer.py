@@ -4,7 +4,8 @@ One forward takes token ids or input embeddings, explicit positions, a padding m
 explicit KV cache, and returns logits (everywhere, at chosen positions, or nowhere), the last hidden
 state and, on request, every hidden state in HF's `output_hidden_states` convention.
 
-Shape legend: B batch, L input length, T cache capacity, D model, V vocab, N gathered positions.
+Shape legend: B batch, L input length, T cache capacity, D model, V vocab, N gathered positions,
+H heads, K kv heads, Dh head dim, HDh = H * Dh, F MLP width.
 """
 # pylint: disable=invalid-name
 
@@ -61,11 +62,18 @@ def _linear(
   )
 
 
-def _attend_cached(q, k, v, kv, end, allowed, cfg: ModelConfig, rng):
-  """Writes the new k/v into this layer's cache slice (if any) and attends over it."""
-  if kv is not None:
+def _attend_cached(
+  q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, kv, end, allowed_BxLxT, cfg: ModelConfig, rng
+):
+  """Writes the new k/v into this layer's cache slice (if any) and attends over it.
+
+  Returns (attention output [B, L, H*Dh], this layer's (k, v) as the next cache holds them).
+  """
+  k, v = k_BxLxKxDh, v_BxLxKxDh
+  if kv is not None:  # [B, T, K, Dh] each
     k, v = kvc.write(kv[0], k, end), kvc.write(kv[1], v, end)
-  return attention(q, k, v, allowed, attn_dropout=cfg.attn_dropout, rng=rng), (k, v)
+  o_BxLxHDh = attention(q_BxLxHxDh, k, v, allowed_BxLxT, attn_dropout=cfg.attn_dropout, rng=rng)
+  return o_BxLxHDh, (k, v)
 
 
 class GPT2Block(nnx.Module):
@@ -82,18 +90,28 @@ class GPT2Block(nnx.Module):
     self.c_fc = _linear(cfg, "mlp.c_fc", D, F, True, ("embed", "mlp"), rngs)
     self.mlp_c_proj = _linear(cfg, "mlp.c_proj", F, D, True, ("mlp", "embed"), rngs, resid_std)
 
-  def __call__(self, x_BxLxD, rope_cs, kv, allowed, end, rng):
+  def __call__(self, x_BxLxD, rope_cs, kv, allowed_BxLxT, end, rng):
+    """rng sub-keys per purpose: 0-6 are c_attn, attention, c_proj, resid, c_fc, c_proj, resid."""
     del rope_cs  # GPT-2 adds learned positions at the embedding
     cfg, (B, L, _) = self.cfg, x_BxLxD.shape
-    h = self.ln_1(x_BxLxD)
-    q, k, v = jnp.split(self.c_attn(h, fold(rng, 0)), 3, axis=-1)
-    shape = (B, L, cfg.num_heads, cfg.head_dim)
-    o, kv = _attend_cached(
-      q.reshape(shape), k.reshape(shape), v.reshape(shape), kv, end, allowed, cfg, fold(rng, 1)
+    h_BxLxD = self.ln_1(x_BxLxD)
+    q, k, v = jnp.split(self.c_attn(h_BxLxD, fold(rng, 0)), 3, axis=-1)
+    BxLxHxDh = (B, L, cfg.num_heads, cfg.head_dim)
+    o_BxLxHDh, kv = _attend_cached(
+      q.reshape(BxLxHxDh),
+      k.reshape(BxLxHxDh),
+      v.reshape(BxLxHxDh),
+      kv,
+      end,
+      allowed_BxLxT,
+      cfg,
+      fold(rng, 1),
     )
-    x_BxLxD = x_BxLxD + dropout(self.attn_c_proj(o, fold(rng, 2)), cfg.resid_dropout, fold(rng, 3))
-    h = jax.nn.gelu(self.c_fc(self.ln_2(x_BxLxD), fold(rng, 4)), approximate=True)
-    x_BxLxD = x_BxLxD + dropout(self.mlp_c_proj(h, fold(rng, 5)), cfg.resid_dropout, fold(rng, 6))
+    attn_BxLxD = self.attn_c_proj(o_BxLxHDh, fold(rng, 2))
+    x_BxLxD = x_BxLxD + dropout(attn_BxLxD, cfg.resid_dropout, fold(rng, 3))
+    h_BxLxF = jax.nn.gelu(self.c_fc(self.ln_2(x_BxLxD), fold(rng, 4)), approximate=True)
+    mlp_BxLxD = self.mlp_c_proj(h_BxLxF, fold(rng, 5))
+    x_BxLxD = x_BxLxD + dropout(mlp_BxLxD, cfg.resid_dropout, fold(rng, 6))
     return x_BxLxD, kv
 
 
@@ -119,17 +137,22 @@ class LlamaBlock(nnx.Module):
     self.up_proj = _linear(cfg, "mlp.up_proj", D, F, False, ("embed", "mlp"), rngs)
     self.down_proj = _linear(cfg, "mlp.down_proj", F, D, False, ("mlp", "embed"), rngs, resid_std)
 
-  def __call__(self, x_BxLxD, rope_cs, kv, allowed, end, rng):
+  def __call__(self, x_BxLxD, rope_cs, kv, allowed_BxLxT, end, rng):
+    """rng sub-keys per purpose: 0-7 are q, k, v, attention, o, gate, up, down (LoRA dropout)."""
     cfg, (B, L, _) = self.cfg, x_BxLxD.shape
-    h = self.input_layernorm(x_BxLxD)
-    q = rope(self.q_proj(h, fold(rng, 0)).reshape(B, L, cfg.num_heads, cfg.head_dim), rope_cs)
-    k = rope(self.k_proj(h, fold(rng, 1)).reshape(B, L, cfg.num_kv_heads, cfg.head_dim), rope_cs)
-    v = self.v_proj(h, fold(rng, 2)).reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
-    o, kv = _attend_cached(q, k, v, kv, end, allowed, cfg, fold(rng, 3))
-    x_BxLxD = x_BxLxD + self.o_proj(o, fold(rng, 4))
-    h = self.post_attention_layernorm(x_BxLxD)
-    h = jax.nn.silu(self.gate_proj(h, fold(rng, 5))) * self.up_proj(h, fold(rng, 6))
-    return x_BxLxD + self.down_proj(h, fold(rng, 7)), kv
+    H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    h_BxLxD = self.input_layernorm(x_BxLxD)
+    q_BxLxHxDh = rope(self.q_proj(h_BxLxD, fold(rng, 0)).reshape(B, L, H, Dh), rope_cs)
+    k_BxLxKxDh = rope(self.k_proj(h_BxLxD, fold(rng, 1)).reshape(B, L, K, Dh), rope_cs)
+    v_BxLxKxDh = self.v_proj(h_BxLxD, fold(rng, 2)).reshape(B, L, K, Dh)
+    o_BxLxHDh, kv = _attend_cached(
+      q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, kv, end, allowed_BxLxT, cfg, fold(rng, 3)
+    )
+    x_BxLxD = x_BxLxD + self.o_proj(o_BxLxHDh, fold(rng, 4))
+    h_BxLxD = self.post_attention_layernorm(x_BxLxD)
+    gate_BxLxF = jax.nn.silu(self.gate_proj(h_BxLxD, fold(rng, 5)))
+    h_BxLxF = gate_BxLxF * self.up_proj(h_BxLxD, fold(rng, 6))
+    return x_BxLxD + self.down_proj(h_BxLxF, fold(rng, 7)), kv
 
 
 class Transformer(nnx.Module):

@@ -1,4 +1,4 @@
-"""Soft Thinking presets shared by the per-model configs (shared/spec/soft_thinking.md section 5).
+"""Soft Thinking presets shared by the per-model configs (docs/soft_thinking.md, defaults per paper).
 
 A per-model file calls `preset(variant, model=...)` and overrides what differs. Variants:
 
@@ -10,6 +10,8 @@ A per-model file calls `preset(variant, model=...)` and overrides what differs. 
 """
 
 import ml_collections
+
+from configs.base import LOGICAL_AXIS_RULES
 
 VARIANTS = ("soft", "dirichlet", "gumbel", "sample", "greedy")
 
@@ -29,14 +31,16 @@ def preset(
   config = ml_collections.ConfigDict()
   config.model = model  # alias | HF directory | .gguf | hub id
   config.mode = variant  # greedy | sample | soft | dirichlet | gumbel
-  config.chat = chat  # one user turn through the chat template, no system prompt (spec 7.2)
+  config.chat = (
+    chat  # one user turn through the chat template, no system prompt (docs/soft_thinking.md 9.2)
+  )
   config.dtype = dtype  # compute and parameter dtype
   config.max_new_tokens = max_new_tokens  # one budget for thinking + answer (reference: 32768)
   config.length_bucket = 32  # prompt lengths padded to a multiple: one compile per bucket
   config.seed = 0  # the reference runs use seed 0
-  config.mesh = (
-    ""  # "data,fsdp,tensor", e.g. "1,1,-1": tensor parallel over every device (big models)
-  )
+  # "data,fsdp,tensor", e.g. "1,1,-1": tensor parallel over every device (big models).
+  config.mesh = ""
+  config.logical_axis_rules = LOGICAL_AXIS_RULES  # with --mesh; configs/base.py explains each
   config.think_end = "auto"  # "auto": a single `</think>` token if the vocabulary has one; "none"
   config.think_end_last_id = False  # True: the last id of a multi-token `</think>` (official rule)
 

@@ -1,0 +1,141 @@
+"""Model assembly for CODI runs: tokenizer, pad/bot/eot tokens, backbone (from scratch or loaded),
+vocabulary growth and the projection; eager (`build_model`) or sharded from the start (`init_model`).
+
+Training, evaluation, export and the official-checkpoint path all build models here, so a run's
+model is rebuilt exactly from its config.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from codi_jax import sharding
+from codi_jax.codi.model import Codi
+from codi_jax.data import answers
+from codi_jax.data.codi_batches import SpecialIds
+from codi_jax.errors import InputError
+from codi_jax.models import config as mcfg
+from codi_jax.models import loader, transformer
+from codi_jax.models import tokenizer as tokmod
+from codi_jax.models.transformer import Transformer
+
+SPECIAL_TOKENS = ("[PAD]", "<bot>", "<eot>")
+
+
+def build_tokenizer(config, train_records):
+  spec = config.tokenizer
+  if spec == "gpt2":
+    return tokmod.gpt2_default()
+  if spec.startswith("train_bpe"):
+    size = int(spec.split(":")[1]) if ":" in spec else 512
+    texts = [
+      f"{r['question']} {r['cot']} {answers.ANSWER_PROMPT} {r['answer']}" for r in train_records
+    ]
+    return tokmod.train_bpe(texts, size)
+  if spec != "model":
+    raise InputError(
+      f"--config.tokenizer: unknown tokenizer {spec!r} (model | gpt2 | train_bpe:<vocab>)"
+    )
+  return None  # taken from the loaded model
+
+
+def _lora(config):
+  m = config.model
+  return (
+    mcfg.LoRAConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout)
+    if m.lora_rank > 0
+    else None
+  )
+
+
+def _scratch_config(config, tokenizer) -> mcfg.ModelConfig:
+  m = config.model
+  if tokenizer is None:
+    raise InputError(
+      "--config.tokenizer: a model trained from scratch needs a tokenizer (gpt2 or train_bpe)"
+    )
+  return mcfg.ModelConfig(
+    arch=m.arch,
+    vocab_size=m.vocab_size or tokenizer.vocab_size,
+    num_layers=m.num_layers,
+    d_model=m.d_model,
+    num_heads=m.num_heads,
+    num_kv_heads=m.num_kv_heads or m.num_heads,
+    head_dim=m.d_model // m.num_heads,
+    d_ff=m.d_ff,
+    max_positions=m.max_positions,
+    embed_dropout=m.dropout,
+    attn_dropout=m.dropout,
+    resid_dropout=m.dropout,
+    dtype=m.dtype,
+    param_dtype=m.param_dtype,
+    lora=_lora(config),
+  )
+
+
+def add_special_tokens(tokenizer, base_vocab: int) -> SpecialIds:
+  """Adds pad/bot/eot to the tokenizer; their ids are the 3 rows appended to the embedding table."""
+  ids = tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+  if ids != list(range(base_vocab, base_vocab + 3)):
+    # Tokenizers with fewer entries than the embedding table (padded vocabularies): place after the table.
+    ids = list(range(base_vocab, base_vocab + 3))
+  return SpecialIds(pad=ids[0], bot=ids[1], eot=ids[2], eos=tokenizer.eos_id)
+
+
+def module_options(config) -> dict:
+  """`Codi` constructor options (what the weights are) from `config.codi`."""
+  c = config.codi
+  return {
+    "prj_dim": c.prj_dim,
+    "use_prj": c.use_prj,
+    "prj_layernorm": c.prj_layernorm,
+    "prj_dropout": c.prj_dropout,
+    "train_special_embeddings": c.train_special_embeddings,
+  }
+
+
+def _wrap(config, backbone: Transformer) -> Codi:
+  """Grows the vocabulary by pad/bot/eot (mean resizing) and adds the projection."""
+  backbone.resize_vocab(backbone.cfg.vocab_size + 3, jax.random.key(config.seed + 1))
+  return Codi(backbone, rngs=nnx.Rngs(params=config.seed + 2), **module_options(config))
+
+
+def build_model(config, tokenizer):
+  """(Codi module, tokenizer, special ids), built eagerly (unsharded)."""
+  m = config.model
+  if m.spec:
+    loaded = loader.load(
+      m.spec, dtype=m.dtype, param_dtype=m.param_dtype, lora=_lora(config), seed=config.seed
+    )
+    backbone, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+  else:
+    backbone = transformer.build(_scratch_config(config, tokenizer), seed=config.seed)
+  special = add_special_tokens(tokenizer, backbone.cfg.vocab_size)
+  return _wrap(config, backbone), tokenizer, special
+
+
+def init_model(config, tokenizer):
+  """(Codi module with parameters sharded on the active mesh, tokenizer, special ids).
+
+  From scratch: shapes first (`nnx.eval_shape`), then a jitted init whose outputs are created
+  already sharded, so no device ever holds a full replica. Loaded weights are read and resized on
+  the host CPU, then each device receives only its shard. The values are `build_model`'s (the
+  jitted init may round the last float bit differently; tested within 1e-7).
+  """
+  m = config.model
+  if not m.spec:
+    mcfg_ = _scratch_config(config, tokenizer)
+    special = add_special_tokens(tokenizer, mcfg_.vocab_size)
+
+    def make():
+      return _wrap(config, transformer.build(mcfg_, seed=config.seed))
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = sharding.state_shardings(abstract)
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state), tokenizer, special
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    codi, tokenizer, special = build_model(config, tokenizer)
+  graphdef, state = nnx.split(codi)
+  return nnx.merge(graphdef, sharding.shard_state(state)), tokenizer, special

@@ -1,0 +1,117 @@
+"""The jitted CODI training step: optimizer, loss + gradients + update, ahead-of-time compile.
+
+Shared by the training loop (`train_lib`) and `benchmarks/codi_step.py`, so the benchmark times
+exactly the step that trains.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from codi_jax import sharding
+from codi_jax.codi.model import Codi, CodiOptions, codi_loss
+
+
+def make_optimizer(config, num_steps: int):
+  """AdamW (no decay on biases and norms), warmup + cosine to 0, global-norm clipping, accumulation."""
+  o = config.optim
+  sched = optax.warmup_cosine_decay_schedule(
+    0.0, o.lr, max(1, int(o.warmup_ratio * num_steps)), num_steps, 0.0
+  )
+  tx = optax.chain(
+    optax.clip_by_global_norm(o.clip),
+    optax.adamw(
+      sched,
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.weight_decay,
+      mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+    ),
+  )
+  if o.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum)
+  return tx, sched
+
+
+def make_train_step(
+  graphdef,
+  tx,
+  key,
+  opts: CodiOptions,
+  dropout_on: bool,
+  traces: list | None = None,
+  *,
+  shardings=None,
+):
+  """The jitted training step `(train_state, opt_state, frozen, batch, step) -> (train_state,
+  opt_state, metrics)`: `codi_loss` + gradients + `tx` update, metrics with the gradient norm.
+
+  Dropout keys are `fold_in(key, step)` when `dropout_on`; train and opt states are donated. Each
+  trace appends to `traces` (if given), so callers can check the step compiles once. `shardings`
+  = (train, opt, frozen, batch) pins the in/out shardings on the active mesh.
+  """
+
+  def train_step(train_state, opt_state, frozen, batch, step):
+    if traces is not None:
+      traces.append(1)  # trace-time only: counts compiles
+    rng = jax.random.fold_in(key, step) if dropout_on else None
+
+    def loss_fn(ts):
+      return codi_loss(nnx.merge(graphdef, ts, frozen), batch, opts, rng)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_state)
+    updates, opt_state = tx.update(grads, opt_state, train_state)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return optax.apply_updates(train_state, updates), opt_state, metrics
+
+  if shardings is None:
+    return jax.jit(train_step, donate_argnums=(0, 1))
+  train_sh, opt_sh, frozen_sh, batch_sh = shardings
+  repl = sharding.replicated()
+  return jax.jit(
+    train_step,
+    in_shardings=(train_sh, opt_sh, frozen_sh, batch_sh, repl),
+    out_shardings=(train_sh, opt_sh, repl),
+    donate_argnums=(0, 1),
+  )
+
+
+def compile_ahead(step_fn, args) -> Any:
+  """Lowers and compiles the step before step one and prints its per-device memory use."""
+  t0 = time.time()
+  compiled = step_fn.lower(*args).compile()
+
+  def mib(b):
+    return f"{b / 2**20:.1f} MiB"
+
+  mesh = sharding.current()[0]
+  line = f"compiled train step in {time.time() - t0:.1f} s on mesh {dict(mesh.shape)}"
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    m = None
+  if m is not None:
+    line += (
+      f": per device arguments {mib(m.argument_size_in_bytes)}, outputs {mib(m.output_size_in_bytes)} "
+      f"(donated/aliased {mib(m.alias_size_in_bytes)}), temporaries {mib(m.temp_size_in_bytes)}"
+    )
+  if jax.process_index() == 0:
+    print(line, flush=True)
+  return compiled
+
+
+def dropout_on(codi: Codi, config) -> bool:
+  """Whether any dropout (model, LoRA, projection) is active, i.e. the step needs a key."""
+  m = codi.backbone.cfg
+  lora = m.lora is not None and m.lora.dropout > 0
+  return (
+    lora
+    or any(r > 0 for r in (m.embed_dropout, m.attn_dropout, m.resid_dropout))
+    or (config.codi.prj_dropout > 0)
+  )
