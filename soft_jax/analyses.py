@@ -46,58 +46,71 @@ def _prepare(tokenizer, texts: Sequence[str], bucket_to: int = 8):
   return rows, jnp.asarray(ids), jnp.asarray(mask)
 
 
+def _mean(x) -> float | None:
+  return float(np.mean(x)) if np.size(x) else None
+
+
 def run_js_probe(
   model, tokenizer, texts, params, *, steps: int, seed: int, out_dir: str, trace: dict | None = None
 ) -> dict[str, Any]:
-  """js_probe on every prompt; writes js_probe.csv / .json / .png; returns the summary."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  """js_probe on every prompt; writes js_probe.csv / .json / .png; returns the summary.
 
+  A row's steps end before its first EOS trace token (the EOS step and every later one are left
+  out of the CSV, the statistics and the plot), as they would in a decode with a stop id.
+  """
   params = params.replace(mode=params.mode if params.soft else "soft")
   if trace is None:
     trace = probe_trace(model, tokenizer, texts, params, steps=steps, seed=seed)
   js = np.asarray(trace["js"])  # [B, S, 3]
   w = np.asarray(trace["w"])
   tokens = np.asarray(trace["token"])
+  keep = traces.before_eos(tokens, tokenizer.eos_ids)  # [B, S]
   rows = []
-  for b in range(js.shape[0]):
-    for s in range(js.shape[1]):
-      rows.append(
-        {
-          "prompt": b,
-          "step": s,
-          "token": int(tokens[b, s]),
-          "token_text": tokenizer.decode([int(tokens[b, s])], skip_special_tokens=False),
-          "w1": float(w[b, s, 0]),
-          "w2": float(w[b, s, 1]) if w.shape[2] > 1 else 0.0,
-          "js_top1_soft": float(js[b, s, 0]),
-          "js_top2_soft": float(js[b, s, 1]),
-          "js_top1_top2": float(js[b, s, 2]),
-        }
-      )
+  for b, s in zip(*np.nonzero(keep)):
+    rows.append(
+      {
+        "prompt": int(b),
+        "step": int(s),
+        "token": int(tokens[b, s]),
+        "token_text": tokenizer.decode([int(tokens[b, s])], skip_special_tokens=False),
+        "w1": float(w[b, s, 0]),
+        "w2": float(w[b, s, 1]) if w.shape[2] > 1 else 0.0,
+        "js_top1_soft": float(js[b, s, 0]),
+        "js_top2_soft": float(js[b, s, 1]),
+        "js_top1_top2": float(js[b, s, 2]),
+      }
+    )
   _write_csv(os.path.join(out_dir, "js_probe.csv"), rows)
   names = ("js_top1_soft", "js_top2_soft", "js_top1_top2")
+  kept = js[keep]  # [n, 3]
+  # Steps whose concept token really mixes (w[1] > 0); elsewhere the top-2 input is the top-1.
+  mixed = js[keep & (w[..., 1] > 0)] if w.shape[2] > 1 else None
   summary = {
     "analysis": "js_probe",
     "steps_per_prompt": int(js.shape[1]),
     "prompts": len(texts),
+    "eos": "each row's steps end before its first EOS trace token (EOS step excluded)",
+    "steps_kept": int(keep.sum()),
+    "eos_step": [int(k.sum()) if not k.all() else None for k in keep],
     "temperature": params.temperature,
     "mode": params.mode,
     "max_topk": params.max_topk,
-    "overall": {n: traces.describe(js[..., i].ravel()) for i, n in enumerate(names)},
+    "overall": {n: traces.describe(kept[:, i]) for i, n in enumerate(names)},
     "per_prompt": [
-      {n: traces.describe(js[b, :, i]) for i, n in enumerate(names)} for b in range(js.shape[0])
+      {n: traces.describe(js[b, keep[b], i]) for i, n in enumerate(names)}
+      for b in range(js.shape[0])
     ],
-    # Steps whose concept token really mixes (w[1] > 0); elsewhere the top-2 input is the top-1.
-    "mixed_steps": {n: traces.describe(js[..., i][w[..., 1] > 0]) for i, n in enumerate(names)}
-    if w.shape[2] > 1
+    "mixed_steps": {n: traces.describe(mixed[:, i]) for i, n in enumerate(names)}
+    if mixed is not None
     else None,
-    "mean_w1": float(w[..., 0].mean()),
-    "frac_js_top1_below_0.1": float((js[..., 0] < 0.1).mean()),
-    "frac_js_top2_above_0.6": float((js[..., 1] > 0.6).mean()),
+    "mean_w1": _mean(w[..., 0][keep]),
+    "frac_js_top1_below_0.1": _mean(kept[:, 0] < 0.1),
+    "frac_js_top2_above_0.6": _mean(kept[:, 1] > 0.6),
     "device": str(jax.devices()[0].device_kind),
   }
   write_json(os.path.join(out_dir, "js_probe.json"), summary)
-  plots.js_probe(js, names[:2], os.path.join(out_dir, "js_probe.png"))
+  title = f"JS probe: {js.shape[0]} prompts, {int(keep.sum())} soft steps before EOS"
+  plots.js_probe(kept, names[:2], title, os.path.join(out_dir, "js_probe.png"))
   return summary
 
 
@@ -163,6 +176,12 @@ def run_logit_lens(
   return summary
 
 
+ROUGE_WORDS = (
+  "tokenizer.decode(ids, skip_special_tokens=True).split(): words are the runs of non-whitespace "
+  "characters of the decoded trace; case, punctuation and Unicode are kept as decoded"
+)
+
+
 def run_rouge(
   model,
   tokenizer,
@@ -175,56 +194,80 @@ def run_rouge(
   seed: int,
   out_dir: str,
 ) -> dict[str, Any]:
-  """rouge: ROUGE-L F1 of each mode's trace vs greedy; writes rouge.csv / .json / .png."""
+  """rouge: ROUGE-L of each mode's trace vs greedy, on token ids and on words; writes rouge.*.
+
+  Every trace (greedy too) is cut before its first EOS id (the stop id excluded) before scoring;
+  word level scores `traces.words` of the decoded cut trace (see ROUGE_WORDS).
+  """
 
   for m in modes:
     if m not in MODES or m == "greedy":
       raise InputError(f"--rouge_modes: unknown or greedy mode {m!r}")
   rows_ids, _, _ = _prepare(tokenizer, texts)
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-  # Every step is a thinking step: no Cold Stop, no budget, no `</think>`, no stop id.
+  # Every step is a thinking step: no Cold Stop, no budget, no `</think>`; no stop id either, so
+  # every row has one shape; the traces are cut at their first EOS here, on the host.
   base = params.replace(cold_stop_entropy=0.0, max_thinking_tokens=0)
 
   def decode_traces(mode, draws):
     dec = decode.SoftDecoder(model, base.replace(mode=mode), pad_id=pad, eos_ids=[-1])
     prompts = [r for r in rows_ids for _ in range(draws)]
     out = dec(prompts, max_new_tokens=max_new, seed=seed, length_bucket=8)
-    return [o.tokens for o in out]
+    return [traces.cut_at_eos(o.tokens, tokenizer.eos_ids) for o in out]
+
+  def text_words(toks):
+    return traces.words(tokenizer.decode(toks, skip_special_tokens=True))
 
   greedy = decode_traces("greedy", 1)
+  greedy_words = [text_words(t) for t in greedy]
   rows = []
   for m in modes:
     draws = 1 if m == "soft" else n_samples
     for j, toks in enumerate(decode_traces(m, draws)):
       b, d = divmod(j, draws)
-      r = traces.rouge_l(toks, greedy[b])
+      tok = traces.rouge_l(toks, greedy[b])
+      wds = text_words(toks)
+      word = traces.rouge_l(wds, greedy_words[b])
       rows.append(
         {
           "mode": m,
           "prompt": b,
           "draw": d,
-          "f1": r["f1"],
-          "precision": r["precision"],
-          "recall": r["recall"],
+          "token_f1": tok["f1"],
+          "token_precision": tok["precision"],
+          "token_recall": tok["recall"],
+          "word_f1": word["f1"],
+          "word_precision": word["precision"],
+          "word_recall": word["recall"],
           "tokens": len(toks),
+          "greedy_tokens": len(greedy[b]),
+          "words": len(wds),
+          "greedy_words": len(greedy_words[b]),
         }
       )
   _write_csv(os.path.join(out_dir, "rouge.csv"), rows)
-  by_mode = {m: traces.describe([r["f1"] for r in rows if r["mode"] == m]) for m in modes}
+  f1 = {
+    level: {m: [r[f"{level}_f1"] for r in rows if r["mode"] == m] for m in modes}
+    for level in ("token", "word")
+  }
   summary = {
     "analysis": "rouge",
-    "level": "token ids",
+    "levels": {"token": "token ids", "word": ROUGE_WORDS},
+    "eos": "every trace, greedy included, is cut before its first EOS id (stop id excluded)",
     "max_new_tokens": max_new,
     "temperature": params.temperature,
     "max_topk": params.max_topk,
     "n_samples": n_samples,
     "prompts": len(texts),
-    "rouge_l_f1": by_mode,
+    "greedy_tokens": [len(t) for t in greedy],
+    "rouge_l_f1": {
+      level: {m: traces.describe(v) for m, v in by_mode.items()} for level, by_mode in f1.items()
+    },
   }
   write_json(os.path.join(out_dir, "rouge.json"), summary)
-  f1 = {m: [r["f1"] for r in rows if r["mode"] == m] for m in modes}
-  title = f"ROUGE-L vs greedy, {max_new} tokens, T={params.temperature:g}"
-  plots.rouge(f1, title, os.path.join(out_dir, "rouge.png"))
+  boxes = {f"{m}\n{level}": f1[level][m] for m in modes for level in ("token", "word")}
+  title = f"ROUGE-L vs greedy, {max_new} tokens cut at EOS, T={params.temperature:g}"
+  plots.rouge(boxes, title, os.path.join(out_dir, "rouge.png"))
   return summary
 
 

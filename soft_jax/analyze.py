@@ -13,7 +13,9 @@ js_probe (8.2): a soft trace of --steps steps (every step a thinking step: no Co
 idx[0] and one-hot idx[1] (idx[0] when w[1] = 0), run as one batch of 3B rows at the same position
 on the same cache (the cache tiled 3x; the trajectory keeps the soft rows' cache). P = softmax(z/T)
 over the full vocabulary before filtering, T the thinking temperature; logs JS(P1, Pst),
-JS(P2, Pst), JS(P1, P2) per step. Writes js_probe.csv, js_probe.json, js_probe.png.
+JS(P2, Pst), JS(P1, P2) per step. A row's steps end before its first EOS trace token: the EOS step
+and every later one are left out of the CSV, the statistics and the plot. Writes js_probe.csv,
+js_probe.json, js_probe.png.
 
 logit_lens (8.3): along the greedy trace, at each step with top-2 tokens t1, t2 of the next-token
 distribution, feed alpha E[t1] + (1 - alpha) E[t2] (alpha = --lens_alpha, 0.6), E[t1] and E[t2] at
@@ -22,11 +24,13 @@ the same position on the same cache; at every layer project the hidden state to 
 single runs. Branching points: steps with p(t2) >= --lens_min_p2 (T = 1). Writes logit_lens.csv,
 logit_lens.json, logit_lens.png.
 
-rouge (8.4): ROUGE-L F1 on token ids (LCS, no stemming or tokenisation choices) of the first
---max_new_tokens tokens of each mode's trace (soft = per-step top-1 of the concept tokens; sample =
-token sampling at the thinking temperature; dirichlet / gumbel likewise; all thinking, no phase
-switch) against the greedy trace of the same prompt; --n_samples draws per stochastic mode.
-Writes rouge.csv, rouge.json, rouge.png.
+rouge (8.4): ROUGE-L (LCS; precision, recall, F1) of each mode's trace (soft = per-step top-1 of
+the concept tokens; sample = token sampling at the thinking temperature; dirichlet / gumbel
+likewise; all thinking, no phase switch) against the greedy trace of the same prompt, at two
+levels: token ids, and words (the trace decoded with skip_special_tokens=True, then split on runs
+of whitespace; case and punctuation kept). Every trace, greedy included, is the first
+--max_new_tokens tokens cut before its first EOS id (the stop id excluded). --n_samples draws per
+stochastic mode. Writes rouge.csv, rouge.json, rouge.png.
 
 randomness (8.1): from the filtered candidate distributions q of a soft trace (--steps steps per
 prompt), st = the vanilla concept token (top-K of q, renormalised) and st' = its noised version,

@@ -4,7 +4,7 @@ Each CLI calls `define(...)` for the flag groups it uses when it runs as a progr
 disclaims its flags, so absl files them under the calling program: `--help` lists every flag of
 that program once (importing a CLI module defines nothing, so the modules can import each other).
 
-One spelling per knob: `--config` names a configs/soft/*.py[:variant] preset file (read by
+One spelling per knob: `--config` names a configs/soft/*.py[:variant[,benchmark]] preset (read by
 `load_config`, not an ml_collections override tree); a flag given on the command line wins over
 the preset, which wins over the flag default; sampler knobs given nowhere take the SamplerParams
 defaults (docs/soft_thinking.md, defaults). Bad values raise InputError naming the flag.
@@ -53,7 +53,9 @@ def _define_decode():
   flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most (stop id included).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype.")
   flags.DEFINE_integer("length_bucket", 32, "Prompt lengths are padded up to a multiple of this.")
-  flags.DEFINE_string("config", None, "Preset file configs/soft/*.py[:variant]; flags win over it.")
+  flags.DEFINE_string(
+    "config", None, "Preset configs/soft/*.py[:variant[,benchmark]]; flags win over it."
+  )
   flags.DEFINE_string("mode", None, "greedy | sample | soft | dirichlet | gumbel.")
   flags.DEFINE_integer("seed", None, "Sampling seed (default 0); same seed, same output.")
   flags.DEFINE_string(
@@ -127,7 +129,7 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def load_config(spec: str | None):
-  """A preset `path[:variant]` -> its get_config(variant) ConfigDict (None for no spec)."""
+  """A preset `path[:arg]` -> its get_config(arg) ConfigDict (None for no spec)."""
   if not spec:
     return None
   path, _, arg = spec.partition(":")

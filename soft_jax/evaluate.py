@@ -12,8 +12,10 @@ distinct sample ids (row p * n + s), so a sample's draws depend only on the seed
 the batch it shares. Rows run through `SoftDecoder` in fixed-shape batches of --batch_size (the last
 one padded; prompts padded to one length bucket for the whole set: one compile). Every sample is
 judged on its whole completion (thinking trace + answer) by `math_answers.check_answer` in the main
-thread, and the metrics are `metrics.summarize`: pass@1 (mean over problems of the mean correctness),
-unbiased pass@k, mean thinking/completion length over all samples and over the correct ones.
+thread with --judge (default math_verify alone, the reference's rule; `numeric` and
+`numeric_then_math_verify` reach our sympy-free numeric rule), and the metrics are
+`metrics.summarize`: pass@1 (mean over problems of the mean correctness), unbiased pass@k, mean
+thinking/completion length over all samples and over the correct ones.
 
 Writes `<out>/samples.jsonl` (one line per sample) and `<out>/summary.json` (metrics plus every
 setting: model, mode, sampler, seed, data, judge counts, timing), each atomically. Bad input (flags,
@@ -46,7 +48,14 @@ def _define_flags():
   cli_common.define("decode", "sampler", "data", "samples", "output")
   flags.DEFINE_list("k", ["1"], "The k of each reported pass@k (each <= --n_samples).")
   flags.DEFINE_integer("batch_size", 8, "Rows (samples) per decoder call.")
-  flags.DEFINE_enum("judge", "auto", ["auto", "numeric", "math_verify"], "Answer checker.")
+  flags.DEFINE_enum(
+    "judge",
+    math_answers.DEFAULT_JUDGE,
+    list(math_answers.JUDGES),
+    "Answer checker: math_verify (the reference's rule) | numeric (our sympy-free rule, "
+    "plain-number golds only) | numeric_then_math_verify (numeric when both sides are plain "
+    "numbers, else math_verify).",
+  )
 
 
 def parse_ks(values: Sequence[str], n_samples: int) -> list[int]:
@@ -63,6 +72,24 @@ def parse_ks(values: Sequence[str], n_samples: int) -> list[int]:
   if not ks:
     raise InputError("--k: no value given")
   return sorted(set(ks))
+
+
+def check_judge(judge: str, probs) -> None:
+  """InputError, before any decoding, for an unknown judge or a gold that `judge` cannot read."""
+  if judge not in math_answers.JUDGES:
+    raise InputError(f"--judge: expected one of {', '.join(math_answers.JUDGES)}, got {judge!r}")
+  if judge != "numeric":
+    return
+  for p in probs:
+    try:
+      number = math_answers.parse_number(math_answers.gold_text(p.answer))
+    except ValueError as e:
+      raise InputError(f"problem {p.id}: {e}") from None
+    if number is None:
+      raise InputError(
+        f"--judge=numeric: problem {p.id}: gold {p.answer!r} is not a plain number "
+        "(use --judge=math_verify or numeric_then_math_verify)"
+      )
 
 
 def prompt_ids(tokenizer, question: str, think_end_id: int | None) -> list[int]:
@@ -87,7 +114,7 @@ def evaluate(
   seed: int = 0,
   think_end_id: int | None = None,
   length_bucket: int = 32,
-  judge: str = "auto",
+  judge: str = math_answers.DEFAULT_JUDGE,
   progress: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Decodes n samples of every problem, judges them and summarizes.
@@ -104,7 +131,7 @@ def evaluate(
     seed: The call seed; sample s of problem p uses sample id p * n_samples + s.
     think_end_id: The `</think>` id, or None.
     length_bucket: Prompt lengths are padded to one multiple of this for the whole set.
-    judge: `math_answers.check_answer` judge.
+    judge: `math_answers.check_answer` judge (one of `math_answers.JUDGES`).
     progress: Show a tqdm bar.
 
   Returns:
@@ -119,6 +146,7 @@ def evaluate(
     raise InputError(f"--max_new_tokens: must be >= 1, got {max_new_tokens}")
   if length_bucket < 1:
     raise InputError(f"--length_bucket: must be >= 1, got {length_bucket}")
+  check_judge(judge, problems)
   params = params.validate(prefix="--", vocab=model.cfg.vocab_size)
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
   dec = decode.SoftDecoder(
@@ -236,6 +264,7 @@ def main(argv):
       id_field=v("id_field"),
       limit=v("limit"),
     )
+    check_judge(v("judge"), probs)  # before loading the model
     loaded = loader.load(st.model, dtype=st.dtype, param_dtype=st.dtype)
     end_id = thinking.resolve_think_end(
       loaded.tokenizer, st.think_end, last_id=st.think_end_last_id

@@ -17,14 +17,23 @@ Two rules decide whether a completion answers a problem:
   rule: exact for integers and fractions, rounded to 6 decimals when either side has a decimal
   point, `9%` equal to `9`.
 
-`judge="auto"` (the default) uses the numeric rule whenever it finds a plain number on both sides
-and math_verify otherwise; anything unusual (several different boxed answers, a boxed
-expression, LaTeX near the answer, a trailing arithmetic expression, an unclosed box) goes to
-math_verify, so the numeric rule never guesses. Where the numeric rule reads a completion
-differently from math_verify (tested in tests/soft_math_answers_test.py):
+Judges (`check_answer(judge=...)`, `--judge` of `soft_jax.evaluate`):
 
-- it reads `\$5.00`, a Unicode minus (`−7`) and `1\,234` (thin-space thousands); math_verify finds
-  no answer, no answer and 235;
+- `math_verify` (the default): the reference's rule alone.
+- `numeric`: the numeric rule alone; a completion it cannot read is wrong, and a gold that is not a
+  plain number is an error.
+- `numeric_then_math_verify`: the numeric rule whenever it finds a plain number on both sides,
+  math_verify otherwise; anything unusual (several different boxed answers, a boxed expression,
+  LaTeX near the answer, a trailing arithmetic expression, an unclosed box) goes to math_verify, so
+  the numeric rule never guesses.
+
+The numeric rule and math_verify read some completions differently (tested in
+tests/soft_math_answers_test.py), which is why math_verify alone is the default:
+
+- "The answer is 19. Let me double check: 19 - 7 = 12.": the numeric rule reads 19 (the number
+  after "answer"), math_verify reads 12;
+- the numeric rule reads `\$5.00`, a Unicode minus (`−7`) and `1\,234` (thin-space thousands);
+  math_verify finds no answer, no answer and 235;
 - it takes `#### N` as an answer line (GSM8K style); math_verify takes the last number after it;
 - it ignores the reference's rarely-hit "final answer is ... I hope" priority.
 
@@ -49,7 +58,9 @@ from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-JUDGES = ("auto", "numeric", "math_verify")
+# The default first: the reference's rule alone.
+JUDGES = ("math_verify", "numeric", "numeric_then_math_verify")
+DEFAULT_JUDGE = "math_verify"
 
 # Notes on a Verdict: why it is what it is, when that is not just a comparison.
 NO_ANSWER = "no_answer"  # Nothing answer-like in the completion.
@@ -423,15 +434,16 @@ def math_verify_check(completion: str, gold: str, *, timeout_s: float | None = 5
 
 
 def check_answer(
-  completion: str, gold: Any, *, judge: str = "auto", timeout_s: float | None = 5.0
+  completion: str, gold: Any, *, judge: str = DEFAULT_JUDGE, timeout_s: float | None = 5.0
 ) -> Verdict:
   r"""Whether `completion` (thinking trace + answer, whole) answers `gold`.
 
   Args:
     completion: The decoded completion.
     gold: The gold answer (text or number; GSM8K's `... #### 72` is read as 72).
-    judge: "auto" (numeric rule when both sides are plain numbers, else math_verify), "numeric"
-      (numeric rule only: a completion it cannot read is wrong) or "math_verify" (reference rule).
+    judge: "math_verify" (the reference's rule, the default), "numeric" (numeric rule only: a
+      completion it cannot read is wrong) or "numeric_then_math_verify" (numeric rule when both
+      sides are plain numbers, else math_verify).
     timeout_s: Bound on one math_verify check, in seconds; None for none.
 
   Returns:

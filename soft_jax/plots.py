@@ -18,15 +18,15 @@ def _save(fig, path: str) -> None:
   plt.close(fig)
 
 
-def js_probe(js, names: Sequence[str], path: str) -> None:
-  """Histograms of JS(top-1, soft) and JS(top-2, soft) over every probed step; js [B, S, 3]."""
+def js_probe(js, names: Sequence[str], title: str, path: str) -> None:
+  """Histograms of JS(top-1, soft) and JS(top-2, soft) over the probed steps; js [n, 3]."""
   fig, ax = plt.subplots(figsize=(6, 4))
   bins = np.linspace(0, math.log(2), 41)
   for i, n in enumerate(names):
-    ax.hist(js[..., i].ravel(), bins=bins, alpha=0.6, label=n.replace("_", " "))
+    ax.hist(np.asarray(js)[:, i], bins=bins, alpha=0.6, label=n.replace("_", " "))
   ax.set_xlabel("JS divergence (nats)")
   ax.set_ylabel("steps")
-  ax.set_title(f"JS probe: {js.shape[0]} prompts x {js.shape[1]} soft steps")
+  ax.set_title(title)
   ax.legend()
   _save(fig, path)
 

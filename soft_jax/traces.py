@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from codi_jax.decoding import prefill
 from codi_jax.models.step import step
@@ -57,6 +58,28 @@ def rouge_l(candidate: Sequence[Any], reference: Sequence[Any]) -> dict[str, flo
     return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
   p, r = lcs / len(candidate), lcs / len(reference)
   return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r)}
+
+
+def cut_at_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+  """`tokens` before the first EOS id (the stop id excluded); all of them when there is none."""
+  eos = {int(e) for e in eos_ids}
+  for i, t in enumerate(tokens):
+    if int(t) in eos:
+      return [int(x) for x in tokens[:i]]
+  return [int(x) for x in tokens]
+
+
+def before_eos(tokens, eos_ids: Sequence[int]) -> np.ndarray:
+  """[B, S] bool: True at the steps before each row's first EOS id (the EOS step excluded)."""
+  tokens = np.asarray(tokens)
+  is_eos = np.isin(tokens, np.asarray(list(eos_ids), dtype=tokens.dtype))
+  return np.cumsum(is_eos, axis=-1) == 0
+
+
+def words(text: str) -> list[str]:
+  """Words for word-level ROUGE-L: `text.split()`, i.e. split on runs of Unicode whitespace, with
+  leading/trailing whitespace dropped; case, punctuation and everything else kept as decoded."""
+  return text.split()
 
 
 def describe(values: Sequence[float]) -> dict[str, float | int | None]:

@@ -1,12 +1,15 @@
-"""soft_jax.analyze: JS divergence values, the js_probe on a K=1 soft input, ROUGE-L, randomness
-monotonicity on a toy distribution, and every analysis CLI on a tiny saved model."""
+"""soft_jax.analyze: JS divergence values, the js_probe on a K=1 soft input, ROUGE-L (token and
+word level), the EOS cut of rouge and js_probe on crafted traces, randomness monotonicity on a toy
+distribution, and every analysis CLI on a tiny saved model."""
 # pylint: disable=invalid-name
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
+from types import SimpleNamespace
 
 import cli_util
 import jax
@@ -14,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soft_jax import traces
+from soft_jax import analyses, traces
 from soft_jax.sampling import SamplerParams
 
 PROG = "soft_jax.analyze"
@@ -68,6 +71,128 @@ def test_js_known_values(p, q, want):
 def test_rouge_l_table(cand, ref, lcs, f1):
   assert traces.lcs_length(cand, ref) == lcs
   assert traces.rouge_l(cand, ref)["f1"] == pytest.approx(f1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The EOS cut, and rouge / js_probe on crafted traces
+
+
+def test_cut_at_eos():
+  assert traces.cut_at_eos([5, 6, 0, 7, 0], [0]) == [5, 6]  # The stop id is excluded.
+  assert traces.cut_at_eos([5, 6, 7], [0]) == [5, 6, 7]
+  assert traces.cut_at_eos([2, 5], [0, 2]) == []
+  assert traces.cut_at_eos([5, 6], []) == [5, 6]
+  keep = traces.before_eos(np.asarray([[5, 0, 6, 0], [5, 6, 7, 8], [9, 5, 5, 5]]), [0, 9])
+  assert keep.tolist() == [
+    [True, False, False, False],
+    [True, True, True, True],
+    [False, False, False, False],
+  ]
+  assert traces.words("  The cat,\tsat\n\nON  it. ") == ["The", "cat,", "sat", "ON", "it."]
+
+
+# Token pieces decode BPE-style (concatenated), so words and tokens differ; 0 is the EOS.
+PIECES = {0: "<eos>", 1: "The", 2: " cat", 3: " sat", 4: "s", 5: " on"}
+
+
+class PieceTokenizer:
+  eos_ids = (0,)
+  eos_id = 0
+  pad_id = 0
+
+  def decode(self, ids, skip_special_tokens=True):
+    return "".join(PIECES[int(i)] for i in ids if not (skip_special_tokens and int(i) == 0))
+
+
+# Crafted traces of one prompt: mode -> one token list per draw.
+ROUGE_TRACES = {
+  "greedy": [[1, 2, 3, 0, 5, 5]],  # cut: The cat sat
+  "soft": [[1, 2, 3, 4, 0, 1, 2, 3]],  # cut: The cat sats
+  "sample": [[0, 1, 2, 3], [5, 1, 2, 3, 5, 5]],  # cut: nothing; " onThe cat sat on on" (no EOS)
+}
+
+
+def f1(p, r):
+  return 2 * p * r / (p + r)
+
+
+def test_rouge_cuts_at_eos_and_scores_words(tmp_path, monkeypatch):
+  class FakeDecoder:
+    def __init__(self, model, params, *, pad_id, eos_ids):
+      del model, pad_id, eos_ids
+      self.mode = params.mode
+
+    def __call__(self, prompts, **kw):
+      del kw
+      out = ROUGE_TRACES[self.mode]
+      assert len(prompts) == len(out)
+      return [SimpleNamespace(tokens=t) for t in out]
+
+  monkeypatch.setattr(analyses, "_prepare", lambda tok, texts: ([[5]] * len(texts), None, None))
+  monkeypatch.setattr(analyses.decode, "SoftDecoder", FakeDecoder)
+  params = SamplerParams(mode="soft", max_topk=4, top_k=20, after_top_k=20)
+  summary = analyses.run_rouge(
+    None,
+    PieceTokenizer(),
+    ["q"],
+    params,
+    modes=["soft", "sample"],
+    max_new=8,
+    n_samples=2,
+    seed=0,
+    out_dir=str(tmp_path),
+  )
+  with open(tmp_path / "rouge.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  got = [
+    (r["mode"], int(r["tokens"]), int(r["words"]), float(r["token_f1"]), float(r["word_f1"]))
+    for r in rows
+  ]
+  want = [
+    # LCS 3 of 4 vs 3 tokens; words The cat sats vs The cat sat: LCS 2 of 3 and 3.
+    ("soft", 4, 3, f1(3 / 4, 1.0), f1(2 / 3, 2 / 3)),
+    ("sample", 0, 0, 0.0, 0.0),  # EOS first: an empty trace.
+    # LCS 3 of 6 vs 3 tokens; words onThe cat sat on on vs The cat sat: LCS 2 of 5 and 3.
+    ("sample", 6, 5, f1(3 / 6, 1.0), f1(2 / 5, 2 / 3)),
+  ]
+  assert [g[:3] for g in got] == [w[:3] for w in want]
+  np.testing.assert_allclose([g[3:] for g in got], [w[3:] for w in want], rtol=1e-12)
+  assert summary["greedy_tokens"] == [3]
+  assert set(summary["levels"]) == {"token", "word"} and "split" in summary["levels"]["word"]
+  by_level = summary["rouge_l_f1"]
+  assert by_level["token"]["soft"]["mean"] == pytest.approx(f1(3 / 4, 1.0))
+  assert by_level["word"]["soft"]["mean"] == pytest.approx(f1(2 / 3, 2 / 3))
+  assert by_level["word"]["sample"]["mean"] == pytest.approx(f1(2 / 5, 2 / 3) / 2)
+  assert json.loads((tmp_path / "rouge.json").read_text()) == json.loads(json.dumps(summary))
+  assert (tmp_path / "rouge.png").stat().st_size > 0
+
+
+def test_js_probe_stops_at_eos(tmp_path):
+  B, S = 2, 5
+  tokens = np.asarray([[1, 2, 0, 3, 4], [1, 2, 3, 4, 5]])  # Row 0 emits EOS at step 2.
+  js = np.full((B, S, 3), 0.05, np.float32)
+  js[0, :2] = 0.01
+  js[0, 2:] = 0.6  # The EOS step and later: must not count.
+  w = np.tile(np.asarray([0.7, 0.3], np.float32), (B, S, 1))
+  w[1, 4] = [1.0, 0.0]  # One kept step is not a mixture.
+  w[0, 3] = [1.0, 0.0]  # After EOS: ignored either way.
+  trace = {"js": js, "w": w, "token": tokens}
+  params = SamplerParams(mode="soft", max_topk=2, top_k=20, after_top_k=20)
+  summary = analyses.run_js_probe(
+    None, PieceTokenizer(), ["a", "b"], params, steps=S, seed=0, out_dir=str(tmp_path), trace=trace
+  )
+  assert summary["steps_kept"] == 7 and summary["eos_step"] == [2, None]
+  overall = summary["overall"]["js_top1_soft"]
+  assert overall["n"] == 7 and overall["max"] == pytest.approx(0.05)
+  assert overall["mean"] == pytest.approx((2 * 0.01 + 5 * 0.05) / 7)
+  assert summary["per_prompt"][0]["js_top2_soft"]["n"] == 2
+  assert summary["mixed_steps"]["js_top1_soft"]["n"] == 6
+  assert summary["mean_w1"] == pytest.approx((6 * 0.7 + 1.0) / 7)
+  assert summary["frac_js_top2_above_0.6"] == 0.0
+  with open(tmp_path / "js_probe.csv", newline="") as f:
+    rows = [(int(r["prompt"]), int(r["step"])) for r in csv.DictReader(f)]
+  assert rows == [(0, 0), (0, 1)] + [(1, s) for s in range(S)]
+  assert (tmp_path / "js_probe.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import assets
 import cli_util
 import pytest
 
+from codi_jax.errors import InputError
 from codi_jax.models import loader
 from soft_jax import evaluate, math_answers, problems
 from soft_jax.sampling import SamplerParams
@@ -92,7 +93,7 @@ def pass_at_k_comb(n: int, c: int, k: int) -> float:
 def crc_judge(monkeypatch):
   """Replaces the judge: correct iff the completion's CRC32 is odd (mixed, deterministic outcomes)."""
 
-  def fake(completion, gold, judge="auto", timeout_s=5.0):
+  def fake(completion, gold, judge=math_answers.DEFAULT_JUDGE, timeout_s=5.0):
     del gold, judge, timeout_s
     return math_answers.Verdict(zlib.crc32(completion.encode()) % 2 == 1, completion[:5], "fake")
 
@@ -164,6 +165,8 @@ def test_cli_writes_files(tmp_path, tiny_dir):
   lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
   assert len(lines) == 4 == summary["samples"] and summary["problems"] == 2
   assert summary["settings"]["mode"] == "gumbel" and summary["settings"]["sampler"]["max_topk"] == 4
+  assert summary["settings"]["judge"] == "math_verify"  # The reference's rule is the default.
+  assert set(summary["judges"]) <= {"math_verify"}
   assert set(summary["pass@k"]) == {"1", "2"}
   by = {}
   for x in lines:
@@ -198,6 +201,26 @@ def test_cli_bad_sampler_value(tmp_path):
   assert_usage_error(
     run_cli(tmp_path, f"--data={FIXTURE}", f"--out={tmp_path / 'o'}", "--top_p=1.5"), "--top_p"
   )
+
+
+def test_check_judge(tmp_path):
+  probs = problems.read_problems(FIXTURE, limit=3)
+  for judge in math_answers.JUDGES:
+    evaluate.check_judge(judge, probs)
+  latex = [problems.Problem("p7", "Solve x^2 = 4.", "\\pm 2")]
+  evaluate.check_judge("math_verify", latex)
+  evaluate.check_judge("numeric_then_math_verify", latex)
+  with pytest.raises(InputError, match=r"--judge=numeric: problem p7: .* not a plain number"):
+    evaluate.check_judge("numeric", latex)
+  with pytest.raises(InputError, match="--judge: expected one of math_verify"):
+    evaluate.check_judge("auto", probs)
+
+
+def test_cli_numeric_judge_needs_numbers(tmp_path):
+  data = tmp_path / "latex.jsonl"
+  data.write_text('{"question": "x^2 = 4?", "answer": "#### \\\\pm 2"}\n')
+  proc = run_cli(tmp_path, f"--data={data}", f"--out={tmp_path / 'o'}", "--judge=numeric")
+  assert_usage_error(proc, "--judge=numeric", "not a plain number")
 
 
 def test_cli_bad_k(tmp_path):

@@ -1,4 +1,4 @@
-"""Answer checking for soft-thinking evaluation: numeric rule, math_verify rule, timeouts, threads."""
+"""Answer checking for soft-thinking evaluation: the three judges, their rules, timeouts."""
 
 import signal
 import threading
@@ -10,8 +10,8 @@ import pytest
 from soft_jax import math_answers as ma
 from soft_jax.math_answers import Number
 
-# (gold, completion, correct, judge that decides under "auto", prediction read).
-AUTO_CASES = [
+# (gold, completion, correct, judge that decides under "numeric_then_math_verify", prediction read).
+COMBINED_CASES = [
   # GSM8K-style plain numbers: the numeric rule decides.
   ("72", "so the answer is \\boxed{72}.", True, "numeric", "72"),
   ("Natalia sold 48 clips.\n#### 72", "\\boxed{72}", True, "numeric", "72"),
@@ -98,9 +98,9 @@ AUTO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("gold,completion,correct,judge,prediction", AUTO_CASES)
-def test_auto_judge(gold, completion, correct, judge, prediction):
-  v = ma.check_answer(completion, gold)
+@pytest.mark.parametrize("gold,completion,correct,judge,prediction", COMBINED_CASES)
+def test_numeric_then_math_verify_judge(gold, completion, correct, judge, prediction):
+  v = ma.check_answer(completion, gold, judge="numeric_then_math_verify")
   assert (v.correct, v.judge, v.prediction) == (correct, judge, prediction)
   if prediction is None:
     assert v.note == ma.NO_ANSWER
@@ -116,12 +116,40 @@ DIFFERENCES = [
 
 @pytest.mark.parametrize("gold,completion", DIFFERENCES)
 def test_documented_differences(gold, completion):
-  assert ma.check_answer(completion, gold).correct
+  assert ma.check_answer(completion, gold, judge="numeric_then_math_verify").correct
   assert ma.check_answer(completion, gold, judge="numeric").correct
   assert not ma.check_answer(completion, gold, judge="math_verify").correct
+  assert not ma.check_answer(completion, gold).correct  # The default is math_verify.
 
 
-@pytest.mark.parametrize("gold,completion,correct,judge,prediction", AUTO_CASES)
+# A review probe: an answer, then a check whose last number is not the answer.
+DOUBLE_CHECK = "The answer is 19. Let me double check: 19 - 7 = 12."
+
+
+@pytest.mark.parametrize(
+  "gold,judge,verdict",
+  [
+    ("19", "math_verify", ma.Verdict(False, "12", "math_verify")),
+    ("19", "numeric", ma.Verdict(True, "19", "numeric")),
+    ("19", "numeric_then_math_verify", ma.Verdict(True, "19", "numeric")),
+    ("12", "math_verify", ma.Verdict(True, "12", "math_verify")),
+    ("12", "numeric", ma.Verdict(False, "19", "numeric")),
+    ("12", "numeric_then_math_verify", ma.Verdict(False, "19", "numeric")),
+  ],
+)
+def test_judges_disagree_on_a_double_check(gold, judge, verdict):
+  assert ma.check_answer(DOUBLE_CHECK, gold, judge=judge) == verdict
+
+
+def test_default_judge_is_math_verify():
+  assert ma.DEFAULT_JUDGE == "math_verify" == ma.JUDGES[0]
+  assert ma.check_answer(DOUBLE_CHECK, "19") == ma.Verdict(False, "12", "math_verify")
+  assert ma.check_answer("\\boxed{4}", "4").judge == "math_verify"  # Even for plain numbers.
+  with pytest.raises(ValueError, match="unknown judge"):
+    ma.check_answer("5", "5", judge="auto")  # The old name of numeric_then_math_verify.
+
+
+@pytest.mark.parametrize("gold,completion,correct,judge,prediction", COMBINED_CASES)
 def test_reference_judge_agrees_elsewhere(gold, completion, correct, judge, prediction):
   del judge, prediction
   assert ma.check_answer(completion, gold, judge="math_verify").correct == correct
@@ -237,7 +265,7 @@ def test_check_in_a_thread():
 
   def work():
     out["latex"] = ma.check_answer("\\boxed{\\sqrt{4}}", "2")
-    out["numeric"] = ma.check_answer("\\boxed{4}", "4")
+    out["numeric"] = ma.check_answer("\\boxed{4}", "4", judge="numeric")
 
   t = threading.Thread(target=work)
   t.start()

