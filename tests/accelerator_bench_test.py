@@ -1,0 +1,153 @@
+"""benchmarks/accelerator.py: the --smoke run's table, its JSON, its imports and its batches."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from codi_jax.data.codi_batches import Shapes, SpecialIds, collate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "accelerator.py")
+# Not on the accelerator machine (jax, flax, optax, orbax, numpy only): importing any fails the run.
+ABSENT = (
+  "grain",
+  "ml_collections",
+  "tensorboardX",
+  "math_verify",
+  "gguf",
+  "tokenizers",
+  "jinja2",
+  "safetensors",
+  "huggingface_hub",
+  "tqdm",
+  "matplotlib",
+  "torch",
+  "transformers",
+)
+NOT_APPLICABLE = {  # columns that are "-" by design
+  "train": {"decode tok/s", "BW used"},
+  "decode": {"TFLOP/s", "MFU formula", "MFU XLA"},
+}
+
+
+def _load_script():
+  spec = importlib.util.spec_from_file_location("accelerator_bench", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def _number(cell: str) -> float:
+  return float(cell.replace(",", "").rstrip("%"))
+
+
+def _table(stdout: str) -> list[dict[str, str]]:
+  lines = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+  cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+  header, body = cells[0], cells[2:]
+  return [dict(zip(header, row)) for row in body]
+
+
+def test_smoke_run_table_json_and_imports(tmp_path):
+  out = tmp_path / "table.json"
+  block = "; ".join(f"sys.modules[{m!r}] = None" for m in ABSENT)
+  code = (
+    f"import runpy, sys; {block}; sys.argv = [{SCRIPT!r}, '--smoke', '--out={out}']; "
+    f"runpy.run_path({SCRIPT!r}, run_name='__main__')"
+  )
+  # Tiny shapes: XLA:CPU's LLVM optimisation dominates the compile time and buys nothing here.
+  xla_flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  stdout = proc.stdout
+  first = stdout.splitlines()[0]
+  for needle in ("accelerator benchmark (smoke)", "device cpu", "jax ", "jaxlib ", "load average"):
+    assert needle in first, first
+  for section in ("decode GPT-2 tiny", "decode Llama tiny", "train GPT-2 tiny", "probes"):
+    assert section in stdout, stdout
+
+  rows = _table(stdout)
+  keys = {(r["model"], r["workload"], r["batch"]) for r in rows}
+  expected = {
+    (m, w, b) for m in ("GPT-2 tiny", "Llama tiny") for w in ("greedy", "soft") for b in ("1", "2")
+  } | {(m, "train LoRA r8", "2") for m in ("GPT-2 tiny", "Llama tiny")}
+  assert keys == expected and len(rows) == len(expected), rows
+  for r in rows:
+    kind = "train" if r["workload"].startswith("train") else "decode"
+    for col, cell in r.items():
+      if col in ("model", "workload", "mem src"):
+        continue
+      if col in NOT_APPLICABLE[kind]:
+        assert cell == "-", (r, col)
+        continue
+      value = _number(cell)
+      assert math.isfinite(value) and value > 0, (r, col)
+    assert r["mem src"] in ("device", "device<=", "xla", "est"), r
+
+  data = json.loads(out.read_text())
+  assert data["header"]["preset"] == "smoke" and data["header"]["jax"]
+  assert data["header"]["matmul_flops"] > 0 and data["header"]["copy_bytes_s"] > 0
+  assert len(data["rows"]) == len(rows)
+  numeric = ("ms", "tok_s", "peak_bytes", "compile_s")
+  for r in data["rows"]:
+    train = r["workload"].startswith("train")
+    fields = numeric + (
+      ("flops_formula", "flops_xla", "mfu_formula", "mfu_xla")
+      if train
+      else ("decode_tok_s", "bytes_per_step", "bw_frac")
+    )
+    for f in fields:
+      assert math.isfinite(r[f]) and r[f] > 0, (r["model"], r["workload"], f, r[f])
+    if train:
+      assert all(math.isfinite(x) for x in r["losses"])
+
+
+def test_numpy_batch_matches_the_pipeline_collate():
+  acc = _load_script()
+  shape = acc.TrainShape(batch=3, question=5, cot=4, answer=6, thoughts=2)
+  examples = acc.make_examples(shape, base_vocab=100, eos=99, seed=0)
+  ours = acc.collate_full(examples, pad=100, bot=101, eot=102)
+  n = shape.lengths()
+  theirs = collate(
+    examples,
+    Shapes(n["question"], n["teacher"], n["decoder"], n["teacher_span"]),
+    SpecialIds(pad=100, bot=101, eot=102, eos=99),
+  )
+  theirs.pop("index")
+  assert set(ours) == set(theirs)
+  for k, v in theirs.items():
+    np.testing.assert_array_equal(ours[k], v, err_msg=k)
+    assert ours[k].dtype == v.dtype, k
+
+
+def test_flop_formula_terms():
+  acc = _load_script()
+  cfg = acc.GPT2
+  shape = acc.TrainShape(batch=1, question=1, cot=0, answer=1, thoughts=0)
+  lora = acc.train_flops(cfg, shape, lora_rank=128, full_ft=False)
+  full = acc.train_flops(cfg, shape, lora_rank=128, full_ft=True)
+  p_dense = 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)  # 84.9M: GPT-2's block matmuls
+  # Lt = 2, Lq = 2, La = 2: 6 positions; head at Lw + La = 1 + 2 positions.
+  assert full["dense"] == 6 * 6 * p_dense
+  assert full["head"] == 3 * 6 * 50260 * 768
+  p_lora = 12 * 128 * (768 + 2304 + 768 + 768 + 768 + 3072 + 3072 + 768)
+  assert lora["dense"] == 6 * (4 * p_dense + 6 * p_lora)
+  assert lora["head"] == 3 * 4 * 50260 * 768
+  # visible keys: teacher 1 + 2, encoder 1 + 2, decoder 3 + 4
+  assert lora["attention"] == 12 * 12 * 64 * 12 * (3 + 3 + 7)
+  assert lora["total"] == sum(v for k, v in lora.items() if k != "total")
