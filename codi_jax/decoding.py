@@ -1,36 +1,52 @@
-"""Batched greedy decoding on the shared step: prefill once, then a jitted loop over the cache.
+"""Batched greedy decoding on the shared step: prefill once, then a jitted loop over the cache;
+and the host side of length-aware decoding, shared by every decoder.
 
 Prompts are left-padded to a length bucket, so every row's last prompt token sits at the same slot
 and one compile serves every prompt batch of that (batch, bucket, max_new_tokens) shape.
 
-Shape legend: B batch, P padded prompt length, N new tokens, V vocab, E stop ids.
+Length-aware decoding. A step attends over every slot of its cache, so a cache sized for the whole
+budget (prompt + max_new; 32k in the reasoning presets) makes a step at position 300 cost what one
+at 32,000 costs, and allocates the full budget up front. Instead the cache starts at a small bucket
+and grows by doubling (`cache.capacities`, `cache.grow`): the loop runs as `lax.while_loop`
+segments, each until every row is done or the next chunk of steps would not fit, and the host
+(`Segmented`) pads the cache to the next bucket and resumes. A step then costs at most about twice
+the filled slots, and the cache holds at most about twice the longest row; the last bucket is the
+fixed path's capacity. The step, the per-row state, the shared write slot and the step indices
+(hence every sampler draw) are those of the fixed path, and so are the tokens: the same masked
+attention over the same filled slots, with fewer empty ones. Bitwise, XLA may sum a softmax row of
+another length in another order (last-bit differences, as between two budgets of the fixed path,
+whose capacity is prompt + budget); a length-aware run does not depend on its budget before its
+last bucket. Costs: one compiled program per bucket reached (at most 1 + log2(budget /
+min_capacity) per run, shared by later runs), one host sync per bucket and a copy of the cache at
+each growth (less than the final cache over a run; old and new cache coexist during a growth).
+Why not the alternatives: blockwise attention with an online softmax over the filled prefix saves
+the compute but still allocates the whole budget, adds a dynamic loop to every layer of every
+step and changes every path's arithmetic; a Pallas / cuDNN kernel would do the same on one backend
+only. Buckets are portable, keep the one attention code path, and bound memory too.
+`min_capacity=None` selects the fixed-capacity path (one bucket).
+
+Shape legend: B batch, P padded prompt length, N new tokens, V vocab, E stop ids, D model.
 """
 # pylint: disable=invalid-name
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from codi_jax.batching import bucket_size, left_pad
 from codi_jax.models import cache as kvc
+from codi_jax.models import memory
 from codi_jax.models.jitted import JittedModel
-from codi_jax.models.step import Carry, StepOut, while_steps
+from codi_jax.models.positions import PaddingMode, positions
+from codi_jax.models.step import Carry, NextInput, StepOut, while_steps
 from codi_jax.models.transformer import Transformer
 
-PaddingMode = Literal["masked", "official", "official_fixmask"]
-
-
-def positions(mask_BxL: jax.Array, mode: PaddingMode = "masked") -> jax.Array:
-  """Position ids of a left-padded block: counted from each row's first real token ("masked",
-  pads get 0), or the slot index as the reference CODI code does ("official*": pads count)."""
-  if mode == "masked":
-    return jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0).astype(jnp.int32)
-  B, L = mask_BxL.shape
-  return jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+# Smallest cache bucket of length-aware decoding (slots per row).
+DEFAULT_MIN_CAPACITY = 256
 
 
 def prefill(model: Transformer, ids_BxP, mask_BxP, capacity: int, mode: PaddingMode = "masked"):
@@ -47,23 +63,139 @@ def prefill(model: Transformer, ids_BxP, mask_BxP, capacity: int, mode: PaddingM
   return out.logits, out.cache, pos[:, -1] + 1
 
 
-def greedy_loop(
-  model: Transformer, logits_BxV, cache, pos_B, max_new: int, eos_E, pad_id: int, suppress=()
+# ---------------------------------------------------------------------------------------------
+# Length-aware segments
+
+
+class Segment(NamedTuple):
+  """A decode loop paused because its cache is full; resumed (`resume`) in a larger cache."""
+
+  x: jax.Array  # [B, D] the next input
+  pos: jax.Array  # [B] int32 its positions
+  cache: kvc.KVCache
+  n: jax.Array  # [] int32 steps run so far
+
+
+def run_segment(
+  model: Transformer,
+  carry: Carry,
+  next_input: NextInput,
+  max_steps: int,
+  done: Callable[[Any], jax.Array],
+  *,
+  last: bool,
+  chunk: int = 1,
+  start: jax.Array | int = 0,
 ):
-  """Greedy continuation from prefill logits: tokens [B, N] (pad after a row's stop) and lengths [B].
+  """`while_steps` in the carry's cache: until done, max_steps, or (unless `last`) a full cache.
 
-  `suppress` lists token ids that are never emitted (e.g. CODI's pad/bot/eot).
+  Returns (Segment to resume, None when last; (the caller's loop state, more [] bool: steps remain
+  and a row is still running)). In the last bucket it is exactly the fixed-capacity loop.
   """
+  carry, n = while_steps(
+    model, carry, next_input, max_steps, done, chunk=chunk, start=start, room=not last
+  )
+  if last:
+    return None, (carry.state, jnp.zeros((), bool))
+  more = (n < max_steps) & ~done(carry.state)
+  return Segment(carry.x, carry.pos, carry.cache, n), (carry.state, more)
+
+
+def resume(seg: Segment, state, capacity: int) -> tuple[Carry, jax.Array]:
+  """(carry, steps run) of a paused segment, its cache grown to `capacity` slots."""
+  return Carry(seg.x, seg.pos, kvc.grow(seg.cache, capacity), state), seg.n
+
+
+class Segmented:
+  """Host driver of length-aware decoding: a start and a resume program on one `JittedModel`.
+
+  start(model, *args, capacity=, last=, **static) prefills into a `capacity`-slot cache and runs
+  the first segment; resume(model, segment, loop_state, *args, capacity=, last=, **static) grows
+  the cache and runs the next. Both return `run_segment`'s result. Each is compiled once per shape
+  and capacity bucket (start counted under `name`, resume under `name + "_resume"`); the paused
+  segment keeps its sharding between calls, the loop state comes back replicated.
+  """
+
+  def __init__(
+    self,
+    jm: JittedModel,
+    start: Callable,
+    resume_fn: Callable,
+    *,
+    static_argnames: Sequence[str] = (),
+    start_static_argnames: Sequence[str] = (),
+    name: str | None = None,
+  ):
+    name = name or start.__name__
+    static = (*static_argnames, "capacity", "last")
+    self._start = jm.jit(
+      start, static_argnames=(*static, *start_static_argnames), name=name, carry=True
+    )
+    self._resume = jm.jit(resume_fn, static_argnames=static, name=f"{name}_resume", carry=True)
+    self.last_capacity = None  # the largest bucket the last call reached
+
+  def __call__(
+    self,
+    capacities: Sequence[int],
+    args: Sequence[Any],
+    resume_args: Sequence[Any] = (),
+    *,
+    state=None,
+    start_static: dict | None = None,
+    **static,
+  ):
+    """The loop state after the run: start in capacities[0], then resume in each next bucket
+    while a row runs (one host sync per bucket). state: model weights (default the JittedModel's);
+    start_static: static arguments of start only."""
+    caps = tuple(capacities)
+    seg, (st, more) = self._start(
+      *args, state=state, capacity=caps[0], last=len(caps) == 1, **(start_static or {}), **static
+    )
+    self.last_capacity = caps[0]
+    for i, cap in enumerate(caps[1:], 2):
+      if seg is None or not bool(more):
+        break
+      seg, (st, more) = self._resume(
+        seg, st, *resume_args, state=state, capacity=cap, last=i == len(caps), **static
+      )
+      self.last_capacity = cap
+    return st
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy
+
+
+def _picker(vocab: int, suppress):
+  banned = jnp.zeros((vocab,), bool).at[jnp.asarray(suppress, jnp.int32)].set(True)
+  return lambda logits: jnp.argmax(jnp.where(banned, -jnp.inf, logits), -1).astype(jnp.int32)
+
+
+def greedy_init(
+  model: Transformer, logits_BxV, cache, pos_B, max_new: int, eos_E, pad_id: int, suppress=()
+) -> Carry:
+  """The greedy loop's carry: token 0 from the prefill logits, state (tokens [B, N], done, n)."""
   B = logits_BxV.shape[0]
-  banned = jnp.zeros((logits_BxV.shape[-1],), bool).at[jnp.asarray(suppress, jnp.int32)].set(True)
-
-  def pick(logits):
-    return jnp.argmax(jnp.where(banned, -jnp.inf, logits), -1).astype(jnp.int32)
-
-  tok0 = pick(logits_BxV)
+  tok0 = _picker(logits_BxV.shape[-1], suppress)(logits_BxV)
   buf = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(tok0)
   done = jnp.isin(tok0, eos_E)
   n = jnp.ones((B,), jnp.int32)
+  return Carry(model.embed_tokens(tok0), pos_B, cache, (buf, done, n))
+
+
+def greedy_segment(
+  model: Transformer,
+  carry: Carry,
+  max_new: int,
+  eos_E,
+  pad_id: int,
+  suppress=(),
+  *,
+  last: bool,
+  start: jax.Array | int = 0,
+):
+  """Greedy steps from `carry` in its cache (`run_segment`); tokens 1..max_new-1."""
+  pick = _picker(model.cfg.vocab_size, suppress)
 
   def next_input(state, out: StepOut, i):
     buf, done, n = state
@@ -73,32 +205,80 @@ def greedy_loop(
     done = done | jnp.isin(tok, eos_E)
     return model.embed_tokens(tok), (buf, done, n), None
 
-  carry = Carry(model.embed_tokens(tok0), pos_B, cache, (buf, done, n))
-  carry, _ = while_steps(model, carry, next_input, max_new - 1, lambda s: jnp.all(s[1]))
-  buf, _, n = carry.state
+  return run_segment(
+    model, carry, next_input, max_new - 1, lambda s: jnp.all(s[1]), last=last, start=start
+  )
+
+
+def greedy_loop(
+  model: Transformer, logits_BxV, cache, pos_B, max_new: int, eos_E, pad_id: int, suppress=()
+):
+  """Greedy continuation from prefill logits in a fixed-capacity cache: tokens [B, N] (pad after a
+  row's stop) and lengths [B]. `suppress` lists token ids that are never emitted (e.g. CODI's
+  pad/bot/eot)."""
+  carry = greedy_init(model, logits_BxV, cache, pos_B, max_new, eos_E, pad_id, suppress)
+  _, ((buf, _, n), _) = greedy_segment(model, carry, max_new, eos_E, pad_id, suppress, last=True)
   return buf, n
 
 
-class Generator:
-  """Jitted greedy generation for one model; compiles once per (B, P, max_new).
+def greedy_resume(
+  model: Transformer, seg, state, eos_E, *, max_new: int, pad_id: int, suppress=(), capacity, last
+):
+  """The next greedy segment in a cache grown to `capacity` (a `Segmented` resume)."""
+  carry, n = resume(seg, state, capacity)
+  return greedy_segment(model, carry, max_new, eos_E, pad_id, suppress, last=last, start=n)
 
-  Under a mesh context (`sharding.use_mesh`) the weights are sharded by its rules and prompts split
-  along the batch axes.
+
+class Generator:
+  """Jitted greedy generation for one model; compiles once per (B, P, max_new) and capacity bucket.
+
+  Length-aware (module docstring): the cache starts at a bucket of at least `min_capacity` slots
+  and doubles as rows grow; min_capacity=None is the fixed-capacity path (P + max_new slots, one
+  program). The attribute is read at each call. Under a mesh context (`sharding.use_mesh`) the
+  weights are sharded by its rules and prompts split along the batch axes.
   """
 
-  def __init__(self, model: Transformer, pad_id: int, eos_ids: Sequence[int]):
+  def __init__(
+    self,
+    model: Transformer,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    *,
+    min_capacity: int | None = DEFAULT_MIN_CAPACITY,
+  ):
     self.model = JittedModel(model)
     self.pad_id = int(pad_id)
     self.eos = jnp.asarray(sorted(set(int(e) for e in eos_ids)), jnp.int32)
-    self._generate = self.model.jit(self._greedy, static_argnames=("max_new",))
+    self.min_capacity = min_capacity
+    self._run = Segmented(
+      self.model, self._greedy, self._resume, static_argnames=("max_new",), name="_greedy"
+    )
 
   @property
   def compiles(self) -> int:
     return self.model.compiles
 
-  def _greedy(self, model: Transformer, ids, mask, eos, *, max_new: int):
-    logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
-    return greedy_loop(model, logits, cache, pos, max_new, eos, self.pad_id)
+  @property
+  def last_capacity(self) -> int | None:
+    """Cache slots per row at the end of the last call."""
+    return self._run.last_capacity
+
+  def _greedy(self, model: Transformer, ids, mask, eos, *, max_new: int, capacity: int, last):
+    logits, cache, pos = prefill(model, ids, mask, capacity)
+    carry = greedy_init(model, logits, cache, pos, max_new, eos, self.pad_id)
+    return greedy_segment(model, carry, max_new, eos, self.pad_id, last=last)
+
+  def _resume(self, model: Transformer, seg, st, eos, *, max_new: int, capacity: int, last):
+    return greedy_resume(
+      model, seg, st, eos, max_new=max_new, pad_id=self.pad_id, capacity=capacity, last=last
+    )
+
+  def check_memory(self, batch: int, caps: Sequence[int], width: int, max_new: int) -> int:
+    """Refuses (InputError) a call whose last cache bucket cannot fit; nothing is allocated."""
+    return memory.check_decode(
+      self.model.config, batch, caps, prompt_len=width, new_tokens=max_new,
+      mesh=self.model.mesh, rules=self.model.rules, what=f"max_new_tokens={max_new}",
+    )  # fmt: skip
 
   def __call__(
     self,
@@ -114,6 +294,10 @@ class Generator:
     B = batch or len(prompts)
     rows = list(prompts) + [[self.pad_id]] * (B - len(prompts))
     width = bucket_size(max(len(p) for p in rows), length_bucket)
+    caps = kvc.capacities(width, width + max_new, self.min_capacity)
+    self.check_memory(B, caps, width, max_new)
     ids, mask = (self.model.put_batch(x) for x in left_pad(rows, self.pad_id, width))
-    toks, n = jax.device_get(self._generate(ids, mask, self.eos, max_new=max_new))
+    toks, _, n = jax.device_get(
+      self._run(caps, (ids, mask, self.eos), (self.eos,), max_new=max_new)
+    )
     return [toks[i, : n[i]].tolist() for i in range(len(prompts))]

@@ -13,7 +13,11 @@ Models without a single `</think>` token (e.g. SmolLM2): pass think_end_id=None;
 only by Cold Stop or the thinking budget, and the emitted token is kept as is.
 
 The loop is `step.while_steps` (chunks of `step.scan_steps`), so it is the one shared step; for
-analyses, `emit` is the pure per-step update.
+analyses, `emit` is the pure per-step update. `SoftDecoder` runs it length-aware
+(`codi_jax.decoding`): segments in a KV cache that starts at a small capacity bucket and doubles
+as the longest row grows, so a step costs what the filled slots cost rather than the whole
+max_new_tokens budget. Step indices (and so every row's draws, keyed by sample id and step) and
+the per-row state carry across segments unchanged; `decode_loop` is the fixed-capacity loop.
 
 Shape legend: B batch, P padded prompt length, N max new tokens, V vocab, K concept width
 (max_topk), D model, E stop ids.
@@ -31,11 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from codi_jax.batching import bucket_size, left_pad
-from codi_jax.decoding import prefill
+from codi_jax.decoding import DEFAULT_MIN_CAPACITY, Segmented, prefill, resume, run_segment
 from codi_jax.errors import InputError
+from codi_jax.models import cache as kvc
+from codi_jax.models import memory
 from codi_jax.models.cache import KVCache
 from codi_jax.models.jitted import JittedModel
-from codi_jax.models.step import Carry, StepOut, while_steps
+from codi_jax.models.step import Carry, StepOut
 from codi_jax.models.transformer import Transformer
 from soft_jax import sampling
 from soft_jax.sampling import Sampled, SamplerParams
@@ -204,6 +210,63 @@ def emit(
   return st, embed_input(model, params, idx, w)
 
 
+def decode_init(
+  model: Transformer,
+  params: SamplerParams,
+  logits_BxV,
+  cache: KVCache,
+  pos_B,
+  *,
+  max_new: int,
+  keys_B,
+  eos_ids,
+  pad_id: int,
+  think_end_id,
+  record: bool = False,
+) -> Carry:
+  """The loop's carry: token 0 emitted from the prefill logits (so the first decode step is soft,
+  as the reference); every other state field initial."""
+  B = logits_BxV.shape[0]
+  common = {"think_end_id": think_end_id, "eos_ids": eos_ids, "pad_id": pad_id, "max_new": max_new}
+  st = init_state(B, max_new, params.max_topk, pad_id, record)
+  st, x = emit(model, params, st, logits_BxV, keys_B, 0, **common)
+  return Carry(x, pos_B, cache, st)
+
+
+def decode_segment(
+  model: Transformer,
+  params: SamplerParams,
+  carry: Carry,
+  *,
+  max_new: int,
+  keys_B,
+  eos_ids,
+  pad_id: int,
+  think_end_id,
+  last: bool,
+  start=0,
+  chunk: int = 8,
+):
+  """Decode steps from `carry` in its cache (`decoding.run_segment`): tokens 1..max_new-1, in
+  chunks, until every row is done (or, unless `last`, the cache is full)."""
+  common = {"think_end_id": think_end_id, "eos_ids": eos_ids, "pad_id": pad_id, "max_new": max_new}
+
+  def next_input(st, out: StepOut, i):
+    st, x = emit(model, params, st, out.logits, keys_B, i + 1, **common)
+    return x, st, None
+
+  return run_segment(
+    model,
+    carry,
+    next_input,
+    max_new - 1,
+    lambda s: jnp.all(s.done),
+    last=last,
+    chunk=chunk,
+    start=start,
+  )
+
+
 def decode_loop(
   model: Transformer,
   params: SamplerParams,
@@ -220,49 +283,32 @@ def decode_loop(
   record: bool = False,
   chunk: int = 8,
 ) -> DecodeState:
-  """Continues every row from its prefill logits for at most max_new tokens (jit-friendly).
-
-  The first token already comes from the prefill's last-position distribution, so the first
-  decode step is soft (reference). Runs `while_steps` in chunks until every row is done.
-  """
+  """Continues every row from its prefill logits for at most max_new tokens in a fixed-capacity
+  cache (jit-friendly); `SoftDecoder` runs the same loop length-aware."""
   B = logits_BxV.shape[0]
-  sample_ids = jnp.arange(B) if sample_ids is None else sample_ids
-  keys = row_keys(key, sample_ids)
-  common = {"think_end_id": think_end_id, "eos_ids": eos_ids, "pad_id": pad_id, "max_new": max_new}
-  st, x = emit(
-    model,
-    params,
-    init_state(B, max_new, params.max_topk, pad_id, record),
-    logits_BxV,
-    keys,
-    0,
-    **common,
+  keys = row_keys(key, jnp.arange(B) if sample_ids is None else sample_ids)
+  common = {"max_new": max_new, "keys_B": keys, "eos_ids": eos_ids, "pad_id": pad_id}
+  carry = decode_init(
+    model, params, logits_BxV, cache, pos_B, think_end_id=think_end_id, record=record, **common
   )
-
-  def next_input(st, out: StepOut, i):
-    st, x = emit(model, params, st, out.logits, keys, i + 1, **common)
-    return x, st, None
-
-  carry, _ = while_steps(
-    model,
-    Carry(x, pos_B, cache, st),
-    next_input,
-    max_new - 1,
-    lambda s: jnp.all(s.done),
-    chunk=chunk,
+  _, (st, _) = decode_segment(
+    model, params, carry, think_end_id=think_end_id, last=True, chunk=chunk, **common
   )
-  return carry.state
+  return st
 
 
 class SoftDecoder:
   """Jitted soft/stochastic-soft/token decoding for one model.
 
   Splits the model once (`JittedModel`), compiles once per (B, P, max_new, record, static sampler
-  fields) and counts compiles in `.compiles`. Float sampler knobs (temperatures, p's, gamma, tau,
-  theta, P, budget) are traced: `params=` overrides per call without recompiling. The attributes
-  `eos_ids` and `think_end_id` (None: no `</think>`) are read at each call and traced too. Under a
-  mesh context (`sharding.use_mesh`) parameters are sharded by its rules, prompts split along the
-  batch axes, and results come back replicated.
+  fields) and capacity bucket, and counts compiles in `.compiles`. Length-aware
+  (`codi_jax.decoding`): the cache starts at a bucket of at least `min_capacity` slots and doubles
+  as rows grow; min_capacity=None is the fixed-capacity path (P + max_new slots). Float sampler
+  knobs (temperatures, p's, gamma, tau, theta, P, budget) are traced: `params=` overrides per call
+  without recompiling. The attributes `eos_ids`, `think_end_id` (None: no `</think>`) and
+  `min_capacity` are read at each call; the first two are traced too. Under a mesh context
+  (`sharding.use_mesh`) parameters are sharded by its rules, prompts split along the batch axes,
+  and results come back replicated.
   """
 
   def __init__(
@@ -274,6 +320,7 @@ class SoftDecoder:
     eos_ids: Sequence[int],
     think_end_id: int | None = None,
     chunk: int = 8,
+    min_capacity: int | None = DEFAULT_MIN_CAPACITY,
   ):
     self.vocab = model.cfg.vocab_size
     self.params = params.validate(vocab=self.vocab)
@@ -284,31 +331,70 @@ class SoftDecoder:
     self.eos_ids = tuple(sorted({int(e) for e in eos_ids}))
     self.think_end_id = think_end_id
     self.chunk = int(chunk)
-    self._fn = self.model.jit(self._decode, static_argnames=("max_new", "record"))
+    self.min_capacity = min_capacity
+    self._run = Segmented(
+      self.model, self._decode, self._resume, static_argnames=("max_new", "record")
+    )
 
   @property
   def compiles(self) -> int:
     return self.model.compiles
 
+  @property
+  def last_capacity(self) -> int | None:
+    """Cache slots per row at the end of the last call."""
+    return self._run.last_capacity
+
+  def _common(self, eos, think_end, key, sample_ids, max_new):
+    return {
+      "max_new": max_new,
+      "keys_B": row_keys(key, sample_ids),
+      "eos_ids": eos,
+      "pad_id": self.pad_id,
+      "think_end_id": think_end,
+    }
+
   def _decode(
-    self, model, ids, mask, eos, think_end, key, sample_ids, params, *, max_new: int, record: bool
+    self,
+    model,
+    ids,
+    mask,
+    eos,
+    think_end,
+    key,
+    sample_ids,
+    params,
+    *,
+    max_new: int,
+    record: bool,
+    capacity: int,
+    last: bool,
   ):
-    logits, cache, pos = prefill(model, ids, mask, ids.shape[1] + max_new)
-    return decode_loop(
-      model,
-      params,
-      logits,
-      cache,
-      pos,
-      max_new=max_new,
-      key=key,
-      sample_ids=sample_ids,
-      eos_ids=eos,
-      pad_id=self.pad_id,
-      think_end_id=think_end,
-      record=record,
-      chunk=self.chunk,
-    )
+    logits, cache, pos = prefill(model, ids, mask, capacity)
+    common = self._common(eos, think_end, key, sample_ids, max_new)
+    carry = decode_init(model, params, logits, cache, pos, record=record, **common)
+    return decode_segment(model, params, carry, last=last, chunk=self.chunk, **common)
+
+  def _resume(
+    self,
+    model,
+    seg,
+    st,
+    eos,
+    think_end,
+    key,
+    sample_ids,
+    params,
+    *,
+    max_new: int,
+    record: bool,
+    capacity: int,
+    last: bool,
+  ):
+    del record  # a static of the state's shapes; part of the program's key
+    carry, n = resume(seg, st, capacity)
+    common = self._common(eos, think_end, key, sample_ids, max_new)
+    return decode_segment(model, params, carry, last=last, start=n, chunk=self.chunk, **common)
 
   def run(
     self,
@@ -341,18 +427,22 @@ class SoftDecoder:
     end = -1 if self.think_end_id is None else int(self.think_end_id)
     if not -1 <= end < self.vocab:
       raise InputError(f"think_end_id: {end} is outside the vocabulary of {self.vocab}")
+    caps = kvc.capacities(width, width + max_new_tokens, self.min_capacity, self.chunk)
+    per_token = 4 + (params.max_topk * 8 + 5 if record else 0)  # tokens (+ records)
+    memory.check_decode(
+      self.model.config, B, caps, prompt_len=width, new_tokens=max_new_tokens,
+      out_bytes_per_token=per_token, mesh=self.model.mesh, rules=self.model.rules,
+      what=f"max_new_tokens={max_new_tokens}",
+    )  # fmt: skip
     ids, mask = (self.model.put_batch(x) for x in (ids, mask))
-    return self._fn(
-      ids,
-      mask,
+    consts = (
       jnp.asarray(self.eos_ids, jnp.int32),
       jnp.asarray(end, jnp.int32),
       jax.random.key(seed),
       jnp.asarray(sids, jnp.int32),
       params,
-      max_new=max_new_tokens,
-      record=record,
     )
+    return self._run(caps, (ids, mask, *consts), consts, max_new=max_new_tokens, record=record)
 
   def __call__(
     self,

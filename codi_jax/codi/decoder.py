@@ -3,8 +3,9 @@
 
 Questions are tokenized once, left-padded to a length bucket ([bot] appended for the student) and
 run through `batching.fixed_batches` on the one `JittedModel`: one compile per (mode, bucket,
-batch, num_latent). The training loop passes its live parameters per call (`state=`), so the
-decoder never holds a stale copy.
+batch, num_latent), plus one per cache capacity bucket an answer grows into (length-aware
+decoding, `codi_jax.decoding`; `min_capacity=None`: one fixed capacity). The training loop passes
+its live parameters per call (`state=`), so the decoder never holds a stale copy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from codi_jax.batching import bucket_size, fixed_batches, left_pad
 from codi_jax.codi import efficiency, inference, probe
 from codi_jax.codi.model import Codi, CodiOptions
 from codi_jax.data.codi_batches import SpecialIds
+from codi_jax.decoding import DEFAULT_MIN_CAPACITY, Segmented, greedy_resume
+from codi_jax.models import memory
 from codi_jax.models.jitted import JittedModel
 
 MODES = ("student", "teacher")
@@ -45,8 +48,12 @@ class CodiDecoder:
     max_new_tokens: int,
     buckets: int | Sequence[int] = 32,
     mask_special: str = "all",
+    min_capacity: int | None = DEFAULT_MIN_CAPACITY,
   ):
     self.model = model if isinstance(model, JittedModel) else JittedModel(model)
+    # Length-aware decoding (`codi_jax.decoding`): the cache starts at a bucket of at least this
+    # many slots and doubles as answers grow; None: the fixed capacity. Read at each call.
+    self.min_capacity = min_capacity
     self.special, self.opts = special, opts
     self.eos_ids = sorted({int(special.eos), *(int(i) for i in eos_ids)})
     self.max_new_tokens, self.buckets = max_new_tokens, buckets
@@ -54,16 +61,17 @@ class CodiDecoder:
     suppress = {"all": (sp.pad, sp.bot, sp.eot), "eot_only": (sp.eot,)}[mask_special]
     common = {"eos_ids": self.eos_ids, "pad_id": sp.pad, "suppress": suppress}
 
-    def student(codi, ids, mask, *, num_latent, max_new):
-      return inference.student_generate(
+    def student(codi, ids, mask, *, num_latent, max_new, capacity, last):
+      return inference.student_start(
         codi, ids, mask, num_latent=num_latent, padding_mode=opts.padding_mode, eot_id=sp.eot,
-        max_new=max_new, **common,
+        max_new=max_new, capacity=capacity, last=last, **common,
       )  # fmt: skip
 
-    def teacher(codi, ids, mask, *, max_new):
-      return inference.teacher_generate(
-        codi, ids, mask, padding_mode=opts.padding_mode, max_new=max_new, **common
-      )
+    def teacher(codi, ids, mask, *, max_new, capacity, last):
+      return inference.teacher_start(
+        codi, ids, mask, padding_mode=opts.padding_mode, max_new=max_new, capacity=capacity,
+        last=last, **common,
+      )  # fmt: skip
 
     def thoughts(codi, ids, mask, *, num_latent, k, source):
       return probe.probe_top_k(
@@ -71,10 +79,42 @@ class CodiDecoder:
       )
 
     self._fns = {
-      "student": self.model.jit(student, static_argnames=("num_latent", "max_new")),
-      "teacher": self.model.jit(teacher, static_argnames=("max_new",)),
+      "student": self._segmented(student, "student", suppress),
+      "teacher": self._segmented(teacher, "teacher", suppress),
       "probe": self.model.jit(thoughts, static_argnames=("num_latent", "k", "source")),
     }
+
+  def _segmented(self, start, mode: str, suppress):
+    """`fn(ids, mask, state=None, *, max_new, [num_latent])` -> (tokens, lengths): `start` and the
+    greedy resume driven through the cache's capacity buckets (`decoding.Segmented`)."""
+    eos = np.asarray(self.eos_ids, np.int32)
+
+    def resume(codi, seg, st, *, max_new, capacity, last):
+      return greedy_resume(
+        codi.backbone, seg, st, eos, max_new=max_new, pad_id=self.special.pad, suppress=suppress,
+        capacity=capacity, last=last,
+      )  # fmt: skip
+
+    student = mode == "student"
+    run = Segmented(
+      self.model,
+      start,
+      resume,
+      static_argnames=("max_new",),
+      start_static_argnames=("num_latent",) if student else (),
+      name=mode,
+    )
+
+    def call(ids, mask, state=None, *, max_new, num_latent=None):
+      if student:
+        caps = inference.student_capacities(ids.shape[1], num_latent, max_new, self.min_capacity)
+      else:
+        caps = inference.teacher_capacities(ids.shape[1], max_new, self.min_capacity)
+      start_static = {"num_latent": num_latent} if student else None
+      st = run(caps, (ids, mask), state=state, start_static=start_static, max_new=max_new)
+      return st[0], st[2]
+
+    return call
 
   @property
   def compiles(self) -> int:
@@ -84,16 +124,30 @@ class CodiDecoder:
     n = self.opts.num_latent if num_latent is None else num_latent
     return {"max_new": self.max_new_tokens, **({"num_latent": n} if mode == "student" else {})}
 
-  def inputs(self, rows: Sequence[Sequence[int]], mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """[B, bucket] left-padded ids and mask ([bot] appended for the student)."""
+  def inputs(
+    self, rows: Sequence[Sequence[int]], mode: str, width: int | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """[B, width] left-padded ids and mask ([bot] appended for the student); width defaults to the
+    rows' bucket."""
     suffix = [self.special.bot] if mode == "student" else []
     seqs = [list(r) + suffix for r in rows]
-    width = bucket_size(max(len(s) for s in seqs), self.buckets)
+    width = width or bucket_size(max(len(s) for s in seqs), self.buckets)
     return left_pad(seqs, self.special.pad, width)
 
-  def _bucket(self, mode: str):
+  def _bucket(self, mode: str, questions: Sequence[Sequence[int]] = ()):
+    """Row -> padded width. Official padding modes batch in input order at one width, as the
+    reference's test.py batches (each batch acts as padded to its own longest question: slots
+    before it do not exist in those modes), so the numbers are the reference's with one compile."""
     extra = 1 if mode == "student" else 0
+    if self.opts.padding_mode != "masked" and questions:
+      width = bucket_size(max(len(q) for q in questions) + extra, self.buckets)
+      return lambda row: width
     return lambda row: bucket_size(len(row) + extra, self.buckets)
+
+  def widths(self, questions: Sequence[Sequence[int]], mode: str) -> list[int]:
+    """The padded widths (compiled shapes) decoding `questions` in `mode` uses."""
+    bucket = self._bucket(mode, questions)
+    return sorted({bucket(q) for q in questions})
 
   def generate(
     self,
@@ -109,9 +163,11 @@ class CodiDecoder:
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     fn, static = self._fns[mode], self._static(mode, num_latent)
+    bucket = self._bucket(mode, questions)
+    self.check_memory(questions, mode, batch_size, num_latent)
 
     def run(rows):
-      ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, mode))
+      ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, mode, bucket(rows[0])))
       toks, lens = jax.device_get(fn(ids, mask, state=state, **static))
       out = []
       for j in range(len(rows)):
@@ -119,7 +175,30 @@ class CodiDecoder:
         out.append(Decoded(t, len(t) == self.max_new_tokens and t[-1] not in self.eos_ids))
       return out
 
-    return fixed_batches(questions, batch_size, run, bucket=self._bucket(mode), progress=progress)
+    return fixed_batches(questions, batch_size, run, bucket=bucket, progress=progress)
+
+  def check_memory(
+    self,
+    questions: Sequence[Sequence[int]],
+    mode: str,
+    batch_size: int,
+    num_latent: int | None = None,
+  ) -> int:
+    """Refuses (InputError) decoding `questions` whose widest bucket's last cache capacity
+    cannot fit; returns the estimate. Nothing is allocated."""
+    if not questions:
+      return 0
+    static = self._static(mode, num_latent)
+    width = max(self.widths(questions, mode))
+    max_new = static["max_new"]
+    if mode == "student":
+      caps = inference.student_capacities(width, static["num_latent"], max_new, self.min_capacity)
+    else:
+      caps = inference.teacher_capacities(width, max_new, self.min_capacity)
+    return memory.check_decode(
+      self.model.config, batch_size, caps, prompt_len=width, new_tokens=max_new,
+      mesh=self.model.mesh, rules=self.model.rules, what=f"{mode} max_new_tokens={max_new}",
+    )  # fmt: skip
 
   def probe(
     self,
@@ -134,13 +213,14 @@ class CodiDecoder:
     """Per question: (probs [M, k], token ids [M, k]) of every probed thought vector."""
     fn = self._fns["probe"]
     n = self.opts.num_latent if num_latent is None else num_latent
+    bucket = self._bucket("student", questions)
 
     def run(rows):
-      ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, "student"))
+      ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, "student", bucket(rows[0])))
       probs, top = jax.device_get(fn(ids, mask, state=state, num_latent=n, k=k, source=source))
       return list(zip(probs, top))
 
-    return fixed_batches(questions, batch_size, run, bucket=self._bucket("student"))
+    return fixed_batches(questions, batch_size, run, bucket=bucket)
 
   def latency(
     self,

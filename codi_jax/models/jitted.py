@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from codi_jax import sharding
+from codi_jax.models.config import ModelConfig
 
 
 def _signature(args, static) -> tuple:
@@ -55,10 +56,19 @@ class JittedModel:
     """The module rebuilt from a state (a tuple of states is merged in order)."""
     return nnx.merge(self.graphdef, *(state if isinstance(state, tuple) else (state,)))
 
-  def jit(self, fn: Callable, *, static_argnames: Sequence[str] = (), name: str | None = None):
+  def jit(
+    self,
+    fn: Callable,
+    *,
+    static_argnames: Sequence[str] = (),
+    name: str | None = None,
+    carry: bool = False,
+  ):
     """`fn(model, *args, **static)` -> `call(*args, state=None, **static)`, jitted once per shape.
 
-    Results come back replicated on a mesh, so every process can read them.
+    Results come back replicated on a mesh, so every process can read them. carry=True: fn returns
+    (carry, result) and only result is replicated; carry keeps the shardings the computation gives
+    it (e.g. a KV cache's logical axes) for the next call to take back in.
     """
     name = name or getattr(fn, "__name__", "fn")
 
@@ -67,8 +77,11 @@ class JittedModel:
       return fn(self.merge(state), *args, **static)  # traced inside call()'s mesh context
 
     with self.context():
+      out = sharding.replicate_out()
       jitted = jax.jit(
-        traced, static_argnames=tuple(static_argnames), out_shardings=sharding.replicate_out()
+        traced,
+        static_argnames=tuple(static_argnames),
+        out_shardings=(None, out) if carry and out is not None else out,
       )
 
     @functools.wraps(fn)
@@ -76,7 +89,22 @@ class JittedModel:
       with self.context():
         return jitted(self.state if state is None else state, *args, **static)
 
+    def lower(*args, state=None, **static):
+      """The program for these arguments (arrays or ShapeDtypeStructs), e.g. for
+      `.compile().memory_analysis()`."""
+      with self.context():
+        return jitted.lower(self.state if state is None else state, *args, **static)
+
+    call.lower = lower
     return call
+
+  @property
+  def config(self):
+    """The model's `ModelConfig` (a static attribute of the graphdef; of several, the one with the
+    largest vocabulary: a CODI backbone after its growth), or None if none is found."""
+    found = [getattr(attr, "value", None) for _, attr in getattr(self.graphdef, "attributes", ())]
+    cfgs = [c for c in found if isinstance(c, ModelConfig)]
+    return max(cfgs, key=lambda c: c.vocab_size) if cfgs else None
 
   def put_batch(self, x) -> jax.Array:
     """A host batch -> an array split along the batch axes of this model's mesh."""

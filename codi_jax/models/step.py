@@ -97,20 +97,27 @@ def while_steps(
   done: Callable[[Any], jax.Array],
   *,
   chunk: int = 1,
+  start: jax.Array | int = 0,
+  room: bool = False,
 ) -> tuple[Carry, jax.Array]:
   """Open-ended decoding: `scan_steps` in chunks of `chunk` inside a `lax.while_loop`.
 
-  Stops once done(state) is true or max_steps steps ran (rounded up to a whole chunk). Records are
-  dropped: next_input writes what it keeps into buffers in its state. Returns (carry, steps run).
+  Stops once done(state) is true or max_steps steps ran (rounded up to a whole chunk); with
+  room=True also before a chunk that would not fit in the cache (a length-aware segment, resumed in
+  a larger cache). start: steps already run (step indices continue from it). Records are dropped:
+  next_input writes what it keeps into buffers in its state. Returns (carry, steps run in total).
   """
 
   def cond(loop_state):
     c, n = loop_state
-    return (n < max_steps) & ~done(c.state)
+    go = (n < max_steps) & ~done(c.state)
+    if room:
+      go = go & (c.cache.end + chunk <= c.cache.capacity)
+    return go
 
   def body(loop_state):
     c, n = loop_state
     c, _ = scan_steps(model, c, next_input, chunk, start=n)
     return c, n + chunk
 
-  return jax.lax.while_loop(cond, body, (carry, jnp.zeros((), jnp.int32)))
+  return jax.lax.while_loop(cond, body, (carry, jnp.asarray(start, jnp.int32)))
