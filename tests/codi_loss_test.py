@@ -153,6 +153,93 @@ def test_loss_matches_pytorch_reference(arch, padding_mode):
     np.testing.assert_allclose(float(ours), float(theirs), atol=1e-4, rtol=0)
 
 
+def padded_batch(rng, width):
+  """make_batch with left-padded questions of lengths 6, 4, 5 in a `width`-slot bucket (6 is the
+  batch maximum: the reference collator pads to it; a wider bucket adds slots it never has)."""
+  b = make_batch(rng)
+  lens = np.array([6, 4, 5])
+  enc = np.zeros((3, width), np.int64)
+  mask = np.arange(width)[None] >= width - lens[:, None]
+  for i, n in enumerate(lens):
+    enc[i, width - n :] = b["encoder_ids"][i, :n]
+  b["encoder_ids"], b["encoder_mask"] = enc, mask
+  return b
+
+
+def _ours(arch, padding_mode, batch):
+  ref = hf_model(arch)
+  cfg = hf.config_from_hf(ref.config.to_dict())
+  sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  codi = Codi(hf.assign(cfg, sd, where=arch), rngs=nnx.Rngs(0))
+  opts = CodiOptions(num_latent=N, beta=2.0, gamma=0.5, padding_mode=padding_mode)
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  _, m = jax.jit(codi_loss, static_argnums=2)(codi, b, opts)
+  return ref, codi, m
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("width", [6, 9])
+def test_padded_official_mode_matches_pytorch_reference(arch, width):
+  """Official mode on left-padded questions equals the reference (eager attention) on the same
+  batch padded to its maximum, also when our bucket is wider than that maximum."""
+  ref, codi, m = _ours(arch, "official", padded_batch(np.random.default_rng(5), width))
+  b = padded_batch(np.random.default_rng(5), 6)  # what the reference collator builds
+  with torch.no_grad():
+    ce_s, ce_t, kd, total = torch_reference(ref, torch_prj(codi), b, beta=2.0, gamma=0.5)
+  for ours, theirs in [
+    (m["ce_student"], ce_s),
+    (m["ce_teacher"], ce_t),
+    (m["distill"], kd),
+    (m["loss"], total),
+  ]:
+    np.testing.assert_allclose(float(ours), float(theirs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padded_masked_mode_equals_each_row_alone(arch):
+  """Masked mode (ours) makes a padded row compute what it computes alone: each row's student
+  logits equal the reference run on that row without padding; official mode does not (the
+  documented difference: the reference's latent and answer passes attend to question pads)."""
+  b = padded_batch(np.random.default_rng(6), 9)
+  ref, codi, _ = _ours(arch, "masked", b)
+  jb = {k: jnp.asarray(v) for k, v in b.items()}
+  logits = {
+    mode: np.asarray(student_forward(codi, jb, CodiOptions(num_latent=N, padding_mode=mode)).logits)
+    for mode in ("masked", "official")
+  }
+  differs = False
+  for i, n in enumerate([6, 4, 5]):
+    row = {k: v[i : i + 1] for k, v in b.items()}
+    row["encoder_ids"], row["encoder_mask"] = (
+      row["encoder_ids"][:, -n:],
+      row["encoder_mask"][:, -n:],
+    )
+    with torch.no_grad():
+      want = torch_student_logits(ref, torch_prj(codi), row)
+    real = b["decoder_mask"][i]
+    np.testing.assert_allclose(logits["masked"][i][real], want[0][real], atol=1e-4, rtol=0)
+    differs |= not np.allclose(logits["official"][i][real], want[0][real], atol=1e-3)
+  assert differs  # the shorter rows see their pads in official mode
+
+
+def torch_student_logits(model, prj, b):
+  """The reference student path (encode, N thoughts, teacher-forced decoder) -> decoder logits."""
+  out = model(
+    input_ids=torch.tensor(b["encoder_ids"]),
+    attention_mask=torch.tensor(b["encoder_mask"]).long(),
+    use_cache=True,
+    output_hidden_states=True,
+  )
+  past = out.past_key_values
+  z = prj(out.hidden_states[-1][:, -1:, :])
+  for _ in range(N):
+    out = model(inputs_embeds=z, past_key_values=past, use_cache=True, output_hidden_states=True)
+    past = out.past_key_values
+    z = prj(out.hidden_states[-1][:, -1:, :])
+  emb = model.get_input_embeddings()(torch.tensor(b["decoder_ids"]))
+  return model(inputs_embeds=emb, past_key_values=past).logits.numpy()
+
+
 def test_gradients_reach_question_through_every_thought():
   """Every thought z_i depends on the question embedding, and so does the student CE."""
   cfg = mcfg.tiny("gpt2", vocab_size=V)

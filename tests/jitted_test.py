@@ -103,3 +103,27 @@ def test_analysis_traces_run_through_the_helper_once():
   fn(ids, mask, 0.6, steps=3, norm=True)
   fn(ids, mask, 0.5, steps=3, norm=True)  # alpha is traced
   assert jm.compiles == 1
+
+
+def test_codi_decoder_official_mode_batches_in_order_at_each_batch_maximum():
+  """Official padding: one compiled width for the set, yet every batch (in input order, as the
+  reference's test.py batches) decodes as if padded to its own longest question."""
+  from codi_jax.batching import left_pad  # pylint: disable=import-outside-toplevel
+  from codi_jax.codi import inference  # pylint: disable=import-outside-toplevel
+
+  codi = tiny_codi()
+  opts = CodiOptions(num_latent=2, padding_mode="official")
+  decoder = CodiDecoder(codi, SPECIAL, [1], opts=opts, max_new_tokens=4, buckets=8)
+  questions = [[4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22], [30]]
+  out = decoder.generate(questions, "student", batch_size=2)
+  assert decoder.model.compiles_of("student") == 1 and decoder.widths(questions, "student") == [16]
+  for start in (0, 2):
+    rows = [q + [SPECIAL.bot] for q in questions[start : start + 2]]
+    ids, mask = left_pad(rows, SPECIAL.pad, max(len(r) for r in rows))  # the batch's own maximum
+    toks, lens = inference.student_generate(
+      codi, jnp.asarray(ids), jnp.asarray(mask), num_latent=2, padding_mode="official",
+      eot_id=SPECIAL.eot, max_new=4, eos_ids=[1], pad_id=SPECIAL.pad,
+      suppress=(SPECIAL.pad, SPECIAL.bot, SPECIAL.eot),
+    )  # fmt: skip
+    for j in range(2):
+      assert out[start + j].tokens == np.asarray(toks[j, : lens[j]]).tolist()

@@ -4,7 +4,8 @@ The student encodes [question][bot], runs N continuous thoughts through the shar
 (last hidden state -> projection -> next input embedding, cache carried), then teacher-forces
 [eot][answer] on the cache. The teacher runs [question][CoT][answer]. Hidden states are aligned at
 the token before the answer value on every layer (paper arXiv 2502.21074; reference behaviour and
-its quirks: docs/codi.md, reachable through `CodiOptions` fields).
+its quirks: docs/codi.md, reachable through `CodiOptions` fields). The baselines Coconut and
+iCoT-SI reuse these passes (codi_jax/codi/baselines.py, docs/baselines.md).
 
 Shape legend: B batch, Lq question(+bot) length, La decoder length, Lt teacher length, D model,
 V vocab, N thoughts, J hidden-state entries (layers + 1).
@@ -22,13 +23,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from codi_jax.decoding import PaddingMode, positions
+from codi_jax.errors import InputError
 from codi_jax.models import cache as kvc
 from codi_jax.models.layers import LayerNorm, dropout, fold, param
+from codi_jax.models.positions import PaddingMode, first_column, positions
 from codi_jax.models.step import Carry, scan_steps
 from codi_jax.models.transformer import Transformer
 
-METHODS = ("codi", "cot_sft", "no_cot_sft")
+METHODS = ("codi", "cot_sft", "no_cot_sft", "coconut", "icot_si")
+BASELINES = ("coconut", "icot_si")  # losses in codi_jax/codi/baselines.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +42,16 @@ class CodiOptions:
 
   padding_mode: "masked" (ours: pads masked in every pass, positions count real tokens) or
     "official" (reference: latent and answer passes attend to question pads, positions are slot
-    indices) or "official_fixmask" (reference fix_attn_mask=True: only the answer pass is masked).
+    indices; a bucket wider than the batch's longest question acts as padded to that maximum, as
+    the reference collator pads) or "official_fixmask" (reference fix_attn_mask=True: only the
+    answer pass is masked).
   separate_teacher_target_pass: reference runs the teacher twice (no-grad targets + CE pass, two
     dropout masks); ours by default runs it once and stops gradients on its hidden states.
   remat_thoughts: recompute the thought scan's activations in the backward pass (memory option).
+  use_prj: feed thoughts through the projection (if the module has one); Coconut: never.
   """
 
-  method: Literal["codi", "cot_sft", "no_cot_sft"] = "codi"
+  method: Literal["codi", "cot_sft", "no_cot_sft", "coconut", "icot_si"] = "codi"
   num_latent: int = 6
   distill_loss: Literal["smooth_l1", "l1", "l2"] = "smooth_l1"
   distill_layers: Literal["all_plus_embedding", "blocks_only"] = "all_plus_embedding"
@@ -56,19 +62,33 @@ class CodiOptions:
   padding_mode: PaddingMode = "masked"
   separate_teacher_target_pass: bool = False
   remat_thoughts: bool = False
+  use_prj: bool = True
 
   @classmethod
   def from_config(cls, codi_config, *, inference: bool = False) -> CodiOptions:
     """From `config.codi` (a ConfigDict or dict); `inference` uses num_latent_infer if >= 0.
 
-    No-CoT-SFT's student reads [question][bot][eot][answer]: it always has 0 thoughts.
+    No-CoT-SFT's student reads [question][bot][eot][answer]: it always has 0 thoughts. Coconut's
+    student has the last stage's max_latent_stage * c_thought thoughts and no projection (training
+    replaces num_latent per stage); iCoT-SI has no thoughts. Both baselines run padding_mode
+    "masked" whatever the config says (the official modes are CODI reference quirks).
     """
     values = dict(codi_config)
+    method = values.get("method", "codi")
+    if method not in METHODS:
+      raise InputError(
+        f"--config.codi.method: unknown {method!r}; choose from {', '.join(METHODS)}"
+      )
+    if method in BASELINES:  # CODI's reference quirks do not apply: pads masked, as Coconut's
+      values.update(padding_mode="masked", separate_teacher_target_pass=False)
     opts = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
     n = opts.num_latent
+    if method == "coconut":
+      n = values["max_latent_stage"] * values["c_thought"]
+      opts = dataclasses.replace(opts, use_prj=False)
     if inference and values.get("num_latent_infer", -1) >= 0:
       n = values["num_latent_infer"]
-    if opts.method == "no_cot_sft":
+    if method in ("no_cot_sft", "icot_si"):
       n = 0
     return dataclasses.replace(opts, num_latent=n)
 
@@ -201,6 +221,13 @@ def distill_terms(student, teacher, kind: str, div_std: bool):
   return jnp.stack(out)
 
 
+def question_slots(enc_mask_BxLq, capacity: int) -> jax.Array:
+  """[capacity] bool: the question slots the reference's unmasked passes see, pads included, from
+  the batch's first real column (`models.positions.first_column`) to the end of the question block."""
+  slot = jnp.arange(capacity)
+  return (slot >= first_column(enc_mask_BxLq)) & (slot < enc_mask_BxLq.shape[1])
+
+
 def encode_and_think(
   codi: Codi,
   batch,
@@ -211,12 +238,17 @@ def encode_and_think(
   enc_embeds=None,
   capacity_extra=None,
   remat: bool = False,
+  use_prj: bool = True,
+  num_thoughts_B=None,
 ):
   """Encodes [question][bot] into a fresh cache, then runs `num_latent` continuous thoughts on it.
 
   Returns (cache ready for the answer pass, next position [B], thoughts [N, B, D]: the input
   embeddings fed at each latent step). enc_embeds [B, Lq, D] replaces the question ids if given.
   The cache leaves room for the decoder batch (or `capacity_extra` slots when decoding).
+  use_prj=False feeds the last hidden state back unprojected (Coconut). num_thoughts_B [B] (each
+  <= num_latent) keeps only each row's first thoughts: the later slots are masked out and the
+  answer starts right after the kept ones, as if the row had run that many thoughts.
   """
   backbone = codi.backbone
   enc_ids, enc_mask = batch["encoder_ids"], batch["encoder_mask"]
@@ -238,14 +270,15 @@ def encode_and_think(
   cache = enc.cache
   answer_valid = cache.valid
   if official:  # the reference's latent (and, unless fixmask, answer) passes see question pads
-    cache = cache._replace(valid=cache.valid | (jnp.arange(cache.capacity) < Lq)[None])
-  next_pos = jnp.full((B,), Lq) if official else enc_pos[:, -1] + 1
+    cache = cache._replace(valid=cache.valid | question_slots(enc_mask, cache.capacity)[None])
+  next_pos = enc_pos[:, -1] + 1
   thoughts = jnp.zeros((0, B, backbone.cfg.d_model), jnp.float32)
+  project = codi.project if use_prj else (lambda h, rng=None: h)
   if N > 0:
-    z_BxD = codi.project(enc.hidden[:, -1], fold(rng, Stream.FIRST_PROJECTION))
+    z_BxD = project(enc.hidden[:, -1], fold(rng, Stream.FIRST_PROJECTION))
 
     def next_input(state, out, i):
-      z = codi.project(out.hidden, fold(rng, Stream.PROJECTION, i))
+      z = project(out.hidden, fold(rng, Stream.PROJECTION, i))
       return z, state, z
 
     # N-1 projected feedbacks: the reference's unused z_{N+1} is never computed.
@@ -266,14 +299,24 @@ def encode_and_think(
     )
     cache, next_pos = last.cache, carry.pos + 1
     thoughts = jnp.concatenate([z_BxD[None].astype(jnp.float32), zs.astype(jnp.float32)], 0)
+    if num_thoughts_B is not None:  # drop each row's thoughts past its count
+      slot_T = jnp.arange(cache.capacity)[None]
+      unused = (slot_T >= Lq + num_thoughts_B[:, None]) & (slot_T < Lq + N)
+      cache = cache._replace(valid=cache.valid & ~unused)
+      next_pos = next_pos - N + num_thoughts_B
   if padding_mode != "official":
     keep = answer_valid | (jnp.arange(cache.capacity) >= Lq)[None]
     cache = cache._replace(valid=cache.valid & keep)
   return cache, next_pos, thoughts
 
 
-def student_forward(codi: Codi, batch, opts: CodiOptions, rng=None, enc_embeds=None):
-  """Encoder -> N thoughts -> teacher-forced [eot][answer] on the cache (hidden states on)."""
+def student_forward(
+  codi: Codi, batch, opts: CodiOptions, rng=None, enc_embeds=None, hidden_states=True
+):
+  """Encoder -> N thoughts -> teacher-forced [eot][answer] on the cache.
+
+  A batch with `num_thoughts` [B] runs that many thoughts per row (see `encode_and_think`).
+  """
   backbone = codi.backbone
   cache, next_pos, _ = encode_and_think(
     codi,
@@ -283,6 +326,8 @@ def student_forward(codi: Codi, batch, opts: CodiOptions, rng=None, enc_embeds=N
     rng=rng,
     enc_embeds=enc_embeds,
     remat=opts.remat_thoughts,
+    use_prj=opts.use_prj,
+    num_thoughts_B=batch.get("num_thoughts"),
   )
   dec_ids, dec_mask = batch["decoder_ids"], batch["decoder_mask"]
   dec_pos = next_pos[:, None] + positions(dec_mask, opts.padding_mode)
@@ -291,7 +336,7 @@ def student_forward(codi: Codi, batch, opts: CodiOptions, rng=None, enc_embeds=N
     positions=dec_pos,
     mask=dec_mask,
     cache=cache,
-    hidden_states=True,
+    hidden_states=hidden_states,
     rng=fold(rng, Stream.ANSWER),
   )
 
@@ -311,7 +356,14 @@ def _gather(h_BxLxD, idx_B):
 
 
 def codi_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
-  """(loss, metrics): alpha * CE_student + beta * L_KD + gamma * CE_teacher (per method)."""
+  """(loss, metrics): alpha * CE_student + beta * L_KD + gamma * CE_teacher (per method).
+
+  Coconut and iCoT-SI have their own losses (codi_jax/codi/baselines.py).
+  """
+  if opts.method in BASELINES:
+    from codi_jax.codi import baselines  # pylint: disable=import-outside-toplevel  (imports us)
+
+    return baselines.loss(codi, batch, opts, rng)
   metrics = {}
   loss = 0.0
   if opts.method in ("codi", "cot_sft"):

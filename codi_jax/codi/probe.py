@@ -26,9 +26,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from codi_jax.codi.model import Codi, encode_and_think
+from codi_jax.codi.model import Codi, encode_and_think, question_slots
 from codi_jax.data.readers import step_result
-from codi_jax.decoding import PaddingMode, positions
+from codi_jax.models.positions import PaddingMode, positions
 from codi_jax.models.transformer import Transformer
 
 Source = Literal["pre_prj", "post_prj"]
@@ -73,7 +73,7 @@ def thought_states(
   h_bot = h_bot[:, -1:]
   if N == 0:
     return h_bot.astype(jnp.float32)
-  valid = cache.valid | ((jnp.arange(cache.capacity) < Lq)[None] & official)
+  valid = cache.valid | (question_slots(enc_mask_BxLq, cache.capacity)[None] & official)
   rewound = cache._replace(end=jnp.asarray(Lq, jnp.int32), valid=valid)
   pos = next_pos[:, None] - N + jnp.arange(N)[None]
   h = backbone(embeds=thoughts, positions=pos, cache=rewound, logits="none").hidden

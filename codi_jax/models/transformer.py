@@ -251,9 +251,18 @@ class Transformer(nnx.Module):
       key_valid_BxT = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxL, end, axis=1)
       kvs = list(zip(cache.k, cache.v))
     T = key_valid_BxT.shape[1]
-    allowed_BxLxT = key_valid_BxT[:, None, :] & (
-      jnp.arange(T)[None, None, :] <= q_slot[None, :, None]
-    )
+    slot_T = jnp.arange(T)
+    allowed_BxLxT = key_valid_BxT[:, None, :] & (slot_T[None, None, :] <= q_slot[None, :, None])
+    # A query with no visible key (a left pad) attends uniformly to every key that exists in this
+    # call, as HF's eager attention does (its additive mask makes all scores equal): the cache's
+    # real keys and the whole block from its first real column on (earlier bucket slots are wider
+    # than the batch and do not exist). Only pad rows change; real rows never see them unless the
+    # reference's unmasked passes are asked for (CODI's official padding modes).
+    start = (0 if end is None else end) + jnp.argmax(jnp.any(mask_BxL, axis=0))
+    block_T = (slot_T >= start) & (slot_T < (0 if end is None else end) + L)
+    exists_BxT = key_valid_BxT | block_T[None]
+    no_key_BxLx1 = ~jnp.any(allowed_BxLxT, axis=-1, keepdims=True)
+    allowed_BxLxT = jnp.where(no_key_BxLx1, exists_BxT[:, None, :], allowed_BxLxT)
 
     rope_cs = (
       None
