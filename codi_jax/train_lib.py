@@ -1,10 +1,15 @@
 """CODI training: data, model, optimizer, one jitted step, metrics, periodic validation, final save.
 
 `train_and_evaluate(config, workdir)` is the whole run; `python -m codi_jax.train` only parses flags.
+The baselines (config.codi.method coconut | icot_si) train through the same loop: their curriculum
+(`data.curriculum.Curriculum`) rewrites each batch on the host, picks the stage's compiled step
+(Coconut: one compile per thought count) and restarts the optimizer, all as functions of the step.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -18,19 +23,20 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from codi_jax import checkpoint, final, sharding, train_step
+from codi_jax import checkpoint, config_schema, final, sharding, train_step
 from codi_jax import metrics as metrics_lib
 from codi_jax import workdir as workdir_lib
 from codi_jax.batching import bucket_size
 from codi_jax.codi import build
 from codi_jax.codi.decoder import CodiDecoder
-from codi_jax.codi.model import Codi, CodiOptions
-from codi_jax.data import answers, pipeline
+from codi_jax.codi.model import BASELINES, Codi, CodiOptions
+from codi_jax.data import answers, curriculum, pipeline
 from codi_jax.data.codi_batches import infer_distill_offset
 from codi_jax.data.eval_sets import config_task
 from codi_jax.data.sources import load_records
 from codi_jax.errors import InputError
 from codi_jax.metrics import MetricWriter
+from codi_jax.models import memory
 from codi_jax.models.jitted import JittedModel
 from codi_jax.models.params import split_trainable
 
@@ -46,7 +52,7 @@ class Validator:
     recs = valid_recs[:n]
     self.tokenizer, self.task = tokenizer, config_task(config)
     self.questions = [tokenizer.encode(r["question"], add_special_tokens=True) for r in recs]
-    self.golds = [answers.gold_answer(r["answer"]) for r in recs]
+    self.golds = [answers.gold_answer(r["answer"], self.task) for r in recs]
     self.batch_size = min(config.eval.batch_size, n)
     width = bucket_size(max(len(q) for q in self.questions) + 1, config.data.buckets)
     self.decoder = CodiDecoder(
@@ -58,9 +64,11 @@ class Validator:
       buckets=[width],
     )
 
-  def accuracy(self, state, mode: str) -> tuple[float, float]:
+  def accuracy(self, state, mode: str, num_latent: int | None = None) -> tuple[float, float]:
     """(accuracy, mean generated tokens) of `mode` (student | teacher) over the set."""
-    out = self.decoder.generate(self.questions, mode, self.batch_size, state=state)
+    out = self.decoder.generate(
+      self.questions, mode, self.batch_size, state=state, num_latent=num_latent
+    )
     texts = [self.tokenizer.decode(d.tokens, skip_special_tokens=True) for d in out]
     preds = [answers.extract_answer(t, self.task) for t in texts]
     return answers.accuracy(preds, self.golds), float(np.mean([len(d.tokens) for d in out]))
@@ -72,8 +80,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   The run holds an exclusive lock on `workdir` and happens inside the one mesh context built from
   `config.mesh` and `config.logical_axis_rules`. On SIGTERM it checkpoints and returns early with
   summary["preempted"] = True; a non-finite loss raises FloatingPointError without saving anything
-  after the last good checkpoint.
+  after the last good checkpoint. The config is validated first (`config_schema.validate_train`).
   """
+  config_schema.validate_train(config)
   with workdir_lib.claim(workdir) as path:
     ckpt_dir = _prepare_workdir(path, config)
     mesh = sharding.make_mesh(config.mesh)
@@ -140,7 +149,13 @@ class Trainer:
   def _init_data(self, train_recs, n_valid: int):
     config, special = self.config, self.special
     offset = infer_distill_offset(self.tokenizer)
-    self.data = pipeline.train_data(
+    method = self.opts.method
+    make = (
+      functools.partial(curriculum.train_data, method)
+      if method in BASELINES
+      else pipeline.train_data
+    )
+    self.data = make(
       train_recs,
       self.tokenizer,
       pad_id=special.pad,
@@ -162,6 +177,17 @@ class Trainer:
     self.micro = config.optim.grad_accum
     per_epoch = max(1, self.data.steps_per_epoch // self.micro)
     self.num_steps = config.optim.num_steps or int(math.ceil(config.optim.epochs * per_epoch))
+    local = config.data.batch_size // jax.process_count()
+    self.curriculum = curriculum.Curriculum(
+      method,
+      config.codi,
+      steps_per_epoch=per_epoch,
+      longest_cot=curriculum.longest_cot(self.data.examples) if method == "icot_si" else 0,
+      seed=config.seed,
+      pad_id=special.pad,
+      first_row=jax.process_index() * local,
+      global_rows=config.data.batch_size,
+    )
     self.it = iter(self.data.dataset)
     if self.main:
       print(
@@ -172,7 +198,8 @@ class Trainer:
       )
 
   def _init_state(self, codi: Codi):
-    """Trainable/frozen split, optimizer, shardings and the AOT-compiled step."""
+    """Trainable/frozen split, optimizer, shardings and the step's compile inputs (compiled ahead
+    of its first use, once per static option set: `_step_fn`)."""
     config = self.config
     if config.model.lora_rank == 0 or not config.model.spec:  # full fine-tuning: frozen is empty
       self.graphdef, self.train_state, self.frozen = nnx.split(codi, nnx.Param, ...)
@@ -198,28 +225,48 @@ class Trainer:
       for line in sharding.describe(self.train_state, self.train_sh):
         logging.info("param %s", line)
     start = self.it.get_state()
-    example = sharding.global_batch(_strip_index(next(self.it)))
+    example = sharding.global_batch(self.curriculum.batch(next(self.it), 1))
     self.it.set_state(start)  # that batch only gave the shapes
-    batch_sh = {k: v.sharding for k, v in example.items()}
-    self.traces = []
-    self.key = jax.random.key(config.seed)
-    step_fn = train_step.make_train_step(
-      self.graphdef,
-      self.tx,
-      self.key,
-      self.opts,
-      train_step.dropout_on(codi, config),
-      self.traces,
-      shardings=(self.train_sh, self.opt_sh, frozen_sh, batch_sh),
+    self.shardings = (
+      self.train_sh,
+      self.opt_sh,
+      frozen_sh,
+      {k: v.sharding for k, v in example.items()},
     )
-    args = (self.train_state, self.opt_state, self.frozen, example, jnp.int32(1))
-    self.step_fn = train_step.compile_ahead(step_fn, args)
+    self.step_args = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      (self.train_state, self.opt_state, self.frozen, example),
+    ) + (jax.ShapeDtypeStruct((), jnp.int32),)  # abstract: the live state is donated
+    self.traces, self.step_fns = [], {}
+    self.key = jax.random.key(config.seed)
+    self.dropout = train_step.dropout_on(codi, config)
+    self.restart = train_step.make_restart(self.tx, self.opt_sh)
+
+  def _step_fn(self, step: int):
+    """The compiled step for `step`'s options (Coconut: the stage's thought count)."""
+    opts = self.opts
+    n = self.curriculum.num_latent(step)
+    if n is not None:
+      opts = dataclasses.replace(opts, num_latent=n)
+    if opts not in self.step_fns:
+      fn = train_step.make_train_step(
+        self.graphdef,
+        self.tx,
+        self.key,
+        opts,
+        self.dropout,
+        self.traces,
+        shardings=self.shardings,
+      )
+      compiled = train_step.compile_ahead(fn, self.step_args)
+      self.step_fns[opts] = memory.check_compiled(compiled, "--config: the train step")
+    return self.step_fns[opts]
 
   def _init_checkpoints(self):
     ck = self.config.checkpoint
     best = ck.best_metric
     if best == "auto":
-      best = "valid/teacher_acc" if self.opts.method == "cot_sft" else "valid/student_acc"
+      best = f"valid/{_MODES[self.opts.method][0]}_acc"
     self.ckpts = checkpoint.Checkpoints(
       self.ckpt_dir,
       save_every=ck.every_steps,
@@ -257,11 +304,13 @@ class Trainer:
     return step
 
   def evaluate(self, step: int) -> dict:
-    """Validation accuracy and generated tokens of the method's decoding modes at `step`."""
-    modes = {"codi": ("student", "teacher"), "cot_sft": ("teacher",), "no_cot_sft": ("student",)}
+    """Validation accuracy and generated tokens of the method's decoding modes at `step` (Coconut:
+    with the thoughts of the stage reached)."""
     res = {}
-    for mode in modes[self.opts.method]:
-      acc, tokens = self.validator.accuracy((self.train_state, self.frozen), mode)
+    for mode in _MODES[self.opts.method]:
+      acc, tokens = self.validator.accuracy(
+        (self.train_state, self.frozen), mode, self.curriculum.eval_latent(step)
+      )
       res[f"valid/{mode}_acc"], res[f"valid/{mode}_tokens"] = acc, tokens
     self.writer.write_scalars(step, res)
     if self.main:
@@ -304,9 +353,12 @@ class Trainer:
     t_loop = time.time()
     try:
       for step in range(start + 1, self.num_steps + 1):
-        for _ in range(self.micro):
-          batch = sharding.global_batch(_strip_index(next(self.it)))
-          self.train_state, self.opt_state, metrics = self.step_fn(
+        step_fn = self._step_fn(step)
+        if self.curriculum.reset_before(step):
+          self.opt_state = self.restart(self.opt_state, self.train_state)
+        for micro in range(self.micro):
+          batch = sharding.global_batch(self.curriculum.batch(next(self.it), step, micro))
+          self.train_state, self.opt_state, metrics = step_fn(
             self.train_state, self.opt_state, self.frozen, batch, jnp.int32(step)
           )
         if pending is not None:  # metrics one step late: the host never waits on the device
@@ -367,11 +419,17 @@ class Trainer:
     if not np.isfinite(m["loss"]):
       raise FloatingPointError(f"non-finite loss {m['loss']} at step {step}")
     if step % self.config.log_every == 0 or step == 1:
-      self.writer.write_scalars(step, {**m, "lr": self.sched(step)})
+      host = self.curriculum.scalars(step)
+      self.writer.write_scalars(step, {**m, "lr": self.sched(step), **host})
     shown = ("loss", "ce_student", "ce_teacher", "distill")
     bar.set_postfix({k: f"{float(v):.3f}" for k, v in m.items() if k in shown})
 
 
-def _strip_index(local: dict) -> dict:
-  """A host batch without the pipeline's bookkeeping `index` field."""
-  return {k: v for k, v in local.items() if k != "index"}
+# Validation modes per method (the first one picks the best checkpoint under best_metric="auto").
+_MODES = {
+  "codi": ("student", "teacher"),
+  "cot_sft": ("teacher",),
+  "no_cot_sft": ("student",),
+  "coconut": ("student",),  # [Q][bot] + thoughts + [eot], then greedy
+  "icot_si": ("teacher",),  # greedy from the question: the CoT is internalized
+}

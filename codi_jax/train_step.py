@@ -39,6 +39,31 @@ def make_optimizer(config, num_steps: int):
   return tx, sched
 
 
+def restart_optimizer(tx, opt_state, params):
+  """A fresh optimizer state, as a newly created AdamW (moments zero, bias-correction count 0), that
+  keeps the learning-rate schedule's count and the accumulation counter: the schedule stays a
+  function of the global step. Coconut and iCoT-SI restart the optimizer on their curriculum."""
+
+  def merge(fresh, old):
+    if isinstance(old, optax.ScaleByScheduleState):
+      return old
+    if isinstance(old, optax.MultiStepsState):
+      inner = merge(fresh.inner_opt_state, old.inner_opt_state)
+      return fresh._replace(inner_opt_state=inner, gradient_step=old.gradient_step)
+    if isinstance(old, tuple):
+      parts = [merge(f, o) for f, o in zip(fresh, old)]
+      return type(old)(*parts) if hasattr(old, "_fields") else type(old)(parts)
+    return fresh
+
+  return merge(tx.init(params), opt_state)
+
+
+def make_restart(tx, opt_shardings=None):
+  """`restart_optimizer` jitted (the old state donated), out shardings pinned if given."""
+  fn = lambda opt_state, params: restart_optimizer(tx, opt_state, params)  # noqa: E731
+  return jax.jit(fn, donate_argnums=(0,), out_shardings=opt_shardings)
+
+
 def make_train_step(
   graphdef,
   tx,

@@ -54,7 +54,9 @@ def get_config():
 
   config.codi = ml_collections.ConfigDict(
     dict(
-      method="codi",  # codi | cot_sft (teacher only) | no_cot_sft (student with 0 thoughts)
+      # codi | cot_sft (teacher only) | no_cot_sft (student with 0 thoughts) | coconut | icot_si
+      # (the baselines: docs/baselines.md section 4)
+      method="codi",
       num_latent=6,
       num_latent_infer=-1,  # -1: same as training
       prj_dim=0,
@@ -70,12 +72,31 @@ def get_config():
       padding_mode="masked",
       separate_teacher_target_pass=False,
       remat_thoughts=False,  # recompute the thought scan in the backward pass (memory option)
-      train_special_embeddings=False,
+      train_special_embeddings=False,  # reference: pad/bot/eot rows stay frozen under LoRA
+      # Coconut (method=coconut; values of the reference's args/gsm_coconut.yaml). Stage k =
+      # (step - 1) // stage_steps replaces the first k CoT steps by k * c_thought thoughts.
+      c_thought=2,  # continuous thoughts per replaced reasoning step
+      max_latent_stage=3,  # stages that replace steps one by one; later stages replace all
+      epochs_per_stage=3,  # stage length in epochs (reference), unless stage_steps > 0
+      stage_steps=0,  # stage length in optimizer steps; 0 = epochs_per_stage epochs
+      pad_latent_to_max=True,  # past the last stage: max_latent_stage * c_thought thoughts always
+      uniform_prob=0.0,  # per example: probability of training at a random earlier stage
+      # iCoT-SI (method=icot_si; values of the published runs). CoT tokens are cut from the front.
+      remove_per_epoch=8.0,  # removed tokens grow by 1 every round(steps/epoch / this) steps
+      remove_start_from=0,  # tokens removed at step 1
+      remove_all_when_remove_beyond=float("inf"),  # whole CoT removed from here on (GSM8k: 39)
+      removal_smoothing_lambda=4.0,  # per-example extra o ~ exp(-lambda o), o < 100; inf: o = 0
+      keep_position=False,  # True: kept tokens keep their original positions (reference flag)
+      # Optimizer restart (both baselines): none | schedule (Coconut: at each stage switch; iCoT-SI:
+      # when the removal count grows, as the reference) | epoch (every epoch: Coconut's reference).
+      # The restart re-creates AdamW's moments; the learning-rate schedule follows the global step.
+      reset_optimizer="schedule",
     )
-  )  # reference: pad/bot/eot rows stay frozen under LoRA
+  )
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "synthetic"  # synthetic | gsm8k-aug | gsm8k-aug-nl | commonsense | strategy
+  # synthetic | multiplication | gsm8k-aug | gsm8k-aug-nl | commonsense | strategy
+  config.data.source = "synthetic"
   config.data.path = ""  # local JSON/JSONL (else the HF dataset id of the source)
   config.data.valid_path = ""  # validation file; "" = a seeded hold-out of the training data
   config.data.valid_size = 500
@@ -96,6 +117,11 @@ def get_config():
       ops=("+", "-", "*", "/"),
       style="story",
     )
+  )
+  # The iCoT multiplication task (source "multiplication"): K-digit operands; with data.path a
+  # folder of the released valid.txt / test.txt (training pairs generated disjoint from them).
+  config.data.multiplication = ml_collections.ConfigDict(
+    dict(digits=4, train=20000, valid=256, test=1000)
   )
   config.data.include_last_cot = False  # reference: drop the last CoT step
   config.data.keep_non_digit_answers = False  # reference: drop answers not starting with a digit
@@ -140,4 +166,29 @@ def get_config():
     )
   )
   config.resume = True  # continue from <workdir>/checkpoints when it holds a checkpoint
+  return config
+
+
+def variants(arg, allowed) -> set:
+  """The comma-separated variants of `--config=file.py:a,b`, checked against `allowed`."""
+  chosen = {v for v in (arg or "").split(",") if v}
+  unknown = sorted(chosen - set(allowed))
+  if unknown:
+    raise ValueError(f"unknown variant(s) {unknown} (choose from {', '.join(sorted(allowed))})")
+  return chosen
+
+
+def reproduction(config, ours: bool):
+  """What a paper-reproduction config runs: the reference's behaviour (default) or our fixes.
+
+  Reference (docs/codi.md 10): pads attended by the latent and answer passes with slot-index
+  positions, batches padded to their maximum ("official"), the teacher run twice (targets and CE,
+  two dropout masks), pad/bot/eot rows frozen under LoRA. Ours (`:ours`): pads masked and
+  positions counted from each row's first token (batch- and bucket-invariant), one teacher pass
+  (stop-gradient targets), pad/bot/eot trainable (the paper calls them learnable).
+  """
+  c = config.codi
+  c.padding_mode = "masked" if ours else "official"
+  c.separate_teacher_target_pass = not ours
+  c.train_special_embeddings = ours
   return config

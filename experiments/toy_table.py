@@ -1,104 +1,173 @@
-r"""The CODI paper's main comparison at toy scale: No-CoT-SFT, CoT-SFT, CODI and CODI without distillation.
+r"""The CODI paper's comparison at toy scale, seeded: six methods, a beta sweep, two tasks.
 
-  python experiments/toy_table.py --out=/tmp/codi_toy
-  python experiments/toy_table.py --out=/tmp/codi_toy --config=configs/demo.py --config.optim.num_steps=2000
+  python experiments/toy_table.py --task=arith --out=/tmp/toy_arith        # the built-in task
+  python experiments/toy_table.py --task=mult4 --out=/tmp/toy_mult4        # 4x4 multiplication
 
-Every method trains from scratch with the same config, steps, batch and seed (equal compute up to the
-per-step cost of each method, which the table reports), then is evaluated on the synthetic test split
-(never seen in training or validation): accuracy, tokens generated per problem (CODI's continuous
-thoughts counted as tokens), compression against CoT-SFT, and latency per problem at batch 1 and
-batched. A finished method is not retrained when the script is run again (its workdir/final is
-reused, and an interrupted one resumes from its last checkpoint), so an interrupted sweep resumes
-where it stopped. Writes <out>/table.md and results.json.
+Every method trains from scratch on the same config (configs/demo.py: 4 layers, d=128), the same
+steps and batch, for every seed: No-CoT-SFT, CoT-SFT, CODI, CODI without distillation (beta=0),
+Coconut and iCoT-SI; plus CODI at beta 5 and 20. Each run is evaluated on the task's test split
+(never seen in training or validation): accuracy, generated tokens (thoughts counted), and for the
+methods with continuous thoughts the probe's per-step match (Table 3 of the paper). The table
+gives mean +- std over seeds, the compression (the CoT's tokens, from CoT-SFT minus No-CoT-SFT
+generations, per thought) and the wall time of every run.
+
+Tasks: `arith` is the built-in synthetic task of configs/demo.py (4 dependent operations);
+`mult4` is iCoT's 4x4 multiplication, valid/test the released files (located through
+tests/shared_data.py) and training pairs generated disjoint from them, one seed per method.
+
+A finished run is reused, an interrupted one resumes from its checkpoint, so the script can be
+rerun until the table is complete. Writes <out>/table.md and <out>/results.json.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
+import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from codi_jax import runtime
-from codi_jax.errors import exit_on_input_error
+from codi_jax import runtime  # noqa: E402
+from codi_jax.errors import InputError, exit_on_input_error  # noqa: E402
+from codi_jax.files import write_atomic, write_json  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/demo.py", "Base config for every method."
-)
+_TASK = flags.DEFINE_enum("task", "arith", ["arith", "mult4"], "Which task.")
 _OUT = flags.DEFINE_string("out", "/tmp/codi_toy", "Directory for the runs and the table.")
-_METHODS = flags.DEFINE_list(
-  "methods", "no_cot_sft,cot_sft,codi,codi_no_distill", "Methods to run."
+_STEPS = flags.DEFINE_integer(
+  "steps", None, "Training steps of every run (the fixed budget; default: configs/demo.py's)."
 )
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: 11,12,13 for arith, 11 for mult4).")
+_METHODS = flags.DEFINE_list("methods", None, "Methods (default: every method of the table).")
 
-# name -> (config.codi.method, overrides of config.codi)
+# name -> config.codi overrides (method first).
 METHODS = {
-  "no_cot_sft": ("no_cot_sft", {}),
-  "cot_sft": ("cot_sft", {}),
-  "codi": ("codi", {}),
-  "codi_no_distill": ("codi", {"beta": 0.0}),  # the paper's "w/o L_KD" ablation
+  "no_cot_sft": {"method": "no_cot_sft"},
+  "cot_sft": {"method": "cot_sft"},
+  "codi": {"method": "codi"},
+  "codi_no_distill": {"method": "codi", "beta": 0.0},  # the paper's "w/o L_KD" ablation
+  "coconut": {"method": "coconut"},
+  "icot_si": {"method": "icot_si"},
+  "codi_beta5": {"method": "codi", "beta": 5.0},
+  "codi_beta20": {"method": "codi", "beta": 20.0},
 }
+SWEEP = ("codi_beta5", "codi_beta20")  # one seed: the first
+THOUGHTS = ("codi", "codi_no_distill", "coconut", "codi_beta5", "codi_beta20")
 
 
-def train_one(name: str, base, out: str) -> tuple[str, dict]:
-  """Trains `name` unless its workdir already holds a finished run; returns (workdir, run summary)."""
+def base_config(task: str, steps: int | None):
+  """configs/demo.py's model and optimizer, on the chosen task, for `steps` steps."""
+  from configs import demo  # pylint: disable=import-outside-toplevel
+
+  config = demo.get_config()
+  steps = steps or config.optim.num_steps
+  config.optim.num_steps = steps
+  config.eval.every_steps = steps  # validation once, at the end
+  config.checkpoint.every_steps = max(100, steps // 5)
+  # Coconut: every stage (0..max_latent_stage, then all steps latent) gets an equal share.
+  config.codi.stage_steps = max(1, steps // (config.codi.max_latent_stage + 2))
+  if task == "mult4":
+    import shared_data  # pylint: disable=import-outside-toplevel
+
+    folder = shared_data.locate("multiplication", "4_by_4")
+    if folder is None:
+      raise InputError(
+        f"the iCoT 4x4 multiplication files are not under {shared_data.data_root()}; set "
+        f"{shared_data.ENV_ROOT} to a folder holding multiplication/4_by_4/{{valid,test}}.txt"
+      )
+    config.data.source = "multiplication"
+    config.data.path = str(folder)
+    config.data.multiplication.digits = 4
+    config.eval.max_new_tokens = 96  # the CoT is ~60 digit tokens, then the 8-digit answer
+    # iCoT-SI: the CoT is about twice as long as the arithmetic task's; remove twice as fast.
+    config.codi.remove_per_epoch = 2 * config.codi.remove_per_epoch
+  return config
+
+
+def train_one(name: str, seed: int, base, out: str) -> tuple[str, dict]:
+  """Trains (or resumes, or reuses) one run; returns (workdir, its summary)."""
   from codi_jax import train_lib  # pylint: disable=import-outside-toplevel
 
-  workdir = os.path.join(out, name)
+  workdir = os.path.join(out, f"{name}_s{seed}")
   run_json = os.path.join(workdir, "final", "run.json")
   if os.path.exists(run_json):
-    print(f"== {name}: finished run found in {workdir}, not retrained", flush=True)
     with open(run_json, encoding="utf-8") as f:
       return workdir, json.load(f)
-  method, overrides = METHODS[name]
   config = base.copy_and_resolve_references()
-  config.codi.method = method
-  for k, v in overrides.items():
+  config.seed = seed
+  for k, v in METHODS[name].items():
     config.codi[k] = v
-  config.workdir = workdir  # an interrupted run resumes from its newest checkpoint
-  print(f"== {name}: training ({method}, {overrides or 'defaults'})", flush=True)
-  return workdir, train_lib.train_and_evaluate(config, workdir)
+  print(f"== {name} seed {seed}: training", flush=True)
+  t0 = time.time()
+  summary = train_lib.train_and_evaluate(config, workdir)
+  summary["wall_seconds"] = round(time.time() - t0, 1)
+  with open(os.path.join(workdir, "wall.json"), "w", encoding="utf-8") as f:
+    json.dump({"wall_seconds": summary["wall_seconds"]}, f)
+  return workdir, summary
 
 
-def evaluate_one(workdir: str) -> dict:
-  """Test-split accuracy, tokens and latency of one finished run."""
+def evaluate_one(name: str, workdir: str) -> dict:
+  """Test accuracy, generated tokens, thoughts and (with thoughts) Table 3 of one finished run."""
   from codi_jax import eval_lib  # pylint: disable=import-outside-toplevel
 
-  res = eval_lib.evaluate(
-    eval_lib.Options(workdir=workdir, split="test", efficiency=True, progress=False)
-  )
-  s, eff = (
-    res["results"][0],
-    res["efficiency"]["codi"],
-  )  # "codi" holds the evaluated run's own stats
-  return {
+  cached = os.path.join(workdir, "toy_eval.json")
+  if os.path.exists(cached):
+    with open(cached, encoding="utf-8") as f:
+      return json.load(f)
+  probe = name in THOUGHTS
+  res = eval_lib.evaluate(eval_lib.Options(workdir=workdir, probe=probe, progress=False))
+  s = res["results"][0]
+  row = {
     "accuracy": s["accuracy"],
     "n": s["n"],
     "thoughts": s["thoughts"],
     "generated_tokens": s["mean_generated_tokens"],
-    "tokens_per_problem": s["thoughts"] + s["mean_generated_tokens"],
-    "ms_batch1": 1e3 * eff["latency"]["batch1"]["per_problem_s"],
-    "ms_batched": 1e3 * eff["latency"]["batched"]["per_problem_s"],
-    "batch": eff["latency"]["batched"]["batch_size"],
+    "eval_seconds": s["eval_seconds"],
   }
+  if probe:
+    row["table3"] = [st.get("rate") for st in s["probe"]["table3"]["steps"]]
+  write_json(cached, row)
+  return row
+
+
+def _mean_std(values) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  if len(values) == 1:
+    return f"{100 * values[0]:.1f}"
+  return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def table(rows: dict) -> str:
-  cot = rows.get("cot_sft", {}).get("tokens_per_problem")
+  """Markdown: one line per method, mean ± std over its seeds."""
+  mean = {n: statistics.fmean(r["generated_tokens"] for r in runs) for n, runs in rows.items()}
+  cot = mean["cot_sft"] - mean["no_cot_sft"] if {"cot_sft", "no_cot_sft"} <= set(rows) else None
   head = (
-    "| method | test acc | tokens/problem | compression vs CoT | ms/problem b=1 | "
-    "ms/problem batched | train s | s/step |"
+    "| method | seeds | test acc % | tokens/problem | thoughts | compression (CoT tokens / "
+    "thoughts) | Table 3: step 1 / 2 / 3 % | train min/run |"
   )
   lines = [head, "|" + "---|" * 8]
-  for name, r in rows.items():
-    comp = f"{cot / r['tokens_per_problem']:.2f}x" if cot and r["tokens_per_problem"] else "-"
+  for name, runs in rows.items():
+    thoughts = runs[0]["thoughts"]
+    comp = f"{cot / thoughts:.1f}x" if cot and thoughts else "-"
+    t3 = "-"
+    if "table3" in runs[0]:
+      # Table 3 counts correctly answered problems only (as the reference): none, no rate.
+      t3 = " / ".join(
+        _mean_std([r["table3"][k] if len(r["table3"]) > k else None for r in runs])
+        for k in range(3)
+      )
+    tokens = statistics.fmean(r["generated_tokens"] + r["thoughts"] for r in runs)
+    minutes = statistics.fmean(r["wall_seconds"] for r in runs) / 60
     lines.append(
-      f"| {name} | {100 * r['accuracy']:.1f}% | {r['tokens_per_problem']:.1f} | {comp} | "
-      f"{r['ms_batch1']:.1f} | {r['ms_batched']:.2f} | {r['train_seconds']:.0f} | "
-      f"{r['train_seconds'] / max(r['steps'], 1):.2f} |"
+      f"| {name} | {len(runs)} | {_mean_std([r['accuracy'] for r in runs])} | {tokens:.1f} | "
+      f"{thoughts} | {comp} | {t3} | {minutes:.1f} |"
     )
   return "\n".join(lines)
 
@@ -107,37 +176,48 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   runtime.setup_cli()
+  task = _TASK.value
   out = os.path.abspath(_OUT.value)
+  seeds = [int(s) for s in (_SEEDS.value or (["11", "12", "13"] if task == "arith" else ["11"]))]
+  names = _METHODS.value or list(METHODS)
+  t_start = time.time()
   with exit_on_input_error("experiments/toy_table.py"):
-    unknown = [m for m in _METHODS.value if m not in METHODS]
+    unknown = [m for m in names if m not in METHODS]
     if unknown:
-      from codi_jax.errors import InputError  # pylint: disable=import-outside-toplevel
-
       raise InputError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    base = base_config(task, _STEPS.value)
     os.makedirs(out, exist_ok=True)
     rows = {}
-    for name in _METHODS.value:
-      workdir, summary = train_one(name, _CONFIG.value, out)
-      rows[name] = {
-        **evaluate_one(workdir),
-        "steps": summary.get("steps", 0),
-        "train_seconds": summary.get("train_seconds", 0.0),
-        "valid": {k: v for k, v in summary.items() if k.startswith("valid/")},
-      }
-      print(f"== {name}: {json.dumps(rows[name])}", flush=True)
-  text = table(rows)
-  cfg = _CONFIG.value
+    # Seed-major: an interrupted table already holds every method of the first seeds.
+    plan = [(n, s) for s in seeds for n in names if s == seeds[0] or n not in SWEEP]
+    for name, seed in plan:
+      workdir, summary = train_one(name, seed, base, out)
+      wall = summary.get("wall_seconds")
+      if wall is None and os.path.exists(os.path.join(workdir, "wall.json")):
+        with open(os.path.join(workdir, "wall.json"), encoding="utf-8") as f:
+          wall = json.load(f)["wall_seconds"]
+      row = {**evaluate_one(name, workdir), "seed": seed, "wall_seconds": wall or 0.0}
+      row["train_seconds"] = summary.get("train_seconds", 0.0)
+      rows.setdefault(name, []).append(row)
+      print(f"== {name} seed {seed}: {json.dumps(row)}", flush=True)
+      write_table(task, base, seeds, rows, out, t_start)
+  write_table(task, base, seeds, rows, out, t_start, final=True)
+
+
+def write_table(task, cfg, seeds, rows, out, t_start, final=False):
+  """Writes <out>/table.md and results.json (after every run: a partial table is readable)."""
   header = (
-    f"Synthetic task {dict(cfg.data.synthetic)}; model {cfg.model.arch} d={cfg.model.d_model} "
-    f"L={cfg.model.num_layers}; {cfg.optim.num_steps} steps x batch {cfg.data.batch_size}; "
-    f"{cfg.codi.num_latent} thoughts; seed {cfg.seed}."
+    f"Task {task}: {dict(cfg.data.synthetic) if task == 'arith' else 'iCoT 4x4 multiplication'};"
+    f" model {cfg.model.arch} d={cfg.model.d_model} L={cfg.model.num_layers}; "
+    f"{cfg.optim.num_steps} steps x batch {cfg.data.batch_size}; {cfg.codi.num_latent} CODI "
+    f"thoughts; seeds {seeds}; {(time.time() - t_start) / 60:.0f} min this invocation."
   )
-  with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
-    f.write(header + "\n\n" + text + "\n")
-  with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump({"config": cfg.to_dict(), "rows": rows}, f, indent=2, default=str)
-  print(header)
-  print(text)
+  text = table(rows)
+  write_atomic(os.path.join(out, "table.md"), header + "\n\n" + text + "\n")
+  write_json(os.path.join(out, "results.json"), {"config": cfg.to_dict(), "rows": rows})
+  if final:
+    print(header)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def module_options(config) -> dict:
   c = config.codi
   return {
     "prj_dim": c.prj_dim,
-    "use_prj": c.use_prj,
+    "use_prj": c.use_prj and c.method != "coconut",  # Coconut feeds hidden states back as they are
     "prj_layernorm": c.prj_layernorm,
     "prj_dropout": c.prj_dropout,
     "train_special_embeddings": c.train_special_embeddings,

@@ -11,7 +11,7 @@ from typing import Any
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 ANSWER_PROMPT = "The answer is:"
-TASKS = ("math", "commonsense", "strategy")
+TASKS = ("math", "commonsense", "strategy", "digits")
 
 Answer = float | str | bool | None
 
@@ -53,10 +53,18 @@ def extract_strategy(text: str) -> float | bool | None:
   return None
 
 
+def extract_digits(text: str) -> str:
+  """The digits after the last `The answer is:` (the whole text if absent), spaces dropped: the
+  iCoT multiplication answers, written digit by digit (least significant first)."""
+  return "".join(ch for ch in text.split(ANSWER_PROMPT)[-1] if ch.isdigit())
+
+
 def extract_answer(text: str, task: str = "math") -> Answer:
-  """The predicted answer of a decoded generation for `task` (math, commonsense or strategy)."""
+  """The predicted answer of a decoded generation for `task` (one of TASKS)."""
   if task == "math":
     return extract_math(text)
+  if task == "digits":
+    return extract_digits(text)
   if task == "commonsense":
     return extract_commonsense(text)
   if task == "strategy":
@@ -64,12 +72,15 @@ def extract_answer(text: str, task: str = "math") -> Answer:
   raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def gold_answer(value: Any) -> float | str | bool:
+def gold_answer(value: Any, task: str = "math") -> float | str | bool:
   """The gold answer of an evaluation row, parsed as the reference's `test.py` does.
 
   Bools and "True"/"False" become bools; A-E letters stay strings; otherwise the text after the
-  last `####` (if any), commas removed, as a float (inf if it does not parse).
+  last `####` (if any), commas removed, as a float (inf if it does not parse). The "digits" task
+  keeps the digit string (exact match, as iCoT scores multiplication).
   """
+  if task == "digits":
+    return "".join(ch for ch in str(value) if ch.isdigit())
   if isinstance(value, bool):
     return value
   if isinstance(value, (int, float)):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from codi_jax.data import formats, readers, synthetic
+from codi_jax.data import formats, multiplication, readers, synthetic
 from codi_jax.data.readers import Row
 from codi_jax.errors import InputError
 
@@ -190,6 +190,44 @@ def _tfds_records(d, split: str, kwargs: Mapping[str, Any]) -> tuple[list[dict],
 
 
 # ---------------------------------------------------------------------------------------------
+# The iCoT multiplication task
+
+
+def multiplication_records(config, splits: Sequence[str]) -> tuple:
+  """The records of `splits` (train | valid | test) of `config.data.multiplication`, then reports.
+
+  With `config.data.path` (a folder holding the released valid.txt and test.txt, e.g. iCoT's
+  data/4_by_4_mult), valid and test are those files and training pairs are generated disjoint
+  from both; without it, every split is generated (disjoint: one seeded stream, cut in order).
+  Records keep the iCoT text exactly (no step is dropped; the answer is the digit string).
+  """
+  m, d = config.data.multiplication, config.data
+  files = {}
+  if d.path:
+    for name in ("valid", "test"):
+      path = os.path.join(d.path, f"{name}.txt")
+      if not os.path.isfile(path):
+        raise InputError(f"--config.data.path: {d.path}: no {name}.txt (iCoT multiplication)")
+      files[name] = multiplication.read_lines(path)
+  sizes = {"train": m.train, "valid": m.valid, "test": m.test}
+  held = [multiplication.parse_line(line) for lines in files.values() for line in lines]
+  generated = [name for name in ("valid", "test", "train") if name not in files]
+  stream = multiplication.generate(
+    sum(sizes[n] for n in generated), m.digits, seed=config.seed, exclude=held
+  )
+  out, start = dict(files), 0
+  for name in generated:
+    out[name], start = stream[start : start + sizes[name]], start + sizes[name]
+  recs, reports = [], {}
+  for name in splits:
+    lines = out[name][: sizes[name]]
+    source = f"{d.path}/{name}.txt" if name in files else f"generated {m.digits}x{m.digits}"
+    recs.append(multiplication.records(lines, source=source))
+    reports[name] = {"source": source, "read": len(lines), "kept": len(lines)}
+  return (*recs, reports)
+
+
+# ---------------------------------------------------------------------------------------------
 # A run's training and validation records
 
 
@@ -208,6 +246,9 @@ def load_records(config) -> tuple[list[dict], list[dict], dict]:
   cleaning = dict(
     include_last_cot=d.include_last_cot, keep_non_digit_answers=d.keep_non_digit_answers
   )
+  if d.source == "multiplication":
+    train, valid, reports = multiplication_records(config, ("train", "valid"))
+    return train, valid, reports
   if d.source == "synthetic":
     s = d.synthetic
     diff = synthetic.Difficulty.from_config(s.to_dict())
