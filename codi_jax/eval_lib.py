@@ -1,6 +1,6 @@
-"""CODI evaluation as a library: decode a finished run on evaluation sets, score the answers,
-write per-example records, the efficiency report and the probe (`python -m codi_jax.evaluate` is
-the command line over `evaluate`).
+"""CODI evaluation as a library: decode a finished run, or an official-layout checkpoint on its
+base model, on evaluation sets; score the answers, write per-example records, the efficiency report
+and the probe (`python -m codi_jax.evaluate` is the command line over `evaluate`).
 """
 
 from __future__ import annotations
@@ -10,20 +10,27 @@ import math
 import os
 import sys
 import time
+import typing
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
-from codi_jax.codi import efficiency, probe
+from codi_jax import config_schema
+from codi_jax.codi import convert, efficiency, probe
 from codi_jax.codi.decoder import CodiDecoder
 from codi_jax.codi.model import CodiOptions
 from codi_jax.data import answers
-from codi_jax.data.eval_sets import EvalData, load_eval_data
+from codi_jax.data.eval_sets import SET_NAMES, EvalData, load_eval_data, set_name
+from codi_jax.decoding import PaddingMode
 from codi_jax.errors import InputError
 from codi_jax.files import write_atomic, write_json, write_jsonl
 from codi_jax.final import FinishedRun, load_final, read_final
+from codi_jax.models import memory
 
 MODES = ("auto", "student", "teacher", "both")
+PADDING_MODES = typing.get_args(PaddingMode)
+SCORING = "exact float equality with the last number of the answer (the reference's test.py)"
 
 
 # ------------------------------------------------------------------------------------ running
@@ -39,6 +46,7 @@ class Runner:
     *,
     max_new_tokens: int,
     num_latent: int | None = None,
+    padding_mode: str | None = None,
     mask_special: str = "all",
     buckets=None,
   ):
@@ -48,6 +56,8 @@ class Runner:
     opts = CodiOptions.from_config(run.config.codi, inference=True)
     if num_latent is not None:
       opts = dataclasses.replace(opts, num_latent=num_latent)
+    if padding_mode is not None:
+      opts = dataclasses.replace(opts, padding_mode=padding_mode)
     self.opts = opts
     self.thoughts = opts.num_latent if mode == "student" else 0
     self.decoder = CodiDecoder(
@@ -105,16 +115,20 @@ class Runner:
         probes.append(self._probe_record(examples[i], data, *tops[i]))
     seconds = time.perf_counter() - t0
     correct = sum(e["correct"] for e in examples)
+    official = self.run_.run.get("official")
     summary = {
       "dataset": data.name,
       "source": data.report.get("source"),
       "task": data.task,
       "mode": self.mode,
       "method": self.run_.method,
-      "workdir": os.path.dirname(self.run_.path),
-      "n": n,
+      "workdir": None if official else os.path.dirname(self.run_.path),
+      **({"official": official, "base": self.run_.run.get("base")} if official else {}),
+      "n": n,  # rows used (the reader's report says how many were read and dropped)
       "correct": correct,
       "accuracy": correct / n,
+      **(_scoring_report(examples, data.golds) if data.task == "math" else {}),
+      "generated_tokens": sum(e["n_tokens"] for e in examples),
       "mean_generated_tokens": float(np.mean([e["n_tokens"] for e in examples])),
       "thoughts": self.thoughts,
       "padding_mode": self.opts.padding_mode,
@@ -122,7 +136,7 @@ class Runner:
       "hit_max_new_tokens": sum(d.truncated for d in decoded),
       "batch_size": batch_size,
       "eos_ids": self.decoder.eos_ids,
-      "buckets": sorted({self.decoder.inputs([q], self.mode)[0].shape[1] for q in questions}),
+      "buckets": self.decoder.widths(questions, self.mode),
       "compiles": self.decoder.model.compiles_of(self.mode) - compiles0,  # decoding only
       "eval_seconds": round(seconds, 3),
       "reader": data.report,
@@ -147,6 +161,24 @@ class Runner:
       "token_ids": [[int(t) for t in row] for row in ids],
     }
 
+  def check_positions(self, data: EvalData, *, allow_extrapolation: bool = False) -> None:
+    """InputError unless the longest question (as padded: slot positions in the official padding
+    modes), its [bot], thoughts and [eot], and max_new_tokens fit the model's positions."""
+    questions = self.encode(data.questions)
+    student = self.mode == "student"
+    if self.opts.padding_mode == "masked":
+      used = max(len(q) for q in questions) + (1 if student else 0)
+    else:
+      used = max(self.decoder.widths(questions, self.mode))
+    used += self.thoughts + 1 if student else 0
+    memory.check_positions(
+      self.run_.codi.backbone.cfg,
+      used,
+      self.max_new_tokens,
+      allow_extrapolation=allow_extrapolation,
+      what=f"--max_new_tokens ({data.name}, {self.mode})",
+    )
+
   def latency(self, seqs: Sequence[Sequence[int]], batch_size: int, calls: int) -> dict:
     """Per-problem latency at batch 1 and at `batch_size` on the most common length bucket."""
     return self.decoder.latency(seqs, self.mode, batch_size, calls)
@@ -158,6 +190,30 @@ def _jsonable(x):
   return x
 
 
+def _scoring_report(examples: Sequence[dict], golds: Sequence) -> dict:
+  """How math answers were scored, and what exact equality costs on non-integer golds.
+
+  Scoring is the reference's (exact float equality); `near_misses` only reports wrong answers
+  that equal the gold once both are rounded to 2 decimals (GSM-Hard's golds such as
+  14053029.666666666 are rarely written out in full).
+  """
+  floats = [g for g in golds if isinstance(g, float) and math.isfinite(g)]
+  near = sum(
+    1
+    for e, g in zip(examples, golds)
+    if not e["correct"]
+    and isinstance(e["extracted"], float)
+    and isinstance(g, float)
+    and math.isfinite(g)
+    and round(e["extracted"], 2) == round(g, 2)
+  )
+  return {
+    "scoring": SCORING,
+    "non_integer_golds": sum(not g.is_integer() for g in floats),
+    "near_misses": near,
+  }
+
+
 # ------------------------------------------------------------------------------------- output
 
 
@@ -165,16 +221,23 @@ def format_results(summaries: Sequence[dict]) -> str:
   """The per-dataset results as a text table."""
   head = (
     f"{'dataset':<16} | {'mode':<7} | {'n':>6} | {'accuracy':>8} | {'gen tokens':>10} | "
-    f"{'thoughts':>8} | {'compiles':>8} | {'seconds':>7}"
+    f"{'per row':>7} | {'thoughts':>8} | {'compiles':>8} | {'seconds':>7}"
   )
   lines = [head, "-" * len(head)]
+  notes = []
   for s in summaries:
     lines.append(
       f"{s['dataset']:<16} | {s['mode']:<7} | {s['n']:>6} | {100 * s['accuracy']:>7.2f}% | "
-      f"{s['mean_generated_tokens']:>10.2f} | {s['thoughts']:>8} | {s['compiles']:>8} | "
-      f"{s['eval_seconds']:>7.1f}"
+      f"{s['generated_tokens']:>10} | {s['mean_generated_tokens']:>7.2f} | {s['thoughts']:>8} | "
+      f"{s['compiles']:>8} | {s['eval_seconds']:>7.1f}"
     )
-  return "\n".join(lines)
+    if s.get("non_integer_golds"):
+      notes.append(
+        f"{s['dataset']} ({s['mode']}): {s['non_integer_golds']} of {s['n']} golds are not "
+        f"integers; scored by exact float equality as the reference; {s['near_misses']} wrong "
+        "answers equal the gold at 2 decimals"
+      )
+  return "\n".join(lines + notes)
 
 
 def write_probe(
@@ -207,15 +270,22 @@ def write_probe(
 class Options:
   """What `python -m codi_jax.evaluate` does; each field is the flag of the same name."""
 
-  workdir: str
-  data: Sequence[str] = ()  # empty: [split]
-  split: str = "test"
+  workdir: str | None = None  # a finished run, or:
+  official: str | None = None  # an official-layout checkpoint (file or directory) on `base`
+  base: str | None = None
+  sets: Sequence[str] = ()  # empty: the run's test split (required with `official`)
+  data_dir: str = ""
+  set_path: Sequence[str] = ()  # NAME=FILE
   mode: str = "auto"
   cot_workdir: str | None = None
   efficiency: bool = False
   batch_size: int | None = None
   max_new_tokens: int | None = None
   num_latent: int | None = None
+  padding_mode: str | None = None
+  lora_rank: int | None = None
+  lora_alpha: float | None = None
+  dtype: str | None = None
   limit: int | None = None
   out: str | None = None
   mask_special: str = "all"
@@ -225,59 +295,179 @@ class Options:
   probe_all: bool = False
   latency_calls: int = 5
   progress: bool = True
+  allow_extrapolation: bool = False  # decode past a RoPE model's positions
 
   def check(self):
-    for name in ("batch_size", "max_new_tokens", "limit", "probe_topk", "latency_calls"):
-      value = getattr(self, name)
-      if value is not None and value < 1:
-        raise InputError(f"--{name}: must be >= 1, got {value}")
-    if self.num_latent is not None and self.num_latent < 0:
-      raise InputError(f"--num_latent: must be >= 0, got {self.num_latent}")
+    """Every flag against its rule (`config_schema.EVAL`), then the rules between them."""
+    config_schema.check_values(dataclasses.asdict(self), config_schema.EVAL, prefix="--")
+    if bool(self.workdir) == bool(self.official):
+      raise InputError(
+        "pass either --workdir=<finished run> or --official=<checkpoint> --base=<HF model dir>"
+      )
+    if self.official and not self.base:
+      raise InputError("--base: required with --official (the base model's HF directory)")
+    for name in ("official", "base"):
+      path = getattr(self, name)
+      if self.official and not os.path.exists(path):
+        raise InputError(f"--{name}={path}: no such file or directory")
+    if self.official and not self.sets:
+      raise InputError(
+        f"--sets: required with --official, e.g. --sets=gsm8k --data_dir=<folder> "
+        f"(names: {', '.join(SET_NAMES)}; or .json/.jsonl files)"
+      )
+    if not self.official:
+      for name in ("base", "lora_rank", "lora_alpha", "dtype"):
+        if getattr(self, name) is not None:
+          raise InputError(f"--{name}: only with --official")
+    if self.data_dir and not os.path.isdir(self.data_dir):
+      raise InputError(f"--data_dir={self.data_dir}: no such directory")
+    self.set_paths()
+
+  def set_paths(self) -> dict[str, str]:
+    """--set_path entries as {set name: file}; every name must be a named set listed in --sets."""
+    listed = {set_name(s) for s in self.sets or ("test",)}
+    paths = {}
+    for entry in self.set_path:
+      name, sep, path = entry.partition("=")
+      key = set_name(name)
+      if not sep or not path:
+        raise InputError(f"--set_path={entry}: expected NAME=FILE, e.g. svamp=/data/SVAMP.json")
+      if key is None:
+        raise InputError(
+          f"--set_path={entry}: unknown set {name!r}; expected one of {', '.join(SET_NAMES)}"
+        )
+      if key not in listed:
+        raise InputError(f"--set_path={entry}: {key} is not in --sets")
+      if key in paths:
+        raise InputError(f"--set_path={entry}: {key} is given twice")
+      paths[key] = path
+    return paths
 
 
 def _own_mode(method: str) -> str:
-  return "teacher" if method == "cot_sft" else "student"
+  return "teacher" if method in ("cot_sft", "icot_si") else "student"  # iCoT-SI: CoT internalized
+
+
+def official_run(opts: Options) -> FinishedRun:
+  """An official-layout checkpoint loaded as a run: the model on `opts.base` with the reference's
+  special ids and LoRA settings; inference settings from its codi_config.json (a codi_jax.export)
+  or else the reference's test.py (6 thoughts, padding_mode "official", batch 128, 256 new
+  tokens)."""
+  loaded = convert.load_official(
+    opts.official,
+    opts.base,
+    lora_rank=opts.lora_rank,
+    lora_alpha=opts.lora_alpha,
+    dtype=opts.dtype or "float32",
+  )
+  s = loaded.settings
+  ev = s.get("eval") or {}
+  # An export records its run's method; baselines decode as their CODI-layout equivalent
+  # (iCoT-SI: from the question alone; Coconut: thoughts without a projection, read off prj.*).
+  method = {"icot_si": "cot_sft", "coconut": "codi"}.get(s.get("method"), s.get("method", "codi"))
+  config = ml_collections.ConfigDict(
+    {
+      "seed": 0,
+      "codi": {
+        "method": method,
+        "num_latent": s.get("num_latent", convert.DEFAULT_NUM_LATENT),
+        "num_latent_infer": -1,
+        "padding_mode": s.get("padding_mode", "official"),
+        "use_prj": s["use_prj"],
+        "prj_dim": s["prj_dim"],
+        "prj_layernorm": s["prj_layernorm"],
+      },
+      "data": {"source": "official", "buckets": ev.get("buckets", 32)},
+      "eval": {
+        "batch_size": ev.get("batch_size", 128),
+        "max_new_tokens": ev.get("max_new_tokens", 256),
+        "num_examples": 0,
+      },
+    }
+  )
+  run = {
+    "official": os.path.abspath(opts.official),
+    "base": os.path.abspath(opts.base) if os.path.exists(opts.base) else opts.base,
+    "settings": s,
+    "eos_ids": list(loaded.tokenizer.eos_ids),
+  }
+  return FinishedRun(
+    loaded.codi, loaded.tokenizer, loaded.special, config, run, os.path.abspath(opts.official)
+  )
+
+
+def _out_dir(opts: Options) -> str:
+  if opts.out:
+    return opts.out
+  if opts.official:
+    path = os.path.abspath(opts.official)
+    return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "eval")
+  return os.path.join(opts.workdir, "eval")
 
 
 def evaluate(opts: Options, override=None) -> dict:
   """Runs the evaluation `opts` describes; returns {results: [summary], efficiency: report or None}.
 
-  `override` (a config) replaces the run's saved data, eval and seed settings.
+  `override` (a config) replaces a run's saved data, eval and seed settings.
   """
   opts.check()
-  _, config, _ = read_final(opts.workdir)
+  if override is not None:  # the settings it replaces, checked as a training config's
+    config_schema.validate_train(override, sections=("data", "eval", "seed"))
   if opts.cot_workdir:
     read_final(opts.cot_workdir)  # fail early
-  if override is not None:
-    config.data, config.eval, config.seed = override.data, override.eval, override.seed
+  paths = opts.set_paths()
+
+  def load_sets(config, limit):
+    return [
+      load_eval_data(s, config, limit=limit, steps=opts.probe, data_dir=opts.data_dir, paths=paths)
+      for s in (opts.sets or ["test"])
+    ]
+
+  if opts.official:
+    datasets = load_sets(None, opts.limit)  # data errors before the (slow) model load
+    final = official_run(opts)
+    config = final.config
+  else:
+    _, config, _ = read_final(opts.workdir)
+    if override is not None:
+      config.data, config.eval, config.seed = override.data, override.eval, override.seed
+    datasets = load_sets(config, opts.limit or config.eval.num_examples or None)
+    final = load_final(opts.workdir)
   batch = opts.batch_size or config.eval.batch_size
   max_new = opts.max_new_tokens or config.eval.max_new_tokens
-  limit = opts.limit or config.eval.num_examples or None
   method = config.codi.method
   own = _own_mode(method)
   modes = {"auto": [own], "both": ["student", "teacher"]}.get(opts.mode, [opts.mode])
   if opts.probe and "student" not in modes:
     raise InputError(f"--probe: --mode={opts.mode} on a {method} run has no continuous thoughts")
-  out_dir = opts.out or os.path.join(opts.workdir, "eval")
-  datasets = [
-    load_eval_data(s, config, limit=limit, steps=opts.probe) for s in (opts.data or [opts.split])
-  ]
-  final = load_final(opts.workdir)
+  out_dir = _out_dir(opts)
   cot = load_final(opts.cot_workdir) if opts.cot_workdir else None
-  trained = CodiOptions.from_config(config.codi).num_latent
+  trained = CodiOptions.from_config(config.codi)
   summaries, eff = [], None
-  for mode in modes:
-    runner = Runner(
+  runners = {
+    mode: Runner(
       final,
       mode,
       max_new_tokens=max_new,
       num_latent=opts.num_latent,
+      padding_mode=opts.padding_mode,
       mask_special=opts.mask_special,
       buckets=config.data.buckets,
     )
+    for mode in modes
+  }
+  vocab = final.codi.backbone.cfg.vocab_size
+  if opts.probe and opts.probe_topk > vocab:
+    raise InputError(f"--probe_topk: got {opts.probe_topk}; expected <= {vocab}, the vocabulary")
+  for runner in runners.values():  # before any decoding
+    for data in datasets:
+      runner.check_positions(data, allow_extrapolation=opts.allow_extrapolation)
+  for mode, runner in runners.items():
     suffix = "" if mode == own else f".{mode}"
-    if mode == "student" and runner.thoughts != trained:
+    if mode == "student" and runner.thoughts != trained.num_latent:
       suffix += f".latent{runner.thoughts}"
+    if runner.opts.padding_mode != trained.padding_mode:
+      suffix += f".{runner.opts.padding_mode}"
     for data in datasets:
       probe_k = opts.probe_topk if opts.probe and mode == "student" else 0
       summary, examples, probes = runner.run(

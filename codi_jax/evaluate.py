@@ -1,26 +1,47 @@
-r"""Evaluate a finished CODI run: accuracy per dataset, per-example JSONL, efficiency, probing.
+r"""Evaluate CODI: a finished run, or an official CODI checkpoint on its base model. Accuracy per
+set, per-example JSONL, efficiency, probing.
 
   python -m codi_jax.evaluate --workdir=/tmp/codi_demo
   python -m codi_jax.evaluate --workdir=/tmp/codi_demo --cot_workdir=/tmp/cot --probe
-  python -m codi_jax.evaluate --workdir=runs/gpt2 --data=gsm8k --data=svamp --data=multiarith
-  python -m codi_jax.evaluate --workdir=runs/gpt2 --data=gsm8k=/data/gsm8k_test.jsonl --data=my.jsonl
+  python -m codi_jax.evaluate --workdir=runs/gpt2 --sets=gsm8k,svamp,gsm_hard,multiarith \
+      --data_dir=/data/eval
+  python -m codi_jax.evaluate --workdir=runs/gpt2 --sets=gsm8k,svamp --set_path=svamp=/x/SVAMP.json
+  python -m codi_jax.evaluate --official=/ckpt/codi_gpt2 --base=/models/gpt2 --sets=gsm8k \
+      --data_dir=/data/eval
 
-The model, tokenizer and config come from `<workdir>/final` (written by `codi_jax.train`); an
-optional --config replaces the saved `data`, `eval` and `seed` settings (which test set, batch
-size, max_new_tokens). Decoding is greedy and jitted on fixed-shape batches (one compile per
-question-length bucket): a CODI student encodes [question][bot], runs N continuous thoughts,
+--workdir: the model, tokenizer and config come from `<workdir>/final` (written by
+`codi_jax.train`); an optional --config replaces the saved `data`, `eval` and `seed` settings.
+--official: a checkpoint in the reference's layout (docs/codi.md 8: `codi.base_model.model.*` with
+peft LoRA tensors, `prj.*`; one model.safetensors, a sharded model.safetensors.index.json, or
+pytorch_model.bin with torch installed) on --base, the base model's HF directory (config.json and
+tokenizer; `<out>` of `codi_jax.export` works too). pad/bot/eot are ids V, V+1, V+2 as in the
+reference; the LoRA rank is read off the checkpoint, alpha is --lora_alpha (default: the
+checkpoint's codi_config.json, else 32). Unless codi_config.json (written by codi_jax.export) or a
+flag says otherwise, inference is the reference test.py's: 6 thoughts, --padding_mode=official
+(batches in input order, positions and unmasked passes as the reference), batch 128, 256 tokens.
+
+--sets (comma-separated): test / valid (a run's own splits), synthetic:<split>, gsm8k, svamp,
+gsm_hard, multiarith, gsm8k_aug_test, commonsense, or .json/.jsonl files with question and answer
+fields. A named set is read from --set_path=NAME=FILE if given, else from --data_dir under its
+standard file name (gsm8k/test.jsonl, svamp/SVAMP.json, gsm_hard/gsmhardv2.jsonl,
+multiarith/mawpsmultiarith.jsonl, gsm8k_aug/test.txt), else from its HF hub copy (needs the
+`datasets` package and network). Decoding is greedy and jitted on fixed-shape batches (one compile
+per question-length bucket): a CODI student encodes [question][bot], runs N continuous thoughts,
 feeds [eot] and decodes the answer on the cache; a CoT-SFT model decodes CoT + answer from the
 question; a No-CoT-SFT model is the student with 0 thoughts. Rows stop at eos (and the
-tokenizer's other stop ids). Answers are extracted as the reference (docs/codi.md 7.2).
+tokenizer's other stop ids). Answers are extracted and scored as the reference (docs/codi.md 7.2:
+exact float equality; sets with non-integer golds, such as GSM-Hard, also report near misses).
 
-Writes to <workdir>/eval (or --out), each file atomically:
-  <dataset>.json            accuracy, n, mean generated tokens, thoughts, compiles, timing
-  <dataset>.examples.jsonl  question, gold, prediction, extracted, correct, n_tokens per example
-  <dataset>.efficiency.json tokens per problem, compression and latency (with --efficiency or
+Writes to <workdir>/eval (or <checkpoint dir>/eval, or --out), each file atomically:
+  <set>.json                accuracy, n (rows used), generated tokens, thoughts, compiles, seconds,
+                            the reader's report (rows read, dropped and why)
+  <set>.examples.jsonl      question, gold, prediction, extracted, correct, tokens per example
+  <set>.efficiency.json     tokens per problem, compression and latency (with --efficiency or
                             --cot_workdir; the CoT-SFT run is --cot_workdir)
-  <dataset>.probe.json/.txt top-k decoded tokens of each thought and the Table-3 metric (--probe)
-Files of a mode other than the model's own (--mode=teacher on a CODI run) get a `.teacher` /
-`.student` suffix, and a --num_latent other than the trained one a `.latent<N>` suffix.
+  <set>.probe.json/.txt     top-k decoded tokens of each thought and the Table-3 metric (--probe)
+and prints one table. Files of a mode other than the model's own (--mode=teacher on a CODI run) get
+a `.teacher` / `.student` suffix, a --num_latent other than the trained one `.latent<N>`, and a
+--padding_mode other than the run's `.<padding_mode>`.
 """
 # pylint: disable=invalid-name
 
@@ -33,7 +54,7 @@ from ml_collections import config_flags
 
 from codi_jax import runtime
 from codi_jax.errors import InputError, exit_on_input_error
-from codi_jax.eval_lib import MODES, Options, evaluate
+from codi_jax.eval_lib import MODES, PADDING_MODES, Options, evaluate
 
 PROG = "codi_jax.evaluate"
 
@@ -54,14 +75,25 @@ def _define_flags():
   _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory holding final/ (from codi_jax.train)."
   )
-  flags.DEFINE_multi_string(
-    "data",
-    [],
-    "Dataset (repeatable): test | valid | synthetic:<split> | gsm8k | svamp | gsm-hard | "
-    "multiarith | commonsense | <name>=<file>[,<file>] | <file>.json(l). Default: --split.",
+  flags.DEFINE_string(
+    "official",
+    None,
+    "A checkpoint in the official CODI layout (file or directory) to evaluate on --base.",
   )
-  flags.DEFINE_enum(
-    "split", "test", ["test", "valid"], "The run's split to evaluate when --data is absent."
+  flags.DEFINE_string(
+    "base", None, "With --official: the base model's HF directory (config.json + tokenizer)."
+  )
+  flags.DEFINE_list(
+    "sets",
+    [],
+    "Evaluation sets, comma-separated: test | valid | synthetic:<split> | gsm8k | svamp | "
+    "gsm_hard | multiarith | gsm8k_aug_test | commonsense | <file>.json(l). Default: test.",
+  )
+  flags.DEFINE_string(
+    "data_dir", "", "Folder holding the named sets' files under their standard names."
+  )
+  flags.DEFINE_multi_string(
+    "set_path", [], "NAME=FILE (repeatable): read named set NAME from FILE (overrides --data_dir)."
   )
   flags.DEFINE_enum(
     "mode",
@@ -76,12 +108,30 @@ def _define_flags():
     "max_new_tokens", None, "Decoding cap (default: config.eval.max_new_tokens)."
   )
   flags.DEFINE_integer(
-    "num_latent", None, "Continuous thoughts at inference (default: as configured)."
+    "num_latent", None, "Continuous thoughts at inference (default: as configured; official: 6)."
+  )
+  flags.DEFINE_enum(
+    "padding_mode",
+    None,
+    list(PADDING_MODES),
+    "Padded questions: masked (ours) or the reference's unmasked latent/answer passes (official; "
+    "official_fixmask: its fix_attn_mask=True). Default: the run's own; --official: official.",
+  )
+  flags.DEFINE_integer(
+    "lora_rank", None, "With --official: expected LoRA rank (default: the checkpoint's)."
+  )
+  flags.DEFINE_float(
+    "lora_alpha", None, "With --official: LoRA alpha (default: codi_config.json's, else 32)."
+  )
+  flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16"], "With --official: weights and compute dtype (float32)."
   )
   flags.DEFINE_integer(
     "limit", None, "First N examples per dataset (default: config.eval.num_examples)."
   )
-  flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
+  flags.DEFINE_string(
+    "out", None, "Output directory (default: <workdir>/eval or <checkpoint dir>/eval)."
+  )
   flags.DEFINE_enum(
     "mask_special",
     "all",
@@ -102,6 +152,12 @@ def _define_flags():
   flags.DEFINE_integer(
     "latency_calls", 5, "Timed calls per latency figure, after one warm-up call."
   )
+  flags.DEFINE_bool(
+    "allow_extrapolation",
+    False,
+    "Decode past the model's positions (RoPE models only; quality degrades there). Without it, "
+    "a question + thoughts + --max_new_tokens beyond them is refused before decoding.",
+  )
 
 
 def main(argv):
@@ -111,10 +167,10 @@ def main(argv):
   override = runtime.config_value(_CONFIG, PROG)
   override = None if override is None else override.copy_and_resolve_references()
   with exit_on_input_error(PROG):
-    if not _WORKDIR.value:
-      raise InputError("--workdir: required (the run directory holding final/)")
-    fields = [f.name for f in dataclasses.fields(Options) if f.name not in ("workdir", "progress")]
-    evaluate(Options(workdir=_WORKDIR.value, **{k: flags.FLAGS[k].value for k in fields}), override)
+    if override is not None and not _WORKDIR.value:
+      raise InputError("--config: only with --workdir (it replaces a run's saved settings)")
+    fields = [f.name for f in dataclasses.fields(Options) if f.name != "progress"]
+    evaluate(Options(**{k: flags.FLAGS[k].value for k in fields}), override)
 
 
 if __name__ == "__main__":

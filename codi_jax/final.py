@@ -126,7 +126,8 @@ def load_final(workdir: str) -> FinishedRun:
   except Exception as e:  # noqa: BLE001  (any load failure is reported in one line)
     raise InputError(f"{tok_path}: cannot load ({type(e).__name__}: {e})") from None
   with_specials = backend.encode("1", add_special_tokens=True).ids
-  bos = with_specials[0] if len(with_specials) > len(backend.encode("1").ids) else None
+  bare = backend.encode("1", add_special_tokens=False).ids
+  bos = with_specials[0] if len(with_specials) > len(bare) else None
   tokenizer = Tokenizer(
     backend, bos_id=bos, eos_id=special.eos, extra_eos_ids=run.get("eos_ids", ()), source=tok_path
   )

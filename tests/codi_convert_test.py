@@ -1,5 +1,7 @@
 """Importing an official CODI checkpoint (key layout of zhenyi4/codi) written here by the test."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -85,12 +87,22 @@ def official_checkpoint(arch, rng):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("fmt", ["safetensors", "sharded", "bin"])
 def test_import_matches_merged_reference(tmp_path, arch, fmt):
   ref, sd, cfg = official_checkpoint(arch, np.random.default_rng(0))
   path = str(tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"))
   if fmt == "safetensors":
     weights_io.write_safetensors(path, sd)
+  elif fmt == "sharded":
+    keys = sorted(sd)
+    shards = {
+      "model-00001-of-00002.safetensors": keys[:7],
+      "model-00002-of-00002.safetensors": keys[7:],
+    }
+    for name, part in shards.items():
+      weights_io.write_safetensors(str(tmp_path / name), {k: sd[k] for k in part})
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
   else:
     torch.save({k: torch.tensor(v) for k, v in sd.items()}, path)
   codi = import_official(str(tmp_path), cfg)
@@ -118,3 +130,9 @@ def test_import_errors(tmp_path):
   with pytest.raises(InputError, match="rows"):
     weights_io.write_safetensors(str(tmp_path / "ok.safetensors"), sd)
     import_official(str(tmp_path / "ok.safetensors"), cfg.replace(vocab_size=V - 3))
+  (tmp_path / "model.npz").write_bytes(b"")
+  with pytest.raises(InputError, match="not a checkpoint"):
+    import_official(str(tmp_path / "model.npz"), cfg)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(InputError, match="no weights"):
+    import_official(str(tmp_path / "empty"), cfg)

@@ -6,6 +6,7 @@ import os
 import cli_util
 import numpy as np
 import pytest
+import shared_data
 from flax import nnx
 from train_test import tiny_config
 
@@ -163,12 +164,12 @@ def test_missing_final_is_a_one_line_error(tmp_path):
 def test_malformed_data_line_names_file_and_line(runs, tmp_path):
   path = tmp_path / "bad.jsonl"
   path.write_text('{"question": "Tom has 2 apples.", "answer": "2"}\n{"question": oops}\n')
-  proc = run_cli(tmp_path, f"--workdir={runs['codi']}", f"--data={path}")
+  proc = run_cli(tmp_path, f"--workdir={runs['codi']}", f"--sets={path}")
   assert_one_line_error(proc, str(path), "line 2")
   assert not os.path.exists(os.path.join(runs["codi"], "eval", "bad.json"))
 
 
-def test_data_specs(finals, tmp_path):
+def test_set_specs(finals, tmp_path):
   config = finals["codi"].config
   path = tmp_path / "gsm.jsonl"
   rows = [
@@ -184,15 +185,70 @@ def test_data_specs(finals, tmp_path):
     [[24.0], []],
   )
   assert plain.questions == ["Q1 here", "Q2"]
-  named = eval_sets.load_eval_data(f"gsm8k={path}", config, limit=1)
-  assert (named.name, named.golds, named.steps) == (
-    "gsm8k",
-    [24.0],
-    [[]],
-  )  # steps only when probing
+  named = eval_sets.load_eval_data("gsm8k", config, limit=1, paths={"gsm8k": str(path)})
+  assert (named.name, named.golds, named.steps) == ("gsm8k", [24.0], [[]])  # steps if probing
+  assert named.report["used"] == 1 and named.report["read"] == 2
+  with pytest.raises(InputError, match=f"{path}: no usable rows for gsm_hard .*field 'input'"):
+    eval_sets.load_eval_data("gsm-hard", None, paths={"gsm_hard": str(path)})  # GSM8k's layout
+  (tmp_path / "gsm8k").mkdir()
+  (tmp_path / "gsm8k" / "test.jsonl").write_text(path.read_text())
+  from_dir = eval_sets.load_eval_data("gsm8k", None, data_dir=str(tmp_path), steps=True)
+  assert from_dir.golds == [24.0, 1000.0] and from_dir.steps == [[24.0], []]
   syn = eval_sets.load_eval_data("synthetic:valid", config, limit=3)
   assert syn.name == "synthetic_valid" and len(syn.questions) == 3 and all(syn.steps)
   with pytest.raises(InputError, match="not a .json/.jsonl file"):
     eval_sets.load_eval_data("nope", config)
-  with pytest.raises(InputError, match="unknown evaluation set"):
-    eval_sets.load_eval_data(f"nope={path}", config)
+  with pytest.raises(InputError, match="no hub copy; pass --data_dir"):
+    eval_sets.load_eval_data("gsm8k_aug_test", config)
+  with pytest.raises(InputError, match="official checkpoint has none"):
+    eval_sets.load_eval_data("test", None)
+  with pytest.raises(InputError, match="no such file"):
+    eval_sets.load_eval_data("svamp", config, data_dir=str(tmp_path))
+
+
+def test_scoring_report_counts_non_integer_golds_and_near_misses():
+  golds = [14053029.666666666, 3.0, 5.5, 7.0]
+  examples = [
+    {"correct": False, "extracted": 14053029.67},  # the gold written to 2 decimals: wrong
+    {"correct": True, "extracted": 3.0},
+    {"correct": False, "extracted": 5.4},
+    {"correct": False, "extracted": None},  # no number in the answer
+  ]
+  rep = ev._scoring_report(examples, golds)  # pylint: disable=protected-access
+  assert (rep["non_integer_golds"], rep["near_misses"]) == (2, 1)
+  assert rep["scoring"].startswith("exact float equality")
+
+
+def test_real_sets_from_data_dir_and_set_path(runs, tmp_path):
+  """The four public sets from their authors' files: one table, per-set n, tokens and seconds,
+  GSM-Hard's non-integer golds reported (scored exactly, as the reference)."""
+  shared_data.path("gsm_hard", "gsmhardv2.jsonl")  # skips (or fails in CI) without the data
+  out = tmp_path / "eval"
+  proc = run_cli(
+    tmp_path,
+    f"--workdir={runs['codi']}",
+    "--sets=gsm8k,svamp,gsm-hard,multiarith",
+    f"--data_dir={shared_data.DATA_ROOT}",
+    f"--set_path=svamp={shared_data.path('svamp', 'SVAMP.json')}",
+    "--limit=8",
+    "--batch_size=8",
+    "--max_new_tokens=2",
+    f"--out={out}",
+  )
+  assert proc.returncode == 0, proc.stderr
+  for name, read in (("gsm8k", 1319), ("svamp", 1000), ("gsm_hard", 1319), ("multiarith", 600)):
+    assert name in proc.stdout
+    s = json.loads((out / f"{name}.json").read_text())
+    assert s["n"] == 8 and s["reader"]["used"] == 8 and s["reader"]["read"] >= read - 1
+    assert s["generated_tokens"] > 0 and s["eval_seconds"] > 0
+    assert s["scoring"].startswith("exact float equality")
+  hard = json.loads((out / "gsm_hard.json").read_text())
+  assert hard["non_integer_golds"] == 1  # row 7 of gsmhardv2.jsonl: 14053029.666666666
+  assert "gsm_hard (student): 1 of 8 golds are not integers" in proc.stdout
+
+
+def test_cli_flag_errors(runs, tmp_path):
+  proc = run_cli(tmp_path, f"--workdir={runs['codi']}", "--set_path=gsm8k")
+  assert_one_line_error(proc, "--set_path=gsm8k", "NAME=FILE")
+  proc = run_cli(tmp_path, f"--workdir={runs['codi']}", "--sets=svamp", f"--data_dir={tmp_path}")
+  assert_one_line_error(proc, "svamp/SVAMP.json", "no such file")

@@ -1,4 +1,5 @@
-"""HF transformers checkpoints <-> our parameters: config.json mapping, weight names, assignment.
+"""HF transformers checkpoints <-> our parameters: config.json mapping (both ways), weight names,
+assignment, and export (LoRA merged or left out).
 
 The tensor files themselves are read and written by `weights_io` (safetensors without torch).
 """
@@ -223,13 +224,113 @@ def assign(
   return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
 
-def export_tensors(model: Transformer) -> dict[str, np.ndarray]:
-  """Our base parameters under HF names (model prefix omitted), e.g. to write a checkpoint."""
+def model_prefix(arch: str) -> str:
+  """The prefix of the backbone's keys in a transformers checkpoint (the LM head has none)."""
+  return "transformer." if arch == "gpt2" else "model."
+
+
+def full_name(name: str, arch: str) -> str:
+  """An `hf_name` key as transformers' `*ForCausalLM` state dict spells it."""
+  return name if name == "lm_head.weight" else model_prefix(arch) + name
+
+
+def lora_delta(linear) -> np.ndarray | None:
+  """(alpha / r) * A @ B in our [in, out] layout (f32) for a LoRA-adapted Linear, else None."""
+  if getattr(linear, "lora_scale", None) is None:
+    return None
+  a = np.asarray(linear.lora_a.get_value(), np.float32)
+  b = np.asarray(linear.lora_b.get_value(), np.float32)
+  return (a @ b) * np.float32(linear.lora_scale)
+
+
+def _module_at(model, path: tuple):
+  for part in path:
+    model = model[part] if isinstance(part, int) else getattr(model, part)
+  return model
+
+
+def export_tensors(model: Transformer, *, merge_lora: bool = False) -> dict[str, np.ndarray]:
+  """Our base parameters under HF names (model prefix omitted), e.g. to write a checkpoint.
+
+  The embedding is the effective table (trained pad/bot/eot rows written in). With `merge_lora`,
+  each adapted kernel becomes W + (alpha / r) * A @ B (computed in f32, stored in W's dtype), so
+  the tensors describe the adapted model without peft; otherwise the adapters are left out.
+  """
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    if path[-1] in ("lora_a", "lora_b"):
+    path = tuple(path)
+    if path[-1] in ("lora_a", "lora_b") or path == ("embed", "special"):
       continue
     name, transpose = hf_name(path, model.cfg.arch)
-    a = np.asarray(var.get_value())
+    a = np.asarray(model.embed.table() if path == ("embed", "embedding") else var.get_value())
+    if merge_lora and path[-1] == "kernel":
+      delta = lora_delta(_module_at(model, path[:-1]))
+      if delta is not None:
+        a = (a.astype(np.float32) + delta).astype(a.dtype)
     out[name] = a.T if transpose else a
+  return out
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def config_to_hf(cfg: ModelConfig, **token_ids: int | list[int] | None) -> dict:
+  """A transformers `config.json` dict for `cfg` (GPT-2, Llama or Qwen2): the inverse of
+  `config_from_hf`, in the transformers 4.x spelling (rope_theta / rope_scaling / torch_dtype),
+  which 5.x reads too. `token_ids` (bos_token_id, eos_token_id, pad_token_id) are written as given
+  (None too: transformers' defaults, e.g. GPT-2's 50256, would not fit the vocabulary).
+  """
+  common = {
+    "vocab_size": cfg.vocab_size,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "torch_dtype": cfg.param_dtype,
+    "use_cache": True,
+    **token_ids,
+  }
+  if cfg.arch == "gpt2":
+    return {
+      "architectures": ["GPT2LMHeadModel"],
+      "model_type": "gpt2",
+      "n_embd": cfg.d_model,
+      "n_layer": cfg.num_layers,
+      "n_head": cfg.num_heads,
+      "n_inner": cfg.d_ff,
+      "n_positions": cfg.max_positions,
+      "activation_function": "gelu_new",
+      "layer_norm_epsilon": cfg.norm_eps,
+      "embd_pdrop": cfg.embed_dropout,
+      "attn_pdrop": cfg.attn_dropout,
+      "resid_pdrop": cfg.resid_dropout,
+      **common,
+    }
+  scaling = None
+  if cfg.rope_scaling is not None:
+    rs = cfg.rope_scaling
+    scaling = {"rope_type": rs.rope_type, "factor": rs.factor}
+    if rs.rope_type == "llama3":
+      scaling.update(
+        low_freq_factor=rs.low_freq_factor,
+        high_freq_factor=rs.high_freq_factor,
+        original_max_position_embeddings=rs.original_max_position_embeddings,
+      )
+  out = {
+    "architectures": ["Qwen2ForCausalLM" if cfg.arch == "qwen2" else "LlamaForCausalLM"],
+    "model_type": cfg.arch,
+    "hidden_size": cfg.d_model,
+    "intermediate_size": cfg.d_ff,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": cfg.max_positions,
+    "rms_norm_eps": cfg.norm_eps,
+    "rope_theta": cfg.rope_theta,
+    "rope_scaling": scaling,
+    **common,
+  }
+  if cfg.arch == "qwen2":
+    out.update(use_sliding_window=False, sliding_window=None)
+  else:
+    out.update(attention_bias=False, mlp_bias=False)
   return out
