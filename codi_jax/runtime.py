@@ -24,8 +24,8 @@ def setup_cli():
 
 
 def flags_parser(prog: str):
-  """An absl `flags_parser` for `app.run`: a bad flag, config file or `--config.x` override is one
-  line on stderr (`prog: error: ...`) and exit 2 instead of a traceback."""
+  """An absl `flags_parser` for `app.run`: a bad flag, config file (whatever its code raises) or
+  `--config.x` override is one line on stderr (`prog: error: ...`) and exit 2, not a traceback."""
   import sys  # pylint: disable=import-outside-toplevel
 
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -36,10 +36,16 @@ def flags_parser(prog: str):
     except flags.Error as e:
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
       message = lines[0] if len(lines) < 2 else f"{lines[0].rstrip(':')}: {lines[-1]}"
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001  (code in a config file: what it raises is input)
       given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-      detail = str(e).strip('"')
-      message = f"invalid config override {detail} (overrides given: {', '.join(given) or 'none'})"
+      detail = " ".join(str(e).strip('"').split())
+      files = [a.partition("=")[2] for a in argv[1:] if a.startswith("--config=")]
+      if given and isinstance(e, AttributeError | KeyError | TypeError | ValueError):
+        message = f"invalid config override {detail} (overrides given: {', '.join(given)})"
+      elif files:
+        message = f"--config={files[-1]}: {type(e).__name__}: {detail}"
+      else:
+        message = f"{type(e).__name__}: {detail}"
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(2)
 

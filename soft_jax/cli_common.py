@@ -72,6 +72,15 @@ def _define_decode():
   )
 
 
+def _define_extrapolation():
+  flags.DEFINE_bool(
+    "allow_extrapolation",
+    False,
+    "Decode past the model's context (RoPE models only; quality degrades there). Without it, a "
+    "prompt plus --max_new_tokens beyond the model's positions is refused before decoding.",
+  )
+
+
 def _define_sampler():
   for kind, name, help_text in _SAMPLER:
     getattr(flags, f"DEFINE_{kind}")(name, None, help_text)
@@ -101,6 +110,7 @@ def _define_output():
 
 _GROUPS = {
   "decode": _define_decode,
+  "extrapolation": _define_extrapolation,
   "sampler": _define_sampler,
   "prompt": _define_prompt,
   "data": _define_data,
@@ -110,8 +120,8 @@ _GROUPS = {
 
 
 def define(*groups: str) -> None:
-  """Defines the named flag groups (decode, sampler, prompt, data, samples, output) for the
-  calling program; call once, when the CLI module runs as `__main__`."""
+  """Defines the named flag groups (decode, extrapolation, sampler, prompt, data, samples, output)
+  for the calling program; call once, when the CLI module runs as `__main__`."""
   for g in groups:
     _GROUPS[g]()
 
@@ -176,14 +186,20 @@ def sampler_params(mode: str, config=None, overrides: dict | None = None):
   return SamplerParams(**values).validate(prefix="--")
 
 
-def setting(name: str, config, default=None):
-  """A flag given on the command line wins over the preset, which wins over the flag default."""
-  flag = flags.FLAGS[name] if name in flags.FLAGS else None
-  if flag is not None and flag.present:
-    return flag.value
+def setting(name: str, config, default=None, values=None, present=None):
+  """A flag given on the command line wins over the preset, which wins over the flag default.
+
+  values / present: the flag values and the names given (default: read from absl's FLAGS).
+  """
+  if values is None:
+    flag = flags.FLAGS[name] if name in flags.FLAGS else None
+    values = {} if flag is None else {name: flag.value}
+    present = {name} if flag is not None and flag.present else set()
+  if name in (present or ()):
+    return values[name]
   if config is not None and name in config:
     return config[name]
-  return flag.value if flag is not None else default
+  return values.get(name, default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +218,7 @@ class Settings:
   config: Any  # the preset ConfigDict or None
   mesh: Any = None  # jax Mesh or None (one device)
   rules: Any = None  # the preset's logical-axis rules, or None for the library default
+  allow_extrapolation: bool = False  # decode past a RoPE model's positions
 
 
 def make_mesh(text: str | None):
@@ -221,23 +238,71 @@ def make_mesh(text: str | None):
   return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)), where="--mesh")
 
 
-def settings(default_mode: str = "greedy") -> Settings:
-  """Resolves the shared flags against --config (call inside `exit_on_input_error`)."""
-  cfg = load_config(value("config"))
-  mode = setting("mode", cfg) or default_mode
-  params = sampler_params(mode, cfg, {k: value(k) for k in SAMPLER_FLAGS})
+def check_flags(values: dict[str, Any]) -> None:
+  """Every flag value against its rule (`config_schema.soft_flag_rules`); None = not given."""
+  from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
+
+  rules = config_schema.soft_flag_rules()
+  for name, v in values.items():
+    if name == "after_temperature":
+      v = _after_temperature(v)
+    if v is None:
+      continue
+    rule = rules[name]
+    if not rule.ok(v):
+      config_schema.fail(name, v, rule.allowed(), prefix="--")
+
+
+def check_preset(cfg, spec: str) -> None:
+  """A preset's fields against `config_schema.SOFT`: unknown fields, types and ranges."""
+  from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
+
+  if cfg is not None:
+    config_schema.check_tree(cfg, config_schema.SOFT, prefix=f"--config={spec}: ", complete=False)
+
+
+def flag_values() -> tuple[dict[str, Any], set[str]]:
+  """(name -> value, names given on the command line) of this program's soft-CLI flags."""
+  from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
+
+  names = [n for n in config_schema.soft_flag_rules() if n in flags.FLAGS]
+  return {n: flags.FLAGS[n].value for n in names}, {n for n in names if flags.FLAGS[n].present}
+
+
+def resolve(values: dict[str, Any], present=(), default_mode: str = "greedy") -> Settings:
+  """The validation pass of a soft CLI, before any model is loaded: every flag (`check_flags`),
+  the --config preset's fields (`check_preset`), then the merged settings and sampler."""
+  from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
+
+  check_flags(values)
+  spec = values.get("config")
+  cfg = load_config(spec)
+  check_preset(cfg, spec)
+  present = set(present)
+
+  def get(name):
+    return setting(name, cfg, values=values, present=present)
+
+  mode = get("mode") or default_mode
+  params = sampler_params(mode, cfg, {k: values.get(k) for k in SAMPLER_FLAGS})
   rules = cfg.get("logical_axis_rules") if cfg is not None else None
+  merged = {k: get(k) for k in ("model", "max_new_tokens", "dtype", "length_bucket")}
+  config_schema.check_values(merged, config_schema.SOFT, prefix="--")  # flag, else preset
   return Settings(
-    model=setting("model", cfg),
-    max_new_tokens=setting("max_new_tokens", cfg),
-    dtype=setting("dtype", cfg),
-    length_bucket=setting("length_bucket", cfg),
+    **merged,
     mode=mode,
     params=params,
-    seed=int(setting("seed", cfg) or 0),
-    think_end=setting("think_end", cfg) or "auto",
-    think_end_last_id=bool(setting("think_end_last_id", cfg)),
+    seed=int(get("seed") or 0),
+    think_end=get("think_end") or "auto",
+    think_end_last_id=bool(get("think_end_last_id")),
     config=cfg,
-    mesh=make_mesh(setting("mesh", cfg)),
+    mesh=make_mesh(get("mesh")),
     rules=rules,
+    allow_extrapolation=bool(values.get("allow_extrapolation", False)),
   )
+
+
+def settings(default_mode: str = "greedy") -> Settings:
+  """Resolves this program's flags against --config (call inside `exit_on_input_error`)."""
+  values, present = flag_values()
+  return resolve(values, present, default_mode)

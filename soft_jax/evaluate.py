@@ -38,6 +38,7 @@ from codi_jax import runtime
 from codi_jax.batching import bucket_size, fixed_batches
 from codi_jax.errors import InputError, exit_on_input_error
 from codi_jax.files import write_atomic
+from codi_jax.models import memory
 from soft_jax import cli_common, decode, math_answers, metrics, problems, thinking
 
 PROG = "soft_jax.evaluate"
@@ -45,7 +46,7 @@ PROG = "soft_jax.evaluate"
 
 def _define_flags():
   """This program's flags (defined only when run as a program: importing defines none)."""
-  cli_common.define("decode", "sampler", "data", "samples", "output")
+  cli_common.define("decode", "extrapolation", "sampler", "data", "samples", "output")
   flags.DEFINE_list("k", ["1"], "The k of each reported pass@k (each <= --n_samples).")
   flags.DEFINE_integer("batch_size", 8, "Rows (samples) per decoder call.")
   flags.DEFINE_enum(
@@ -116,6 +117,7 @@ def evaluate(
   length_bucket: int = 32,
   judge: str = math_answers.DEFAULT_JUDGE,
   progress: bool = False,
+  allow_extrapolation: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Decodes n samples of every problem, judges them and summarizes.
 
@@ -133,6 +135,7 @@ def evaluate(
     length_bucket: Prompt lengths are padded to one multiple of this for the whole set.
     judge: `math_answers.check_answer` judge (one of `math_answers.JUDGES`).
     progress: Show a tqdm bar.
+    allow_extrapolation: Decode past a RoPE model's positions (else refused before decoding).
 
   Returns:
     (summary, samples): `metrics.summarize` output plus timing, and one dict per sample.
@@ -153,6 +156,9 @@ def evaluate(
     model, params, pad_id=pad, eos_ids=tokenizer.eos_ids, think_end_id=think_end_id
   )
   ids = [prompt_ids(tokenizer, p.question, think_end_id) for p in problems]
+  memory.check_positions(
+    model.cfg, max(len(i) for i in ids), max_new_tokens, allow_extrapolation=allow_extrapolation
+  )
   width = bucket_size(max(len(i) for i in ids), length_bucket)  # one prompt shape for all batches
   rows = [(pi, s) for pi in range(len(problems)) for s in range(n_samples)]
 
@@ -284,6 +290,7 @@ def main(argv):
         length_bucket=st.length_bucket,
         judge=v("judge"),
         progress=v("progress"),
+        allow_extrapolation=st.allow_extrapolation,
       )
     import jax  # pylint: disable=import-outside-toplevel
 
@@ -312,4 +319,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=runtime.flags_parser(PROG))

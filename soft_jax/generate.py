@@ -31,7 +31,7 @@ PROG = "soft_jax.generate"
 
 def _define_flags():
   """This program's flags (defined only when run as a program: importing defines none)."""
-  cli_common.define("decode", "prompt", "sampler")
+  cli_common.define("decode", "extrapolation", "prompt", "sampler")
   flags.DEFINE_bool(
     "chat", False, "Wrap each prompt as a user turn with the model's chat template."
   )
@@ -58,15 +58,18 @@ def run(
   seed: int = 0,
   think_end: str = "auto",
   think_end_last_id: bool = False,
+  allow_extrapolation: bool = False,
 ) -> list[dict]:
   """Loads the model, generates for every prompt in one batch, returns one record per prompt.
 
   mode=greedy without a thinking budget uses the greedy Generator; every other case SoftDecoder.
-  Under a mesh context (`sharding.use_mesh`) the weights are sharded and the batch split.
+  Under a mesh context (`sharding.use_mesh`) the weights are sharded and the batch split. Before
+  decoding: the prompts plus `max_new` must fit the model's positions (past them only for RoPE
+  models with `allow_extrapolation`), and the decoder refuses a call whose memory cannot fit.
   """
   # Imported here so that flag errors answer without loading JAX.
   from codi_jax.decoding import Generator  # pylint: disable=import-outside-toplevel
-  from codi_jax.models import loader  # pylint: disable=import-outside-toplevel
+  from codi_jax.models import loader, memory  # pylint: disable=import-outside-toplevel
 
   if not prompts:
     raise InputError("--prompt: no prompt given")
@@ -85,6 +88,9 @@ def run(
   ids = [encode_prompt(tok, p, chat) for p in prompts]
   if chat and end_id is not None:
     ids = [thinking.open_thinking(tok, i) for i in ids]
+  memory.check_positions(
+    loaded.config, max(len(i) for i in ids), max_new, allow_extrapolation=allow_extrapolation
+  )
   pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
   t0 = time.perf_counter()
   if params.mode == "greedy" and not params.max_thinking_tokens:
@@ -144,6 +150,7 @@ def main(argv):
         seed=st.seed,
         think_end=st.think_end,
         think_end_last_id=st.think_end_last_id,
+        allow_extrapolation=st.allow_extrapolation,
       )
   if not distributed.is_main():  # every process decoded the same batch; one prints it
     return
@@ -156,4 +163,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=runtime.flags_parser(PROG))

@@ -90,60 +90,21 @@ class SamplerParams:
     return min(max(ks), vocab)
 
   def validate(self, prefix: str = "", vocab: int | None = None) -> SamplerParams:
-    """Raises InputError naming the offending field (as `{prefix}{field}`); returns self."""
+    """Raises InputError naming the offending field (as `{prefix}{field}`); returns self.
 
-    def bad(field, msg):
-      raise InputError(f"{prefix}{field}: {msg}")
+    Each field against its rule in `codi_jax.config_schema.SAMPLER`, then K against top-k and
+    the vocabulary.
+    """
+    from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
 
-    def number(field, value, lo=None, hi=None, lo_open=False, hi_open=False):
-      if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        bad(field, f"must be a finite number, got {value!r}")
-      if lo is not None and (value < lo or (lo_open and value == lo)):
-        bad(field, f"must be {'>' if lo_open else '>='} {lo}, got {value}")
-      if hi is not None and (value > hi or (hi_open and value == hi)):
-        bad(field, f"must be {'<' if hi_open else '<='} {hi}, got {value}")
-
-    def integer(field, value, lo):
-      if not isinstance(value, int) or isinstance(value, bool):
-        bad(field, f"must be an integer, got {value!r}")
-      if value < lo:
-        bad(field, f"must be >= {lo}, got {value}")
-
-    if self.mode not in MODES:
-      bad("mode", f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
-    if self.answer_phase not in ANSWER_PHASES:
-      bad(
-        "answer_phase",
-        f"unknown value {self.answer_phase!r}; expected {' or '.join(ANSWER_PHASES)}",
-      )
-    if self.embed_mix_dtype not in EMBED_MIX_DTYPES:
-      bad(
-        "embed_mix_dtype",
-        f"unknown value {self.embed_mix_dtype!r}; expected {' or '.join(EMBED_MIX_DTYPES)}",
-      )
-    number("temperature", self.temperature, lo=0)
-    if self.after_temperature is not None:
-      number("after_temperature", self.after_temperature, lo=0)
-    integer("top_k", self.top_k, 0)
-    integer("after_top_k", self.after_top_k, 0)
-    integer("max_topk", self.max_topk, 1)
+    config_schema.check_values(self.to_dict(), config_schema.SAMPLER, prefix=prefix)
     if self.top_k and self.max_topk > self.top_k:
-      bad(
-        "max_topk",
-        f"K={self.max_topk} exceeds top_k={self.top_k} (the concept token is cut from "
-        "the top-k support)",
+      raise InputError(
+        f"{prefix}max_topk: K={self.max_topk} exceeds top_k={self.top_k} (the concept token is "
+        "cut from the top-k support)"
       )
     if vocab is not None and self.max_topk > vocab:
-      bad("max_topk", f"K={self.max_topk} exceeds the vocabulary size {vocab}")
-    number("top_p", self.top_p, lo=0, hi=1, lo_open=True)
-    number("after_top_p", self.after_top_p, lo=0, hi=1, lo_open=True)
-    number("min_p", self.min_p, lo=0, hi=1, hi_open=True)
-    number("after_min_p", self.after_min_p, lo=0, hi=1, hi_open=True)
-    number("dirichlet_alpha", self.dirichlet_alpha, lo=0, lo_open=True)
-    number("gumbel_tau", self.gumbel_tau, lo=0, lo_open=True)
-    number("cold_stop_entropy", self.cold_stop_entropy, lo=0)
-    integer("cold_stop_patience", self.cold_stop_patience, 1)
-    integer("max_thinking_tokens", self.max_thinking_tokens, 0)
+      raise InputError(f"{prefix}max_topk: K={self.max_topk} exceeds the vocabulary size {vocab}")
     return self
 
 

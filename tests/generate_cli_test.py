@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import assets
 import cli_util
 import pytest
+import tiny_hf
 
 from codi_jax.decoding import Generator
 from codi_jax.models import loader
 
 PROG = "soft_jax.generate"
-V = 100  # tiny vocabulary: "<eos>" (0), "<unk>" (1), "w2" ... "w99"
-TEMPLATE = (
-  "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
-  "{% if add_generation_prompt %}w5{% endif %}"
-)
+V = tiny_hf.V  # tiny vocabulary: "<eos>" (0), "<unk>" (1), "w2" ... "w99"
+TEMPLATE = tiny_hf.TEMPLATE
 
 
 def run_cli(tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
@@ -44,7 +41,6 @@ def tiny_dir(tmp_path_factory) -> str:
   """A tiny random HF Llama with a word-level tokenizer and a chat template."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  import tokenizers  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
@@ -65,16 +61,7 @@ def tiny_dir(tmp_path_factory) -> str:
       p.add_(0.1 * torch.randn_like(p))
   path = str(tmp_path_factory.mktemp("tiny_llama"))
   model.save_pretrained(path)
-  vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, V)}}
-  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  backend.save(os.path.join(path, "tokenizer.json"))
-  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump(
-      {"eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<eos>", "chat_template": TEMPLATE},
-      f,
-    )
-  return path
+  return tiny_hf.write_tokenizer(path)
 
 
 def _in_process(spec: str, prompt_ids: list[list[int]], max_new: int) -> list[list[int]]:
@@ -357,7 +344,7 @@ def test_bad_mesh_flag(tmp_path):
   assert_usage_error(
     run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", "--mesh=2,2"),
     "--mesh",
-    "three integers",
+    "data,fsdp,tensor",
   )
   assert_usage_error(
     run_cli(tmp_path, f"--model={tmp_path / 'nope'}", "--prompt=hi", "--mesh=3,1,1"),

@@ -12,6 +12,7 @@ import zlib
 import assets
 import cli_util
 import pytest
+import tiny_hf
 
 from codi_jax.errors import InputError
 from codi_jax.models import loader
@@ -21,11 +22,8 @@ from soft_jax.sampling import SamplerParams
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "math_problems.jsonl")
 PROG = "soft_jax.evaluate"
-V = 100
-TEMPLATE = (
-  "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
-  "{% if add_generation_prompt %}w5{% endif %}"
-)
+V = tiny_hf.V
+TEMPLATE = tiny_hf.TEMPLATE
 SOFT = SamplerParams(
   mode="soft", max_topk=4, top_k=20, after_top_k=20, cold_stop_entropy=0.0, max_thinking_tokens=3
 )
@@ -35,7 +33,6 @@ def make_tiny_dir(path: str) -> str:
   """A tiny random HF Llama with a word-level tokenizer ("w2".."w99") and a chat template."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  import tokenizers  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
@@ -55,16 +52,7 @@ def make_tiny_dir(path: str) -> str:
     for p in model.parameters():
       p.add_(0.5 * torch.randn_like(p))
   model.save_pretrained(path)
-  vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, V)}}
-  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  backend.save(os.path.join(path, "tokenizer.json"))
-  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump(
-      {"eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<eos>", "chat_template": TEMPLATE},
-      f,
-    )
-  return path
+  return tiny_hf.write_tokenizer(path)
 
 
 @pytest.fixture(scope="module")

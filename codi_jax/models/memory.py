@@ -9,6 +9,11 @@ computes them: f32 attention scores and probabilities [B, H, L, T], q/k/v, the M
 logits at the last position only (prefill uses logits="last"). The working set is an upper bound
 (XLA reuses buffers), within a small factor of what XLA reports for the compiled prefill and loop.
 Parameters are separate (`param_bytes`).
+
+The decoders call `check_decode` before allocating anything for a call: length-aware decoding
+(`cache.capacities`) may reach its last bucket, so that is what is checked (`length_aware_bytes`),
+per device under the model's mesh. Training calls `check_compiled` on its compiled step. The CLIs
+call `check_positions` once the model's config is known.
 """
 # pylint: disable=invalid-name
 
@@ -171,3 +176,126 @@ def check_fits(needed: int, available: int, what: str) -> None:
       f"{what}: needs about {gib(needed)} (estimate, {needed} bytes) but only {gib(available)} "
       "is available; lower the batch size or the sequence length"
     )
+
+
+def length_aware_bytes(
+  cfg: ModelConfig, batch: int, capacities, *, prompt_len: int, dtype=None
+) -> int:
+  """Peak bytes of a decode run through `capacities` (`cache.capacities`, smallest first): the
+  last cache and the one it grows from (both live during the growth), plus the larger of the
+  prefill's working set in the first bucket and a step's in the last. One bucket: `decode_bytes`."""
+  caps = tuple(capacities)
+  first, last = caps[0], caps[-1]
+  kv = kv_cache_bytes(cfg, batch, last, dtype=dtype)
+  if len(caps) > 1:
+    kv += kv_cache_bytes(cfg, batch, caps[-2], dtype=dtype)
+  prefill = _forward_bytes(cfg, batch, min(prompt_len, first), first, 1)
+  return kv + max(prefill, _forward_bytes(cfg, batch, 1, last, _LOGITS_BUFFERS))
+
+
+def per_device(cfg: ModelConfig, batch: int, mesh=None, rules=None) -> tuple[ModelConfig, int]:
+  """(config, batch) of one device's share: the batch split over the mesh axes of the `batch`
+  rule and the kv heads over those of `act_kv`, where they divide (as the cache is sharded)."""
+  if mesh is None:
+    return cfg, batch
+  rules = rules or {}
+  b = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+  t = math.prod(mesh.shape[a] for a in rules.get("act_kv", ()))
+  if b > 1 and batch % b == 0:
+    batch //= b
+  if t > 1 and cfg.num_kv_heads % t == 0 and cfg.num_heads % t == 0:
+    cfg = cfg.replace(num_kv_heads=cfg.num_kv_heads // t, num_heads=cfg.num_heads // t)
+  return cfg, batch
+
+
+def check_decode(
+  cfg: ModelConfig,
+  batch: int,
+  capacities,
+  *,
+  prompt_len: int,
+  new_tokens: int,
+  out_bytes_per_token: int = 4,
+  mesh=None,
+  rules=None,
+  available: int | None = None,
+  what: str = "decoding",
+) -> int:
+  """Refuses (one-line InputError with the estimate and the free memory) a decode call whose
+  worst case cannot fit; returns the estimate. Nothing is allocated: call it before the call.
+
+  Counts `length_aware_bytes` for one device's share plus the call's [batch, new_tokens] output
+  buffers (`out_bytes_per_token` bytes per row and token: 4 for int32 tokens).
+  """
+  if cfg is None:  # a model whose config is not known: nothing to estimate from
+    return 0
+  caps = tuple(capacities)
+  dev_cfg, dev_batch = per_device(cfg, batch, mesh, rules)
+  need = length_aware_bytes(dev_cfg, dev_batch, caps, prompt_len=prompt_len)
+  need += batch * new_tokens * out_bytes_per_token
+  free = available_bytes() if available is None else available
+  rows = "row" if batch == 1 else "rows"
+  check_fits(
+    need,
+    free,
+    f"{what}: {batch} {rows} x {caps[-1]} cache slots (prompt {prompt_len} + {new_tokens} new "
+    f"tokens, {cfg.num_layers} layers x {cfg.num_kv_heads} kv heads x {cfg.head_dim})",
+  )
+  return need
+
+
+def check_positions(
+  cfg: ModelConfig,
+  prompt_len: int,
+  new_tokens: int,
+  *,
+  allow_extrapolation: bool = False,
+  what: str = "--max_new_tokens",
+) -> None:
+  """InputError unless the longest prompt plus the new tokens fit the model's positions. RoPE
+  models may go past them when the user allows it; GPT-2's learned table never."""
+  need = prompt_len + new_tokens
+  if need <= cfg.max_positions:
+    return
+  head = (
+    f"{what}: got {new_tokens}; a {prompt_len}-token prompt + {new_tokens} new tokens need "
+    f"{need:,} positions"
+  )
+  if cfg.arch == "gpt2":
+    raise InputError(
+      f"{head}, and the model ({cfg.arch}) has {cfg.max_positions:,} learned positions; expected "
+      f"<= {max(cfg.max_positions - prompt_len, 0)}"
+    )
+  if not allow_extrapolation:
+    raise InputError(
+      f"{head}, past the model's context of {cfg.max_positions:,}; expected "
+      f"<= {max(cfg.max_positions - prompt_len, 0)}, or pass --allow_extrapolation (RoPE "
+      "positions past the context: quality degrades)"
+    )
+
+
+def check_compiled(compiled, what: str, *, margin: float = 1.1, available: int | None = None):
+  """Refuses a compiled program whose per-device memory (XLA's `memory_analysis`: temporaries
+  and outputs not aliased to its arguments, which are already allocated) exceeds `margin` x the
+  free memory; returns `compiled`. Backends without an analysis pass."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    m = None
+  if m is None:
+    return compiled
+  need = (
+    int(m.temp_size_in_bytes)
+    + max(0, int(m.output_size_in_bytes) - int(m.alias_size_in_bytes))
+    + int(getattr(m, "generated_code_size_in_bytes", 0) or 0)
+  )
+  free = available_bytes() if available is None else available
+  if need > margin * free:
+    raise InputError(
+      f"{what}: needs about {gib(need)} per device beyond its arguments (XLA's compiled memory "
+      f"analysis: temporaries {gib(int(m.temp_size_in_bytes))}) but only {gib(free)} is "
+      f"available (refused above {margin:g}x); lower --config.data.batch_size (raise "
+      "--config.optim.grad_accum to keep the update size), set --config.codi.remat_thoughts=True "
+      "or shard over more devices (--config.mesh.fsdp)"
+    )
+  return compiled
