@@ -11,7 +11,8 @@ hand or by a failing disk) is moved to `<dir>.corrupt/` with a warning and the p
 restored. Retention: the last `keep` checkpoints plus the best one by a validation metric.
 A full disk (or quota, or file-size limit) while writing ends in one InputError naming the
 directory; the failed step stays a temporary directory (removed on the next start), so the newest
-complete checkpoint is what a rerun resumes from.
+complete checkpoint is what a rerun resumes from. The directory may be local or on an object store
+(gs://...): Orbax, and every access here, goes through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import signal
 from typing import Any
 
@@ -33,6 +33,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from codi_jax import files
 from codi_jax.errors import InputError
 
 
@@ -41,7 +42,7 @@ class Checkpoints:
 
   def __init__(
     self,
-    directory: str,
+    directory,
     *,
     save_every: int,
     keep: int = 2,
@@ -49,7 +50,7 @@ class Checkpoints:
     best_mode: str = "max",
     async_save: bool = True,
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = files.as_path(directory)  # local (made absolute) or gs://...
     self.save_every = int(save_every)
     self.best_metric = best_metric
     policies = [ocm.LatestN(n=max(1, keep))]
@@ -125,7 +126,7 @@ class Checkpoints:
       # would have retired (and no longer lists anything), though nothing was deleted.
       names = []
       with contextlib.suppress(OSError):
-        names = os.listdir(self.directory)
+        names = [p.name for p in self.directory.iterdir()]
       done = sorted(int(n) for n in names if n.isdigit() and int(n) != step)
       kept = f"checkpoint {done[-1]} is intact" if done else "no checkpoint was complete yet"
       raise InputError(
@@ -183,7 +184,7 @@ class Checkpoints:
     return None
 
   def _set_aside(self, step: int, err: Exception):
-    path = os.path.join(self.directory, str(step))
+    path = self.directory / str(step)
     first = (str(err).strip().splitlines() or [""])[0][:200]
     logging.warning(
       "checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt/ and trying the previous one",
@@ -196,12 +197,12 @@ class Checkpoints:
       f"warning: checkpoint {path} is unreadable ({type(err).__name__}); using the previous one",
       flush=True,
     )
-    if jax.process_index() == 0 and os.path.exists(path):
-      dest = os.path.join(self.directory + ".corrupt", str(step))
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      if os.path.exists(dest):
-        shutil.rmtree(dest)
-      shutil.move(path, dest)
+    if jax.process_index() == 0 and path.exists():
+      dest = self.directory.parent / f"{self.directory.name}.corrupt" / str(step)
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      if dest.exists():
+        dest.rmtree()
+      path.rename(dest)
     multihost_utils.sync_global_devices(f"codi_jax:set_aside:{step}")  # every process sees it gone
     self._mngr.close()
     self._mngr = ocp.CheckpointManager(self.directory, options=self._options)  # forget the step

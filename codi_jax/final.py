@@ -3,23 +3,25 @@ export.
 
 Layout: `params/` (Orbax, the full parameter tree), `train_config.json` (the run's ml_collections
 config; not an HF config), `tokenizer.json` (with pad/bot/eot), `run.json` (special ids, stop ids,
-the training summary). Written into `final.tmp/` and renamed when complete.
+the training summary). Written into `final.tmp/` and renamed when complete. On an object store
+(gs://...: through `etils.epath`, as everything under a workdir) a rename is a copy of every object,
+so `final/` is written in place and `run.json` last: a `final/` without it is an interrupted save.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 import tokenizers
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from codi_jax import files
 from codi_jax.codi import build
 from codi_jax.codi.model import Codi
 from codi_jax.data.codi_batches import SpecialIds
@@ -33,32 +35,34 @@ def save_final(workdir, state, config, tokenizer, special, summary):
   """Parameters (orbax) plus everything needed to rebuild the model: config, tokenizer, special ids.
 
   Every process takes part in writing the (possibly sharded) parameters; process 0 writes the rest
-  and moves `final.tmp/` to `final/` once all of it is on disk.
+  and moves `final.tmp/` to `final/` once all of it is on disk (on an object store: writes `final/`
+  in place, run.json last). Returns the final/ path.
   """
-  final = os.path.join(os.path.abspath(workdir), "final")
-  tmp = final + ".tmp"
+  final = files.as_path(workdir) / "final"
+  remote = files.is_url(final)
+  tmp = final if remote else final.parent / "final.tmp"
   main = jax.process_index() == 0
-  if main and os.path.exists(tmp):
-    shutil.rmtree(tmp)
+  if main and tmp.exists():
+    tmp.rmtree()
   multihost_utils.sync_global_devices("codi_jax:final:clean")
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))
+    ckpt.save(tmp / "params", nnx.to_pure_dict(state))
   multihost_utils.sync_global_devices("codi_jax:final:params")
   if main:
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "run.json"), "w") as f:
-      json.dump(
-        {"special_ids": dataclasses.asdict(special), "eos_ids": list(tokenizer.eos_ids), **summary},
-        f,
-        indent=2,
-      )
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.replace(tmp, final)
+    (tmp / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    (tmp / "tokenizer.json").write_text(tokenizer.backend.to_str(pretty=True))
+    run = {
+      "special_ids": dataclasses.asdict(special),
+      "eos_ids": list(tokenizer.eos_ids),
+      **summary,
+    }
+    (tmp / "run.json").write_text(json.dumps(run, indent=2))  # last: in place, it marks completion
+    if not remote:
+      if final.exists():
+        final.rmtree()
+      tmp.replace(final)
   multihost_utils.sync_global_devices("codi_jax:final:done")
-  return final
+  return str(final)
 
 
 @dataclasses.dataclass
@@ -81,23 +85,23 @@ class FinishedRun:
     return sorted({int(self.special.eos), *(int(i) for i in self.run.get("eos_ids", []))})
 
 
-def _read_json(path: str):
+def _read_json(path: epath.Path):
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise InputError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
   except (OSError, UnicodeDecodeError) as e:
     raise InputError(f"{path}: cannot read ({e})") from None
 
 
-def read_final(workdir: str) -> tuple[str, ml_collections.ConfigDict, dict]:
+def read_final(workdir) -> tuple[str, ml_collections.ConfigDict, dict]:
   """(final/ path, saved config, run.json) of a finished run, checked; nothing is built."""
-  final = os.path.join(os.path.abspath(workdir), "final")
-  if not os.path.isdir(final):
-    if not os.path.isdir(workdir):
+  root = files.as_path(workdir)
+  final = root / "final"
+  if not final.is_dir():
+    if not root.is_dir():
       raise InputError(f"{workdir}: no such directory")
-    if os.path.isdir(final + ".tmp"):
+    if (root / "final.tmp").is_dir():
       raise InputError(
         f"{workdir}: unfinished run (final.tmp/ but no final/: saving was interrupted)"
       )
@@ -106,10 +110,10 @@ def read_final(workdir: str) -> tuple[str, ml_collections.ConfigDict, dict]:
       f"python -m codi_jax.train --config=... --workdir={workdir}"
     )
   for name in (CONFIG_FILE, "run.json", "tokenizer.json", "params"):
-    if not os.path.exists(os.path.join(final, name)):
+    if not (final / name).exists():
       raise InputError(f"{final}: incomplete checkpoint (no {name})")
-  config = ml_collections.ConfigDict(_read_json(os.path.join(final, CONFIG_FILE)))
-  return final, config, _read_json(os.path.join(final, "run.json"))
+  config = ml_collections.ConfigDict(_read_json(final / CONFIG_FILE))
+  return str(final), config, _read_json(final / "run.json")
 
 
 def load_final(workdir: str) -> FinishedRun:
@@ -120,9 +124,9 @@ def load_final(workdir: str) -> FinishedRun:
   except (KeyError, TypeError) as e:
     raise InputError(f"{final}/run.json: no valid special_ids ({e})") from None
 
-  tok_path = os.path.join(final, "tokenizer.json")
+  tok_path = f"{final}/tokenizer.json"
   try:
-    backend = tokenizers.Tokenizer.from_file(tok_path)
+    backend = tokenizers.Tokenizer.from_str(epath.Path(tok_path).read_text())
   except Exception as e:  # noqa: BLE001  (any load failure is reported in one line)
     raise InputError(f"{tok_path}: cannot load ({type(e).__name__}: {e})") from None
   with_specials = backend.encode("1", add_special_tokens=True).ids
@@ -140,7 +144,7 @@ def load_final(workdir: str) -> FinishedRun:
   params = nnx.state(codi, nnx.Param)
   try:
     with ocp.StandardCheckpointer() as ckpt:
-      restored = ckpt.restore(os.path.join(final, "params"), nnx.to_pure_dict(params))
+      restored = ckpt.restore(epath.Path(final) / "params", nnx.to_pure_dict(params))
   except Exception as e:  # noqa: BLE001  (any load failure is reported in one line)
     first = (str(e).strip().splitlines() or [""])[0]
     raise InputError(

@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 
 import jax
@@ -23,7 +22,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from codi_jax import checkpoint, config_schema, final, sharding, train_step
+from codi_jax import checkpoint, config_schema, files, final, sharding, train_step
 from codi_jax import metrics as metrics_lib
 from codi_jax import workdir as workdir_lib
 from codi_jax.batching import bucket_size
@@ -92,16 +91,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _prepare_workdir(workdir: str, config) -> str:
   """The checkpoint directory; refuses a finished workdir and unasked-for restarts over
-  checkpoints, and clears old checkpoints and metrics when asked to start over."""
-  final_dir = os.path.join(workdir, "final")
-  if os.path.exists(final_dir) and not config.overwrite:
+  checkpoints, and clears old checkpoints and metrics when asked to start over. Local or gs://:
+  every access goes through etils.epath."""
+  final_dir = files.as_path(workdir) / "final"
+  # On an object store final/ is written in place, run.json last (final.py): that marks it done.
+  done = final_dir / "run.json" if files.is_url(final_dir) else final_dir
+  if done.exists() and not config.overwrite:
     raise InputError(
       f"{workdir}: already holds a finished run ({final_dir}); use a new --workdir or "
       "--config.overwrite=True"
     )
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = files.as_path(workdir) / "checkpoints"
   steps = (
-    sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+    sorted(int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit()) if ckpt_dir.is_dir() else []
   )
   if steps and not config.resume and not config.overwrite:
     raise InputError(
@@ -109,11 +111,11 @@ def _prepare_workdir(workdir: str, config) -> str:
       "--config.resume=True, or start over with --config.overwrite=True"
     )
   if config.overwrite:
-    if jax.process_index() == 0 and os.path.isdir(ckpt_dir):
-      shutil.rmtree(ckpt_dir)
+    if jax.process_index() == 0 and ckpt_dir.is_dir():
+      ckpt_dir.rmtree()
     metrics_lib.truncate(workdir, 0)
     multihost_utils.sync_global_devices("codi_jax:overwrite")
-  return ckpt_dir
+  return str(ckpt_dir)
 
 
 class Trainer:
@@ -400,6 +402,9 @@ class Trainer:
     summary["final"] = path if self.main else None
     if self.main:
       print("final: " + json.dumps(summary), flush=True)
+      accs = [f"{k[6:-4]} {100 * v:.1f}%" for k, v in last_eval.items() if k.endswith("_acc")]
+      note = self.config.eval.baseline_note
+      print("validation accuracy: " + ", ".join(accs) + (f" ({note})" if note else ""), flush=True)
     return summary
 
   def _preempted(self, summary: dict, step: int) -> dict:

@@ -17,6 +17,18 @@ held from *another* machine can never be proven stale from here: it is refused, 
 says to remove the file if no run is using the workdir. On filesystems where neither link nor
 O_EXCL is atomic (NFSv2), two runs starting within milliseconds may both succeed.
 
+Object stores (`gs://bucket/run`, or another URL `etils.epath` serves): epath offers no atomic
+create-if-absent (no link, no O_EXCL, no generation precondition), so the lock is a best-effort lock
+*object*, `<workdir>/.lock` holding the same JSON record: read it; if it names a live holder, refuse
+(as above: one left by a dead run on this host is taken over, one from another machine refused);
+otherwise write our record, wait `_SETTLE_S` seconds, read it back, and hold the lock only if it
+still carries our random token (else judge the record that replaced it). GCS and S3 read their own
+writes, so of two runs starting at once the later writer wins and the other is refused, unless a
+write takes longer than the settle time. Release deletes the object only while it still holds our
+token (read, then delete: not atomic either). A job killed without its `finally` (SIGKILL, a lost
+VM) leaves the object behind, and a new VM is another host: delete it (`gcloud storage rm
+gs://.../.lock`) once no run uses the workdir.
+
 Multi-process JAX jobs: pass `process_index=jax.process_index()`. Only process 0 takes the lock
 (every process of the job shares the workdir, so locking from each would refuse the job's own
 processes); on the others the lock does nothing. If process 0 is refused it raises while the others
@@ -37,13 +49,16 @@ import time
 import uuid
 
 from absl import logging
+from etils import epath
 
+from codi_jax import files
 from codi_jax.errors import InputError
 
 LOCK_NAME = ".lock"
 _UNREADABLE_GRACE_S = 5.0  # a lock file without a JSON record younger than this is being written
 _GUARD_TIMEOUT_S = 30.0  # a takeover holds its guard for milliseconds; older guards are leftovers
 _ATTEMPTS = 100
+_SETTLE_S = 2.0  # object stores: how long a racing run's write may take to land
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,17 +95,15 @@ class Holder:
 
 
 def check_workdir(workdir: str, what: str = "--workdir") -> str:
-  """The absolute path of `workdir`, created if missing; a one-line InputError unless it is a
-  writable local directory."""
+  """The absolute path of `workdir` (or its normalized URL: gs://bucket/run), created if missing; a
+  one-line InputError unless it is a writable local directory or a usable object-store URL."""
   if not isinstance(workdir, str | os.PathLike) or not os.fspath(workdir):
     raise InputError(f"{what}: empty path; give a local directory")
   workdir = os.fspath(workdir)
   if "\0" in workdir:
     raise InputError(f"{what}: {workdir!r}: a path cannot contain NUL characters")
-  if "://" in workdir:
-    raise InputError(
-      f"{what}: {workdir!r}: URLs are not supported; use a mounted path (e.g. gcsfuse or NFS)"
-    )
+  if files.is_url(workdir):
+    return str(_check_url(workdir, what))
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f"{what}: {workdir}: exists and is not a directory")
@@ -103,13 +116,34 @@ def check_workdir(workdir: str, what: str = "--workdir") -> str:
   return path
 
 
+def _check_url(workdir: str, what: str) -> epath.Path:
+  """An object-store workdir through etils.epath, created if missing (whether it is writable shows
+  at the first write: the lock's)."""
+  try:
+    path = epath.Path(workdir)
+  except KeyError:  # epath knows no such scheme
+    raise InputError(
+      f"{what}: {workdir!r}: unsupported URL scheme {workdir.split('://')[0]}://; give a local "
+      "directory or an object store etils.epath supports (gs://, s3://)"
+    ) from None
+  try:
+    if path.exists() and not path.is_dir():
+      raise InputError(f"{what}: {workdir}: exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+  except InputError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (missing client library, credentials, ...)
+    raise InputError(f"{what}: {workdir}: cannot create the directory ({_describe(e)})") from None
+  return path
+
+
 def read_holder(workdir: str) -> Holder | None:
   """The holder recorded in `<workdir>/.lock`, or None if there is no readable lock."""
   try:
-    with open(os.path.join(workdir, LOCK_NAME), "rb") as f:
-      return Holder.parse(f.read(1 << 16))
-  except OSError:
+    raw = _read(os.path.join(workdir, LOCK_NAME))
+  except Exception:  # pylint: disable=broad-except  (object stores raise more than OSError)
     return None
+  return None if raw is None else Holder.parse(raw)
 
 
 class WorkdirLock:
@@ -142,6 +176,8 @@ class WorkdirLock:
     lock = os.path.join(directory, LOCK_NAME)
     me = _me()
     record = json.dumps(dataclasses.asdict(me), indent=1).encode() + b"\n"
+    if files.is_url(directory):
+      return self._acquire_object(lock, me, record)
     for _ in range(_ATTEMPTS):
       if self._publish(lock, record):
         self.path, self.holder = lock, me
@@ -164,17 +200,52 @@ class WorkdirLock:
       else:
         reason = _stale_reason(holder, me)
         if reason is None:
-          mine = (holder.host, holder.pid, holder.pid_ns) == (me.host, me.pid, me.pid_ns)
-          raise InputError(
-            f"{self.what}: {self.workdir} is in use by {'this process' if mine else 'another run'}"
-            f" ({holder.describe()}); wait for it to finish, or remove {lock} if no run is using "
-            "this directory"
-          )
+          raise self._in_use(lock, holder, me)
       self._take_over(lock, raw, holder, reason)
     raise InputError(
       f"{self.what}: {self.workdir}: could not take {lock} ({_ATTEMPTS} tries; other runs kept "
       "creating and removing it)"
     )
+
+  def _in_use(self, lock: str, holder: Holder, me: Holder) -> InputError:
+    mine = (holder.host, holder.pid, holder.pid_ns) == (me.host, me.pid, me.pid_ns)
+    return InputError(
+      f"{self.what}: {self.workdir} is in use by {'this process' if mine else 'another run'}"
+      f" ({holder.describe()}); wait for it to finish, or remove {lock} if no run is using "
+      "this directory"
+    )
+
+  def _acquire_object(self, lock: str, me: Holder, record: bytes) -> WorkdirLock:
+    """The best-effort lock object of an object store (module docstring): read, write, settle,
+    read back."""
+    for _ in range(_ATTEMPTS):
+      raw = self._object_io(lock, "read", lambda: _read(lock))
+      if raw is not None:
+        holder = Holder.parse(raw)  # an object is written whole: unreadable is not in progress
+        reason = (
+          "its lock holds no readable record" if holder is None else _stale_reason(holder, me)
+        )
+        if reason is None:
+          raise self._in_use(lock, holder, me)
+        _warn_takeover(lock, holder, reason)
+      self._object_io(lock, "create", lambda: epath.Path(lock).write_bytes(record))
+      time.sleep(_SETTLE_S)  # a run that raced us (it also saw no live lock) has written by now
+      now = Holder.parse(self._object_io(lock, "read", lambda: _read(lock)) or b"")
+      if now is not None and now.token == me.token:
+        self.path, self.holder = lock, me
+        return self
+    raise InputError(
+      f"{self.what}: {self.workdir}: could not take {lock} ({_ATTEMPTS} tries; other runs kept "
+      "replacing it)"
+    )
+
+  def _object_io(self, lock: str, verb: str, fn):
+    try:
+      return fn()
+    except Exception as e:  # pylint: disable=broad-except  (any client error: one line)
+      raise InputError(
+        f"{self.what}: {self.workdir}: cannot {verb} {lock} ({_describe(e)})"
+      ) from None
 
   def release(self) -> None:
     """Removes the lock if this object (and process) still holds it; never raises."""
@@ -185,7 +256,7 @@ class WorkdirLock:
       return  # a forked child: the parent owns the lock
     try:
       raw = _read(self.path)
-    except OSError:
+    except Exception:  # pylint: disable=broad-except  (object stores raise more than OSError)
       raw = None
     current = None if raw is None else Holder.parse(raw)
     if current is None or current.token != holder.token:
@@ -194,6 +265,12 @@ class WorkdirLock:
         self.path,
         "none" if current is None else current.describe(),
       )
+      return
+    if files.is_url(self.path):
+      try:
+        epath.Path(self.path).unlink(missing_ok=True)
+      except Exception as e:  # pylint: disable=broad-except  (release never raises)
+        logging.warning("could not remove %s (%s); remove it by hand", self.path, _describe(e))
       return
     with contextlib.suppress(FileNotFoundError):
       os.unlink(self.path)
@@ -263,14 +340,18 @@ class WorkdirLock:
           return  # changed meanwhile: judge again
       except OSError:
         return  # the caller's next read reports it
-      who = holder.describe() if holder else "unknown holder"
-      logging.warning("taking over the stale lock %s (%s): %s", lock, who, reason)
-      print(f"warning: taking over the stale lock {lock} ({who}): {reason}", flush=True)
+      _warn_takeover(lock, holder, reason)
       with contextlib.suppress(FileNotFoundError):
         os.unlink(lock)
     finally:
       with contextlib.suppress(OSError):
         os.unlink(guard)
+
+
+def _warn_takeover(lock: str, holder: Holder | None, reason: str) -> None:
+  who = holder.describe() if holder else "unknown holder"
+  logging.warning("taking over the stale lock %s (%s): %s", lock, who, reason)
+  print(f"warning: taking over the stale lock {lock} ({who}): {reason}", flush=True)
 
 
 # ------------------------------------------------------------------------------------- process ids
@@ -352,8 +433,12 @@ def _pid_ns() -> str:
 
 
 def _read(path: str) -> bytes | None:
-  """The first 64 KiB of `path`, None if it does not exist; other errors propagate."""
+  """The first 64 KiB of `path` (a file, or an object: gs://...), None if it does not exist; other
+  errors propagate."""
   try:
+    if files.is_url(path):
+      obj = epath.Path(path)
+      return obj.read_bytes()[: 1 << 16] if obj.exists() else None
     with open(path, "rb") as f:
       return f.read(1 << 16)
   except FileNotFoundError:
@@ -369,6 +454,12 @@ def _age(path: str) -> float | None:
 
 def _reason(e: OSError) -> str:
   return e.strerror or str(e)
+
+
+def _describe(e: Exception) -> str:
+  """One line for any client error (object stores raise more than OSError)."""
+  first = (str(e).strip().splitlines() or [""])[0][:200]
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import epath_test
 import pytest
 
 from codi_jax import workdir as wd
@@ -188,12 +189,24 @@ def test_creates_a_missing_workdir(tmp_path):
   [
     ("/proc/forbidden", ("/proc/forbidden", "cannot create")),
     ("", ("empty path",)),
-    ("gs://bucket/run", ("URLs are not supported",)),
+    ("nosuch://bucket/run", ("unsupported URL scheme nosuch://",)),
     ("a\0b", ("NUL",)),
   ],
 )
 def test_invalid_workdir(path, needles):
   _one_line_error(lambda: wd.WorkdirLock(path, what="--workdir").acquire(), "--workdir", *needles)
+
+
+gcs = epath_test.gcs  # gs:// through etils.epath on a local folder
+
+
+def test_gs_workdir_takes_a_lock_object(gcs):
+  """gs:// is a workdir (through etils.epath): a best-effort lock object, refused while held."""
+  run = "gs://bucket/run"
+  with wd.WorkdirLock(run, what="--workdir") as lock:
+    assert wd.read_holder(run) == lock.holder and gcs.writes == [f"{run}/{wd.LOCK_NAME}"]
+    _one_line_error(lambda: wd.WorkdirLock(run).acquire(), "in use by this process", run)
+  assert wd.read_holder(run) is None
 
 
 def test_workdir_under_a_file_or_a_file(tmp_path):
