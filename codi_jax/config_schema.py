@@ -105,7 +105,7 @@ class Rule:
     if self.kind in ("int", "num"):
       text += self._range()
     if self.f32:
-      text += " in float32"
+      text += " (as float32)"
     return text + (" (or None)" if self.optional else "")
 
   def _range(self) -> str:
@@ -281,6 +281,9 @@ TRAIN: dict[str, Rule] = {
   "model.dropout": Num(**_DROPOUT, doc="GPT-2 embedding/attention/residual dropout (scratch)"),
   "model.dtype": Enum(_DTYPES, doc="compute dtype"),
   "model.param_dtype": Enum(_DTYPES, doc="base weights' dtype"),
+  "model.attention_impl": Enum(
+    _literal("codi_jax.models.config", "AttentionImpl"), doc="attention kernel"
+  ),
   "model.lora_rank": Int(0, doc="0 = full fine-tuning"),
   "model.lora_alpha": Num(gt=0, doc="LoRA scale alpha / rank"),
   "model.lora_dropout": Num(**_DROPOUT, doc="LoRA input dropout"),
@@ -307,6 +310,10 @@ TRAIN: dict[str, Rule] = {
   ),
   "codi.separate_teacher_target_pass": Bool(doc="reference: run the teacher twice"),
   "codi.remat_thoughts": Bool(doc="recompute the thought scan in the backward pass"),
+  "codi.remat_teacher": Bool(doc="recompute each teacher-pass block in the backward pass"),
+  "codi.remat_policy": Enum(
+    _literal("codi_jax.models.layers", "RematPolicy"), doc="what remat keeps"
+  ),
   "codi.train_special_embeddings": Bool(doc="train the pad/bot/eot rows under LoRA"),
   "codi.c_thought": Int(1, doc="Coconut: thoughts per replaced step"),
   "codi.max_latent_stage": Int(0, doc="Coconut: stages replacing steps one by one"),
@@ -379,6 +386,7 @@ TRAIN: dict[str, Rule] = {
   "eval.num_examples": Int(0, doc="validation examples; 0 = all"),
   "eval.batch_size": Int(1, doc="validation batch"),
   "eval.max_new_tokens": Int(1, doc="decoding cap"),
+  "eval.baseline_note": Str(doc="text printed beside the final accuracies"),
   # Parallelism.
   "mesh.data": _MESH_SIZE,
   "mesh.fsdp": _MESH_SIZE,

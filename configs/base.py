@@ -47,6 +47,8 @@ def get_config():
   )
   config.model.dtype = "float32"  # compute dtype; "bfloat16" for the reference's autocast
   config.model.param_dtype = "float32"  # base weights; the reference keeps them in bf16
+  # xla (our einsum attention) | dot_product (jax.nn.dot_product_attention; same results)
+  config.model.attention_impl = "xla"
   config.model.lora_rank = 128  # 0 = full fine-tuning
   config.model.lora_alpha = 32.0  # scale alpha / r = 0.25
   config.model.lora_dropout = 0.1
@@ -72,6 +74,9 @@ def get_config():
       padding_mode="masked",
       separate_teacher_target_pass=False,
       remat_thoughts=False,  # recompute the thought scan in the backward pass (memory option)
+      remat_teacher=False,  # recompute each teacher-pass block in the backward pass (memory)
+      # what remat keeps: nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
+      remat_policy="nothing_saveable",
       train_special_embeddings=False,  # reference: pad/bot/eot rows stay frozen under LoRA
       # Coconut (method=coconut; values of the reference's args/gsm_coconut.yaml). Stage k =
       # (step - 1) // stage_steps replaces the first k CoT steps by k * c_thought thoughts.
@@ -145,8 +150,14 @@ def get_config():
   )  # num_steps > 0 overrides epochs
 
   config.eval = ml_collections.ConfigDict(
-    dict(every_steps=1000, num_examples=0, batch_size=128, max_new_tokens=256)
-  )  # num_examples 0 = all
+    dict(
+      every_steps=1000,
+      num_examples=0,  # 0 = all
+      batch_size=128,
+      max_new_tokens=256,
+      baseline_note="",  # printed beside the final accuracies (the demo: No-CoT-SFT's figure)
+    )
+  )
   config.log_every = 25
 
   # Device mesh: one size may be -1 (inferred from the device count). data = pure data parallel,

@@ -309,7 +309,7 @@ def test_evaluate_options(tmp_path, changes, needle):
 
 def test_sampler_params_use_the_schema():
   assert error(SamplerParams(top_p=0.0).validate, prefix="--") == (
-    "--top_p: got 0.0; expected a number in (0, 1]"
+    "--top_p: got 0.0; expected a number in (0, 1] (as float32)"
   )
   assert error(SamplerParams(cold_stop_patience=2**31).validate).startswith("cold_stop_patience:")
 
@@ -327,7 +327,9 @@ def test_soft_preset_fields(tmp_path):
   )
   spec = str(path)
   message = error(cli_common.check_preset, cli_common.load_config(spec), spec)
-  assert message == f"--config={spec}: sampler.top_p: got 2.0; expected a number in (0, 1]"
+  assert (
+    message == f"--config={spec}: sampler.top_p: got 2.0; expected a number in (0, 1] (as float32)"
+  )
   path.write_text(
     "from configs.soft import preset\n"
     "def get_config(arg=None):\n"

@@ -40,7 +40,6 @@ def coconut_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
 
 def icot_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
   """(loss, metrics): CE of the shortened teacher sequence at the batch's positions."""
-  del opts
   window = teacher_label_window(batch)  # logits at the labelled positions only, if batched
   ids_BxL, labels_BxL = batch["teacher_ids"], batch["teacher_labels"]
   out = codi.backbone(
@@ -49,6 +48,8 @@ def icot_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
     mask=batch["teacher_mask"],
     logits="all" if window is None else window[0],
     rng=fold(rng, Stream.TEACHER),
+    remat=opts.remat_teacher,
+    remat_policy=opts.remat_policy,
   )
   ce = masked_ce(out.logits, labels_BxL) if window is None else token_ce(out.logits, window[1])
   return ce, {"ce_teacher": ce, "loss": ce}

@@ -49,6 +49,11 @@ def _lora(config):
   )
 
 
+def _attention_impl(config) -> str:
+  """config.model.attention_impl; "xla" for configs saved before the field existed."""
+  return config.model.get("attention_impl", "xla")
+
+
 def _scratch_config(config, tokenizer) -> mcfg.ModelConfig:
   m = config.model
   if tokenizer is None:
@@ -70,6 +75,7 @@ def _scratch_config(config, tokenizer) -> mcfg.ModelConfig:
     resid_dropout=m.dropout,
     dtype=m.dtype,
     param_dtype=m.param_dtype,
+    attention_impl=_attention_impl(config),
     lora=_lora(config),
   )
 
@@ -106,7 +112,12 @@ def build_model(config, tokenizer):
   m = config.model
   if m.spec:
     loaded = loader.load(
-      m.spec, dtype=m.dtype, param_dtype=m.param_dtype, lora=_lora(config), seed=config.seed
+      m.spec,
+      dtype=m.dtype,
+      param_dtype=m.param_dtype,
+      attention_impl=_attention_impl(config),
+      lora=_lora(config),
+      seed=config.seed,
     )
     backbone, tokenizer = loaded.model, tokenizer or loaded.tokenizer
   else:

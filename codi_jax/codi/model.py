@@ -25,7 +25,7 @@ from flax import nnx
 
 from codi_jax.errors import InputError
 from codi_jax.models import cache as kvc
-from codi_jax.models.layers import LayerNorm, dropout, fold, param
+from codi_jax.models.layers import LayerNorm, RematPolicy, dropout, fold, param
 from codi_jax.models.positions import PaddingMode, first_column, positions
 from codi_jax.models.step import Carry, scan_steps
 from codi_jax.models.transformer import Transformer
@@ -47,7 +47,8 @@ class CodiOptions:
     answer pass is masked).
   separate_teacher_target_pass: reference runs the teacher twice (no-grad targets + CE pass, two
     dropout masks); ours by default runs it once and stops gradients on its hidden states.
-  remat_thoughts: recompute the thought scan's activations in the backward pass (memory option).
+  remat_thoughts / remat_teacher: recompute the thought scan's / the teacher pass's activations in
+    the backward pass (memory options; the teacher per block), keeping what `remat_policy` saves.
   use_prj: feed thoughts through the projection (if the module has one); Coconut: never.
   """
 
@@ -62,6 +63,8 @@ class CodiOptions:
   padding_mode: PaddingMode = "masked"
   separate_teacher_target_pass: bool = False
   remat_thoughts: bool = False
+  remat_teacher: bool = False
+  remat_policy: RematPolicy = "nothing_saveable"
   use_prj: bool = True
 
   @classmethod
@@ -238,6 +241,7 @@ def encode_and_think(
   enc_embeds=None,
   capacity_extra=None,
   remat: bool = False,
+  remat_policy: RematPolicy = "nothing_saveable",
   use_prj: bool = True,
   num_thoughts_B=None,
 ):
@@ -289,6 +293,7 @@ def encode_and_think(
       N - 1,
       rng=fold(rng, Stream.THOUGHTS),
       remat=remat,
+      remat_policy=remat_policy,
     )
     last = backbone(
       embeds=carry.x[:, None],
@@ -326,6 +331,7 @@ def student_forward(
     rng=rng,
     enc_embeds=enc_embeds,
     remat=opts.remat_thoughts,
+    remat_policy=opts.remat_policy,
     use_prj=opts.use_prj,
     num_thoughts_B=batch.get("num_thoughts"),
   )
@@ -341,13 +347,30 @@ def student_forward(
   )
 
 
-def teacher_forward(codi: Codi, batch, rng=None, hidden_states=True, logits="all"):
-  """Teacher pass over [question][CoT][answer]; logits "all", "none" or at positions [B, N]."""
+def teacher_forward(
+  codi: Codi,
+  batch,
+  rng=None,
+  hidden_states=True,
+  logits="all",
+  remat: bool = False,
+  remat_policy: RematPolicy = "nothing_saveable",
+):
+  """Teacher pass over [question][CoT][answer]; logits "all", "none" or at positions [B, N].
+
+  remat=True recomputes each block's activations in the backward pass (`Transformer` remat)."""
   ids, mask = batch["teacher_ids"], batch["teacher_mask"]
   # Right-padded, so every row starts at position 0 in every padding mode.
   pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
   return codi.backbone(
-    ids, positions=pos, mask=mask, hidden_states=hidden_states, logits=logits, rng=rng
+    ids,
+    positions=pos,
+    mask=mask,
+    hidden_states=hidden_states,
+    logits=logits,
+    rng=rng,
+    remat=remat,
+    remat_policy=remat_policy,
   )
 
 
@@ -374,6 +397,8 @@ def codi_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
       fold(rng, Stream.TEACHER),
       hidden_states=opts.method == "codi",
       logits="all" if window is None else window[0],
+      remat=opts.remat_teacher,
+      remat_policy=opts.remat_policy,
     )
     ce_t = (
       masked_ce(tea.logits, batch["teacher_labels"])

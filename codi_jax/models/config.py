@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 ARCHS = ("gpt2", "llama", "qwen2")
+
+# Attention kernel: "xla" is our einsum path (layers.attention); "dot_product" calls
+# jax.nn.dot_product_attention (implementation=None: jax's choice, XLA on jax 0.10.2; same masks).
+AttentionImpl = Literal["xla", "dot_product"]
 
 # peft-style LoRA target names per architecture (a target matches a module whose path ends with it).
 LORA_TARGETS = {
@@ -63,6 +68,7 @@ class ModelConfig:
   resid_dropout: float = 0.0  # GPT-2 resid_pdrop
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
+  attention_impl: AttentionImpl = "xla"
   lora: LoRAConfig | None = None
 
   def __post_init__(self):
@@ -71,6 +77,11 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+      )
+    if self.attention_impl not in typing.get_args(AttentionImpl):
+      raise ValueError(
+        f"unknown attention_impl {self.attention_impl!r}; "
+        f"supported: {', '.join(typing.get_args(AttentionImpl))}"
       )
 
   @property

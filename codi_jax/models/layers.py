@@ -1,4 +1,4 @@
-"""NNX building blocks: LoRA-capable linear, embedding, norms, RoPE and masked GQA attention.
+"""NNX building blocks: LoRA-capable linear, embedding, norms, RoPE, masked GQA attention, remat.
 
 Shape legend: B batch, L query length, T key/cache length, D model, H heads, K kv heads,
 G = H // K, Dh head dim, F ffn width, V vocab, R LoRA rank.
@@ -8,14 +8,31 @@ G = H // K, Dh head dim, F ffn width, V vocab, R LoRA rank.
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from codi_jax.models.config import LoRAConfig, RopeScaling
+from codi_jax.models.config import AttentionImpl, LoRAConfig, RopeScaling
 
 _NEG = float(jnp.finfo(jnp.float32).min)
+
+# What a rematerialised region keeps for the backward pass (jax.checkpoint_policies): nothing (all
+# recomputed), every matmul output, or the matmuls without batch dimensions (the projections and
+# MLP, not the attention scores).
+RematPolicy = Literal["nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"]
+
+
+def checkpoint(fn, policy: RematPolicy = "nothing_saveable"):
+  """jax.checkpoint (remat) of fn under a named policy: its activations are recomputed in the
+  backward pass, except what the policy saves."""
+  if policy not in typing.get_args(RematPolicy):
+    raise ValueError(
+      f"unknown remat policy {policy!r}; supported: {', '.join(typing.get_args(RematPolicy))}"
+    )
+  return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
 
 
 def param(value, axes, kind=nnx.Param):
@@ -211,14 +228,27 @@ def attention(
   *,
   attn_dropout: float = 0.0,
   rng: jax.Array | None = None,
+  impl: AttentionImpl = "xla",
 ):
   """Scaled dot-product GQA attention with a boolean mask; softmax in f32.
 
   Fully masked query rows (padding) get a uniform, finite distribution instead of NaN.
+  impl "dot_product" calls jax.nn.dot_product_attention (implementation=None: jax picks the kernel;
+  jax 0.10.2 picks XLA), except under attention dropout, which it lacks (the einsum path runs).
   """
   B, L, H, Dh = q_BxLxHxDh.shape
   T, K = k_BxTxKxDh.shape[1:3]
   G = H // K
+  if impl == "dot_product" and (attn_dropout == 0.0 or rng is None):
+    # A fully masked row attends uniformly over all T keys, as below: its query is zeroed (equal
+    # scores) and every key unmasked, so no kernel sees an all-masked row.
+    no_key_BxL = ~jnp.any(allowed_BxLxT, axis=-1)
+    q_BxLxHxDh = jnp.where(no_key_BxL[:, :, None, None], 0, q_BxLxHxDh).astype(k_BxTxKxDh.dtype)
+    mask_Bx1xLxT = (allowed_BxLxT | no_key_BxL[:, :, None])[:, None]
+    o_BxLxHxDh = jax.nn.dot_product_attention(
+      q_BxLxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=mask_Bx1xLxT, implementation=None
+    )
+    return o_BxLxHxDh.reshape(B, L, H * Dh)
   if L == 1:  # decoding: leave the cache in place (a transpose would copy it every step)
     q = q_BxLxHxDh.reshape(B, L, K, G, Dh)
     s_BxKxGxLxT = jnp.einsum("blkgd,btkd->bkglt", q, k_BxTxKxDh, preferred_element_type=jnp.float32)

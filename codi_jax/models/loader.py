@@ -96,6 +96,7 @@ def load(
   *,
   dtype: str = "float32",
   param_dtype: str = "float32",
+  attention_impl: str = "xla",
   lora: LoRAConfig | None = None,
   seed: int = 0,
 ) -> Loaded:
@@ -104,6 +105,7 @@ def load(
   if kind == "gguf":
     reader = gguf_io.open_reader(path)
     cfg = gguf_io.config_from_gguf(reader, path, dtype=dtype, param_dtype=param_dtype, lora=lora)
+    cfg = cfg.replace(attention_impl=attention_impl)
     model = hf.assign(cfg, gguf_io.tensors_from_gguf(reader, cfg), where=path, seed=seed)
     tokenizer = tok.from_gguf(path, reader=reader)
   else:
@@ -113,7 +115,7 @@ def load(
       dtype=dtype,
       param_dtype=param_dtype,
       lora=lora,
-    )
+    ).replace(attention_impl=attention_impl)
     model = hf.assign(cfg, weights_io.read_hf_weights(path), where=path, seed=seed)
     tokenizer = tok.from_hf_dir(path)
   return Loaded(model, tokenizer, cfg, path)

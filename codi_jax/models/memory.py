@@ -295,7 +295,8 @@ def check_compiled(compiled, what: str, *, margin: float = 1.1, available: int |
       f"{what}: needs about {gib(need)} per device beyond its arguments (XLA's compiled memory "
       f"analysis: temporaries {gib(int(m.temp_size_in_bytes))}) but only {gib(free)} is "
       f"available (refused above {margin:g}x); lower --config.data.batch_size (raise "
-      "--config.optim.grad_accum to keep the update size), set --config.codi.remat_thoughts=True "
+      "--config.optim.grad_accum to keep the update size), set --config.codi.remat_teacher=True "
+      "and --config.codi.remat_thoughts=True "
       "or shard over more devices (--config.mesh.fsdp)"
     )
   return compiled

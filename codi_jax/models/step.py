@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from codi_jax.models.cache import KVCache
-from codi_jax.models.layers import fold
+from codi_jax.models.layers import RematPolicy, checkpoint, fold
 from codi_jax.models.transformer import Transformer
 
 
@@ -71,12 +71,14 @@ def scan_steps(
   start: jax.Array | int = 0,
   rng: jax.Array | None = None,
   remat: bool = False,
+  remat_policy: RematPolicy = "nothing_saveable",
 ) -> tuple[Carry, Any]:
   """Runs `num_steps` one-position steps with `lax.scan`.
 
   next_input(state, out, i) -> (x_next [B, D], state, record) is a pure function of step i's
   outputs; records are stacked along a leading step axis. Gradients flow through the scan;
-  remat=True wraps the body in jax.checkpoint (activations recomputed in the backward pass).
+  remat=True wraps the body in jax.checkpoint under `remat_policy` (activations recomputed in the
+  backward pass, except what the policy saves).
   """
 
   def body(c: Carry, i):
@@ -85,7 +87,7 @@ def scan_steps(
     return Carry(x.astype(c.x.dtype), c.pos + 1, out.cache, state), record
 
   if remat:
-    body = jax.checkpoint(body)
+    body = checkpoint(body, remat_policy)
   return jax.lax.scan(body, carry, start + jnp.arange(num_steps))
 
 

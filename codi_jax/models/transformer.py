@@ -24,8 +24,10 @@ from codi_jax.models.layers import (
   Embed,
   LayerNorm,
   Linear,
+  RematPolicy,
   RMSNorm,
   attention,
+  checkpoint,
   dropout,
   fold,
   rope,
@@ -72,7 +74,15 @@ def _attend_cached(
   k, v = k_BxLxKxDh, v_BxLxKxDh
   if kv is not None:  # [B, T, K, Dh] each
     k, v = kvc.write(kv[0], k, end), kvc.write(kv[1], v, end)
-  o_BxLxHDh = attention(q_BxLxHxDh, k, v, allowed_BxLxT, attn_dropout=cfg.attn_dropout, rng=rng)
+  o_BxLxHDh = attention(
+    q_BxLxHxDh,
+    k,
+    v,
+    allowed_BxLxT,
+    attn_dropout=cfg.attn_dropout,
+    rng=rng,
+    impl=cfg.attention_impl,
+  )
   return o_BxLxHDh, (k, v)
 
 
@@ -225,12 +235,15 @@ class Transformer(nnx.Module):
     logits="all",
     hidden_states: bool = False,
     rng: jax.Array | None = None,
+    remat: bool = False,
+    remat_policy: RematPolicy = "nothing_saveable",
   ) -> Output:
     """Runs L inputs (ids [B, L] or embeddings [B, L, D]) at `positions` [B, L].
 
     mask [B, L] marks real inputs (default all); with a cache the inputs fill slots end..end+L-1
     and attend to every valid earlier slot. logits: "all", "last", "none" or indices [B, N].
-    rng enables dropout (None: deterministic).
+    rng enables dropout (None: deterministic). remat=True wraps each block in jax.checkpoint under
+    `remat_policy` (its activations are recomputed in the backward pass; same values).
     """
     cfg = self.cfg
     if (tokens is None) == (embeds is None):
@@ -276,7 +289,8 @@ class Transformer(nnx.Module):
     for i, blk in enumerate(self.blocks):
       if hidden_states:
         all_h.append(x_BxLxD)
-      x_BxLxD, (k, v) = blk(x_BxLxD, rope_cs, kvs[i], allowed_BxLxT, end, fold(rng, i + 1))
+      run = blk if not remat else checkpoint(blk.__call__, remat_policy)
+      x_BxLxD, (k, v) = run(x_BxLxD, rope_cs, kvs[i], allowed_BxLxT, end, fold(rng, i + 1))
       x_BxLxD = constrain(x_BxLxD, _ACT)
       new_k.append(k)
       new_v.append(v)
