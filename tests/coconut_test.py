@@ -62,7 +62,9 @@ def test_coconut_split_steps_keeps_the_text():
   nl = "He has 3.5 kg. Then he buys 2 more!\nSo 5.5 in all.\n"
   assert cur.split_steps(nl) == ["He has 3.5 kg.", " Then he buys 2 more!", "\nSo 5.5 in all.\n"]
   assert "".join(cur.split_steps(nl)) == nl
-  assert cur.split_steps("6 3 0 + 0 4 2 1") == ["6 3 0 + 0 4 2 1"]  # no boundary: one step
+  # iCoT multiplication: a step starts at each " + " (the next partial product).
+  assert cur.split_steps("6 3 0 + 0 4 2 1") == ["6 3 0", " + 0 4 2 1"]
+  assert cur.split_steps("6 3 0 2") == ["6 3 0 2"]  # no boundary: one step
   assert cur.split_steps("") == []
 
 
