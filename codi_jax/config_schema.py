@@ -104,9 +104,14 @@ class Rule:
       text = self.allowed_text
     if self.kind in ("int", "num"):
       text += self._range()
-    if self.f32:
-      text += " (as float32)"
     return text + (" (or None)" if self.optional else "")
+
+  def refusal(self, value) -> str:
+    """`allowed()`, saying why when only float32 rounding (what the device sees) breaks the rule."""
+    text = self.allowed()
+    if self.f32 and _is_num(value) and math.isfinite(value) and self._in_range(value):
+      text += f" (as float32 the device sees {float(np.float32(value))!r})"
+    return text
 
   def _range(self) -> str:
     lo, hi = _fmt(self.lo), _fmt(self.hi)
@@ -699,7 +704,7 @@ def check_tree(
         if only is None or any(path == o or path.startswith(o + ".") for o in only):
           rule = rules[path]
           if not rule.ok(value):
-            fail(path, value, rule.allowed(), prefix)
+            fail(path, value, rule.refusal(value), prefix)
       else:
         raise InputError(f"{prefix}{path}: unknown field{_did_you_mean(path, rules, groups)}")
 
@@ -730,7 +735,7 @@ def check_values(values: Mapping[str, Any], rules: Mapping[str, Rule], *, prefix
   for name, value in values.items():
     rule = rules[name]
     if not rule.ok(value):
-      fail(name, value, rule.allowed(), prefix)
+      fail(name, value, rule.refusal(value), prefix)
 
 
 def validate_train(
