@@ -1,6 +1,9 @@
 """CODI evaluation as a library: decode a finished run, or an official-layout checkpoint on its
 base model, on evaluation sets; score the answers, write per-example records, the efficiency report
 and the probe (`python -m codi_jax.evaluate` is the command line over `evaluate`).
+
+Over 400 lines on purpose: the two ways in (a trained workdir, an official checkpoint) meet in one
+`Options` check and one run-per-set loop; the outputs (records, efficiency, probe) are its tail.
 """
 
 from __future__ import annotations

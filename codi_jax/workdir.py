@@ -1,5 +1,7 @@
 """One run per workdir: `<workdir>/.lock`, created atomically and naming its holder.
 
+(Over 400 lines: local and object-store locks share the holder record and the staleness rules.)
+
     with WorkdirLock(workdir, process_index=jax.process_index()):
       ...  # the whole run
 

@@ -1,5 +1,7 @@
 """Batched Soft Thinking decoding: prefill once, then one jitted fixed-shape loop on the shared step.
 
+(Over 400 lines: the per-step phase machine and `SoftDecoder`, which jits it, read as one unit.)
+
 Every row starts in the thinking phase. Per step (docs/soft_thinking.md, per-step algorithm and
 phase control):
 `sampling.sample_step` gives the row's emitted token and the thinking concept token; then, per row
