@@ -132,6 +132,14 @@ def torch_prj(codi):
   return seq
 
 
+def assert_matches_reference(m, ref, codi, b):
+  """Our loss terms `m` equal the PyTorch reference's on batch `b`, within 1e-4."""
+  with torch.no_grad():
+    ce_s, ce_t, kd, total = torch_reference(ref, torch_prj(codi), b, beta=2.0, gamma=0.5)
+  for key, theirs in [("ce_student", ce_s), ("ce_teacher", ce_t), ("distill", kd), ("loss", total)]:
+    np.testing.assert_allclose(float(m[key]), float(theirs), atol=1e-4, rtol=0, err_msg=key)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("padding_mode", ["masked", "official"])
 def test_loss_matches_pytorch_reference(arch, padding_mode):
@@ -142,15 +150,7 @@ def test_loss_matches_pytorch_reference(arch, padding_mode):
   opts = CodiOptions(num_latent=N, beta=2.0, gamma=0.5, padding_mode=padding_mode)
   b = make_batch(np.random.default_rng(0))
   _, m = jax.jit(codi_loss, static_argnums=2)(codi, {k: jnp.asarray(v) for k, v in b.items()}, opts)
-  with torch.no_grad():
-    ce_s, ce_t, kd, total = torch_reference(ref, torch_prj(codi), b, beta=2.0, gamma=0.5)
-  for ours, theirs in [
-    (m["ce_student"], ce_s),
-    (m["ce_teacher"], ce_t),
-    (m["distill"], kd),
-    (m["loss"], total),
-  ]:
-    np.testing.assert_allclose(float(ours), float(theirs), atol=1e-4, rtol=0)
+  assert_matches_reference(m, ref, codi, b)
 
 
 def padded_batch(rng, width):
@@ -184,15 +184,7 @@ def test_padded_official_mode_matches_pytorch_reference(arch, width):
   batch padded to its maximum, also when our bucket is wider than that maximum."""
   ref, codi, m = _ours(arch, "official", padded_batch(np.random.default_rng(5), width))
   b = padded_batch(np.random.default_rng(5), 6)  # what the reference collator builds
-  with torch.no_grad():
-    ce_s, ce_t, kd, total = torch_reference(ref, torch_prj(codi), b, beta=2.0, gamma=0.5)
-  for ours, theirs in [
-    (m["ce_student"], ce_s),
-    (m["ce_teacher"], ce_t),
-    (m["distill"], kd),
-    (m["loss"], total),
-  ]:
-    np.testing.assert_allclose(float(ours), float(theirs), atol=1e-4, rtol=0)
+  assert_matches_reference(m, ref, codi, b)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
