@@ -80,12 +80,12 @@ def make_batch(rng, B=3, Lq=6, La=7, Lt=14):
   )
 
 
-def torch_reference(model, prj, b, beta, gamma):
-  """The official CODI forward (zhenyi4/codi src/model.py), re-written from the spec in PyTorch."""
-  T = lambda k: torch.tensor(b[k])  # noqa: E731
+def torch_student(model, prj, b):
+  """The reference student path: encode the question, N thoughts through `prj` on the cache, then
+  the teacher-forced decoder; returns the decoder's output (with hidden states)."""
   out = model(
-    input_ids=T("encoder_ids"),
-    attention_mask=T("encoder_mask").long(),
+    input_ids=torch.tensor(b["encoder_ids"]),
+    attention_mask=torch.tensor(b["encoder_mask"]).long(),
     use_cache=True,
     output_hidden_states=True,
   )
@@ -95,11 +95,17 @@ def torch_reference(model, prj, b, beta, gamma):
     out = model(inputs_embeds=z, past_key_values=past, use_cache=True, output_hidden_states=True)
     past = out.past_key_values
     z = prj(out.hidden_states[-1][:, -1:, :])
-  dec = model(
-    inputs_embeds=model.get_input_embeddings()(T("decoder_ids")),
+  return model(
+    inputs_embeds=model.get_input_embeddings()(torch.tensor(b["decoder_ids"])),
     past_key_values=past,
     output_hidden_states=True,
   )
+
+
+def torch_reference(model, prj, b, beta, gamma):
+  """The official CODI forward (zhenyi4/codi src/model.py), re-written from the spec in PyTorch."""
+  T = lambda k: torch.tensor(b[k])  # noqa: E731
+  dec = torch_student(model, prj, b)
   ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
   ce_s = ce(dec.logits[:, :-1].reshape(-1, V), T("decoder_labels")[:, 1:].reshape(-1))
   tea = model(
@@ -216,20 +222,7 @@ def test_padded_masked_mode_equals_each_row_alone(arch):
 
 def torch_student_logits(model, prj, b):
   """The reference student path (encode, N thoughts, teacher-forced decoder) -> decoder logits."""
-  out = model(
-    input_ids=torch.tensor(b["encoder_ids"]),
-    attention_mask=torch.tensor(b["encoder_mask"]).long(),
-    use_cache=True,
-    output_hidden_states=True,
-  )
-  past = out.past_key_values
-  z = prj(out.hidden_states[-1][:, -1:, :])
-  for _ in range(N):
-    out = model(inputs_embeds=z, past_key_values=past, use_cache=True, output_hidden_states=True)
-    past = out.past_key_values
-    z = prj(out.hidden_states[-1][:, -1:, :])
-  emb = model.get_input_embeddings()(torch.tensor(b["decoder_ids"]))
-  return model(inputs_embeds=emb, past_key_values=past).logits.numpy()
+  return torch_student(model, prj, b).logits.numpy()
 
 
 def test_gradients_reach_question_through_every_thought():
