@@ -1,8 +1,13 @@
-"""Running a `python -m` entry point in a subprocess and checking its one-line usage errors."""
+"""The one-line errors users see: a `python -m` entry point run in a subprocess and its usage
+errors, or an InputError raised in process."""
 
 import os
 import subprocess
 import sys
+
+import pytest
+
+from codi_jax.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +44,14 @@ def assert_usage_error(proc: subprocess.CompletedProcess, prog: str, *needles):
   assert lines[0].startswith(f"{prog}: error: "), lines[0]
   for n in needles:
     assert str(n) in lines[0], lines[0]
+
+
+def raises_one_line(fn, *needles) -> str:
+  """`fn()` raises an InputError whose message is one line naming every needle; returns it."""
+  with pytest.raises(InputError) as info:
+    fn()
+  msg = str(info.value)
+  assert "\n" not in msg, msg
+  for n in needles:
+    assert str(n) in msg, msg
+  return msg

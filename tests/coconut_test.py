@@ -27,10 +27,7 @@ IDS = SpecialIds(pad=V - 3, bot=V - 2, eot=V - 1, eos=1)
 
 
 def codi_config(**overrides):
-  c = base.get_config().codi
-  c.method = "coconut"
-  c.update(overrides)
-  return c
+  return tiny_codi.codi_config("coconut", **overrides)
 
 
 def examples():

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_codi
+import tiny_hf
 from flax import nnx
 
 from codi_jax.codi.model import (
@@ -42,42 +44,16 @@ def hf_model(arch):
     )
   else:
     c = transformers.LlamaConfig(
-      vocab_size=V,
-      hidden_size=32,
-      intermediate_size=64,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      max_position_embeddings=64,
+      vocab_size=V, num_hidden_layers=2, max_position_embeddings=64, **tiny_hf.HF_SIZES
     )
   c._attn_implementation = "eager"  # pylint: disable=protected-access
   return transformers.AutoModelForCausalLM.from_config(c).eval()
 
 
-def make_batch(rng, B=3, Lq=6, La=7, Lt=14):
+def make_batch(rng):
   """Equal-length questions (the reference's unmasked passes differ only on padded rows) and
   right-padded decoder/teacher rows of different lengths."""
-  enc = rng.integers(0, V, (B, Lq))
-  dec = rng.integers(0, V, (B, La))
-  tea = rng.integers(0, V, (B, Lt))
-  dec_len, tea_len = np.array([7, 5, 6]), np.array([14, 10, 12])
-  dec_mask = np.arange(La)[None] < dec_len[:, None]
-  tea_mask = np.arange(Lt)[None] < tea_len[:, None]
-  dec_labels = np.where(dec_mask, dec, -100)
-  tea_labels = np.where(tea_mask, tea, -100)
-  tea_labels[:, :Lq] = -100  # question positions carry no loss
-  return dict(
-    encoder_ids=enc,
-    encoder_mask=np.ones((B, Lq), bool),
-    decoder_ids=dec,
-    decoder_mask=dec_mask,
-    decoder_labels=dec_labels,
-    teacher_ids=tea,
-    teacher_mask=tea_mask,
-    teacher_labels=tea_labels,
-    decoder_distill_index=np.array([4, 3, 2]),
-    teacher_distill_index=np.array([11, 8, 9]),
-  )
+  return tiny_codi.loss_batch(rng, V, [6, 6, 6], [14, 10, 12], [11, 8, 9])
 
 
 def torch_student(model, prj, b):

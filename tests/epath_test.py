@@ -15,6 +15,7 @@ import shutil
 import time
 import types
 
+import cli_util
 import numpy as np
 import pytest
 import tiny_codi
@@ -27,7 +28,6 @@ from codi_jax import checkpoint, eval_lib, files, final, metrics, train_lib
 from codi_jax import workdir as wd
 from codi_jax.codi import build
 from codi_jax.data import sources
-from codi_jax.errors import InputError
 
 _OS = backend_lib.os_backend
 RUN = "gs://bucket/run"
@@ -166,16 +166,6 @@ def gcs(tmp_path, monkeypatch):
   assert not os.listdir(cwd)
 
 
-def _one_line_error(fn, *needles) -> str:
-  with pytest.raises(InputError) as info:
-    fn()
-  msg = str(info.value)
-  assert "\n" not in msg, msg
-  for n in needles:
-    assert str(n) in msg, msg
-  return msg
-
-
 # ------------------------------------------------------------------ object stores: the lock object
 
 
@@ -185,7 +175,9 @@ def test_lock_object_on_gs(gcs):
     assert lock.path == RUN + "/.lock" and gcs.writes == [RUN + "/.lock"]
     assert wd.read_holder(RUN) == lock.holder
     assert os.path.isfile(gcs.local(RUN + "/.lock"))
-    _one_line_error(lambda: wd.WorkdirLock(RUN).acquire(), "in use by this process", "/.lock")
+    cli_util.raises_one_line(
+      lambda: wd.WorkdirLock(RUN).acquire(), "in use by this process", "/.lock"
+    )
   assert not os.path.exists(gcs.local(RUN + "/.lock"))
   assert wd.read_holder(RUN) is None
 
@@ -200,7 +192,9 @@ def test_lock_object_stale_other_host_and_replaced(gcs, caplog):
 
   other = dataclasses.replace(dead, host="elsewhere.example")
   lock.write_text(json.dumps(dataclasses.asdict(other)))
-  _one_line_error(lambda: wd.WorkdirLock(RUN).acquire(), "another run", "elsewhere.example")
+  cli_util.raises_one_line(
+    lambda: wd.WorkdirLock(RUN).acquire(), "another run", "elsewhere.example"
+  )
   assert wd.read_holder(RUN) == other  # untouched
 
   lock.unlink()
@@ -220,20 +214,26 @@ def test_lock_object_race_the_later_writer_wins(gcs, monkeypatch):
     (epath.Path(RUN) / ".lock").write_text(json.dumps(dataclasses.asdict(rival)))
 
   monkeypatch.setattr(wd, "time", types.SimpleNamespace(sleep=rival_writes, time=time.time))
-  _one_line_error(lambda: wd.WorkdirLock(RUN).acquire(), "in use by another run", os.getppid())
+  cli_util.raises_one_line(
+    lambda: wd.WorkdirLock(RUN).acquire(), "in use by another run", os.getppid()
+  )
   assert wd.read_holder(RUN) == rival
 
 
 def test_object_store_errors_are_one_line(gcs, monkeypatch):
-  _one_line_error(lambda: wd.check_workdir("nosuch://bucket/run"), "unsupported URL scheme")
+  cli_util.raises_one_line(
+    lambda: wd.check_workdir("nosuch://bucket/run"), "unsupported URL scheme"
+  )
   (epath.Path("gs://bucket") / "afile").write_text("x")
-  _one_line_error(lambda: wd.check_workdir("gs://bucket/afile"), "not a directory")
+  cli_util.raises_one_line(lambda: wd.check_workdir("gs://bucket/afile"), "not a directory")
 
   def denied(path, mode):
     raise PermissionError(403, "caller does not have storage.objects.create access")
 
   monkeypatch.setattr(gcs, "open", denied)
-  _one_line_error(lambda: wd.WorkdirLock(RUN).acquire(), "cannot", "PermissionError", "403")
+  cli_util.raises_one_line(
+    lambda: wd.WorkdirLock(RUN).acquire(), "cannot", "PermissionError", "403"
+  )
 
 
 # ---------------------------------------------------- object stores: metrics, files, final/, resume
@@ -300,14 +300,18 @@ def test_final_on_gs_is_written_in_place_run_json_last(gcs, monkeypatch):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))
-  _one_line_error(lambda: train_lib._prepare_workdir(RUN, c), "already holds a finished run")
+  cli_util.raises_one_line(
+    lambda: train_lib._prepare_workdir(RUN, c), "already holds a finished run"
+  )
 
   (epath.Path(RUN) / "final" / "run.json").unlink()  # a save interrupted before its last write
-  _one_line_error(lambda: final.read_final(RUN), "incomplete checkpoint (no run.json)")
+  cli_util.raises_one_line(lambda: final.read_final(RUN), "incomplete checkpoint (no run.json)")
   for step in (2, 4):
     (epath.Path(RUN) / "checkpoints" / str(step)).mkdir(parents=True)
   c.resume = False
-  _one_line_error(lambda: train_lib._prepare_workdir(RUN, c), "holds checkpoints (steps 2..4)")
+  cli_util.raises_one_line(
+    lambda: train_lib._prepare_workdir(RUN, c), "holds checkpoints (steps 2..4)"
+  )
   c.overwrite = True
   train_lib._prepare_workdir(RUN, c)
   assert not (epath.Path(RUN) / "checkpoints").exists()

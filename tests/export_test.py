@@ -10,6 +10,7 @@ import cli_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_hf
 from flax import nnx
 from train_test import tiny_config
 
@@ -56,13 +57,10 @@ def make_base(path, arch, config) -> str:
     tok_cfg.update(bos_token="<|endoftext|>", add_bos_token=True)
     cfg = transformers.LlamaConfig(
       vocab_size=n + 13,
-      hidden_size=32,
-      intermediate_size=64,
       num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
       max_position_embeddings=256,
       tie_word_embeddings=False,
+      **tiny_hf.HF_SIZES,
       **common,
     )
   torch.manual_seed(0)

@@ -31,10 +31,7 @@ INF = math.inf
 
 
 def codi_config(**overrides):
-  c = base.get_config().codi
-  c.method = "icot_si"
-  c.update(overrides)
-  return c
+  return tiny_codi.codi_config("icot_si", **overrides)
 
 
 def test_icot_removal_count_per_step():

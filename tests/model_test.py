@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny_hf
 from flax import nnx
 
 from codi_jax.models import cache as kvc
@@ -27,11 +28,8 @@ HF_CONFIGS = {
   # llama3 rope scaling with a tiny original context so that every frequency band is exercised.
   "llama": lambda: transformers.LlamaConfig(
     vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    **tiny_hf.HF_SIZES,
     max_position_embeddings=64,
     tie_word_embeddings=True,
     rope_theta=500.0,
@@ -45,11 +43,8 @@ HF_CONFIGS = {
   ),
   "qwen2": lambda: transformers.Qwen2Config(
     vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    **tiny_hf.HF_SIZES,
     max_position_embeddings=64,
     tie_word_embeddings=False,
   ),

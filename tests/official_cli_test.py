@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_codi
 import tokenizers
 from flax import nnx
 
@@ -187,30 +188,6 @@ def reference_losses(module, b):
   return {"ce_student": ce_s, "ce_teacher": ce_t, "distill": kd, "loss": ce_s + kd + ce_t}
 
 
-def loss_batch(rng, B=3, Lq=6, La=7, Lt=14):
-  """Equal-length questions ending in bot; right-padded decoder and teacher rows."""
-  enc = rng.integers(0, V0, (B, Lq))
-  enc[:, -1] = BOT
-  dec, tea = rng.integers(0, V0, (B, La)), rng.integers(0, V0, (B, Lt))
-  dec[:, 0] = EOT
-  dec_mask = np.arange(La)[None] < np.array([7, 5, 6])[:, None]
-  tea_mask = np.arange(Lt)[None] < np.array([14, 10, 12])[:, None]
-  tea_labels = np.where(tea_mask, tea, -100)
-  tea_labels[:, :Lq] = -100
-  return dict(
-    encoder_ids=enc,
-    encoder_mask=np.ones((B, Lq), bool),
-    decoder_ids=dec,
-    decoder_mask=dec_mask,
-    decoder_labels=np.where(dec_mask, dec, -100),
-    teacher_ids=tea,
-    teacher_mask=tea_mask,
-    teacher_labels=tea_labels,
-    decoder_distill_index=np.array([4, 3, 2]),
-    teacher_distill_index=np.array([11, 8, 9]),
-  )
-
-
 def reference_answer(module, ids, eos, max_new):
   """test.py's greedy loop for one question: [q][bot] -> N thoughts -> [eot] -> argmax over the
   first V + 2 logits (eot excluded) until eos."""
@@ -262,7 +239,8 @@ def test_every_format_loads_the_same_model_and_matches_pytorch(case):
   got = off.codi.backbone(jnp.asarray(ids), positions=pos).logits
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
-  b = loss_batch(np.random.default_rng(2))
+  rng = np.random.default_rng(2)  # equal-length questions ending in bot; decoders start with eot
+  b = tiny_codi.loss_batch(rng, V0, [6, 6, 6], [14, 10, 12], [11, 8, 9], bot=BOT, eot=EOT)
   opts = CodiOptions(num_latent=N)
   _, ours = jax.jit(codi_loss, static_argnums=2)(
     off.codi, {k: jnp.asarray(v) for k, v in b.items()}, opts

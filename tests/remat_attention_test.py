@@ -127,27 +127,9 @@ def _codi(arch, impl, scale=10.0):
   return Codi(_model(arch, impl, scale), rngs=nnx.Rngs(1))
 
 
-def _batch(rng, B=3, Lq=8, La=7, Lt=20):
+def _batch(rng, Lt=None):
   """Left-padded questions (lengths 8, 5, 3), right-padded decoder and teacher rows."""
-  enc = rng.integers(0, V, (B, Lq))
-  enc_mask = np.arange(Lq)[None] >= Lq - np.array([8, 5, 3])[:, None]
-  dec, tea = rng.integers(0, V, (B, La)), rng.integers(0, V, (B, Lt))
-  dec_mask = np.arange(La)[None] < np.array([7, 5, 6])[:, None]
-  tea_mask = np.arange(Lt)[None] < np.array([20, 14, 17])[:, None]
-  tea_labels = np.where(tea_mask, tea, -100)
-  tea_labels[:, :Lq] = -100
-  b = dict(
-    encoder_ids=enc,
-    encoder_mask=enc_mask,
-    decoder_ids=dec,
-    decoder_mask=dec_mask,
-    decoder_labels=np.where(dec_mask, dec, -100),
-    teacher_ids=tea,
-    teacher_mask=tea_mask,
-    teacher_labels=tea_labels,
-    decoder_distill_index=np.array([4, 3, 2]),
-    teacher_distill_index=np.array([15, 11, 13]),
-  )
+  b = tiny_codi.loss_batch(rng, V, [8, 5, 3], [20, 14, 17], [15, 11, 13], teacher_width=Lt)
   return {k: jnp.asarray(v) for k, v in b.items()}
 
 

@@ -37,11 +37,8 @@ def make_tiny_dir(path: str) -> str:
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
     vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    **tiny_hf.HF_SIZES,
     max_position_embeddings=256,
     bos_token_id=0,
     eos_token_id=0,

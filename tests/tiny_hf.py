@@ -11,6 +11,8 @@ import tokenizers
 from codi_jax.models import config, hf, transformer, weights_io
 
 V = 100
+# The width of `config.tiny` (Llama, Qwen2) in transformers' config keys, for tiny random HF models.
+HF_SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
 TEMPLATE = (
   "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
   "{% if add_generation_prompt %}w5{% endif %}"

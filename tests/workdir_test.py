@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 
+import cli_util
 import epath_test
 import pytest
 
 from codi_jax import workdir as wd
-from codi_jax.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = """
@@ -25,16 +25,6 @@ with WorkdirLock(sys.argv[1]):
   print("held", flush=True)
   sys.stdin.readline()
 """
-
-
-def _one_line_error(fn, *needles) -> str:
-  with pytest.raises(InputError) as info:
-    fn()
-  msg = str(info.value)
-  assert "\n" not in msg, msg
-  for n in needles:
-    assert str(n) in msg, msg
-  return msg
 
 
 @pytest.fixture
@@ -72,7 +62,7 @@ def test_second_run_is_refused_and_the_first_is_unaffected(tmp_path, holder):
   before = open(_lock(run), "rb").read()
   record = json.loads(before)
   assert record["pid"] == holder.pid and record["host"] == socket.gethostname()
-  _one_line_error(
+  cli_util.raises_one_line(
     lambda: wd.WorkdirLock(str(run)).acquire(),
     "in use by another run",
     f"host {socket.gethostname()}",
@@ -135,7 +125,7 @@ def test_lock_from_another_host_or_container_is_refused(tmp_path):
   for other in (dict(host="elsewhere.example"), dict(pid_ns="pid:[1]")):
     _write_record(tmp_path, pid=999_999_999, **other)
     before = open(_lock(tmp_path), "rb").read()
-    _one_line_error(lambda: wd.WorkdirLock(str(tmp_path)).acquire(), "pid 999999999")
+    cli_util.raises_one_line(lambda: wd.WorkdirLock(str(tmp_path)).acquire(), "pid 999999999")
     assert open(_lock(tmp_path), "rb").read() == before
 
 
@@ -150,7 +140,9 @@ def test_unreadable_lock_file(tmp_path, caplog):
 
 def test_same_process_twice_is_refused(tmp_path):
   with wd.WorkdirLock(str(tmp_path)):
-    _one_line_error(lambda: wd.WorkdirLock(str(tmp_path)).acquire(), "in use by this process")
+    cli_util.raises_one_line(
+      lambda: wd.WorkdirLock(str(tmp_path)).acquire(), "in use by this process"
+    )
   assert not os.path.exists(_lock(tmp_path))
 
 
@@ -194,7 +186,9 @@ def test_creates_a_missing_workdir(tmp_path):
   ],
 )
 def test_invalid_workdir(path, needles):
-  _one_line_error(lambda: wd.WorkdirLock(path, what="--workdir").acquire(), "--workdir", *needles)
+  cli_util.raises_one_line(
+    lambda: wd.WorkdirLock(path, what="--workdir").acquire(), "--workdir", *needles
+  )
 
 
 gcs = epath_test.gcs  # gs:// through etils.epath on a local folder
@@ -205,15 +199,17 @@ def test_gs_workdir_takes_a_lock_object(gcs):
   run = "gs://bucket/run"
   with wd.WorkdirLock(run, what="--workdir") as lock:
     assert wd.read_holder(run) == lock.holder and gcs.writes == [f"{run}/{wd.LOCK_NAME}"]
-    _one_line_error(lambda: wd.WorkdirLock(run).acquire(), "in use by this process", run)
+    cli_util.raises_one_line(lambda: wd.WorkdirLock(run).acquire(), "in use by this process", run)
   assert wd.read_holder(run) is None
 
 
 def test_workdir_under_a_file_or_a_file(tmp_path):
   f = tmp_path / "file"
   f.write_text("x")
-  _one_line_error(lambda: wd.WorkdirLock(str(f / "run")).acquire(), str(f), "cannot create")
-  _one_line_error(lambda: wd.WorkdirLock(str(f)).acquire(), "not a directory")
+  cli_util.raises_one_line(
+    lambda: wd.WorkdirLock(str(f / "run")).acquire(), str(f), "cannot create"
+  )
+  cli_util.raises_one_line(lambda: wd.WorkdirLock(str(f)).acquire(), "not a directory")
 
 
 def test_unwritable_workdir(tmp_path):
@@ -223,7 +219,7 @@ def test_unwritable_workdir(tmp_path):
   try:
     if os.access(ro, os.W_OK):  # root: mode bits do not apply; use a read-only mount instead
       ro = "/proc/self"
-    _one_line_error(lambda: wd.WorkdirLock(str(ro)).acquire(), str(ro))
+    cli_util.raises_one_line(lambda: wd.WorkdirLock(str(ro)).acquire(), str(ro))
   finally:
     os.chmod(tmp_path / "ro", 0o700)
 
@@ -281,7 +277,9 @@ def test_filesystem_without_hard_links(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "link", no_link)
   with wd.WorkdirLock(str(tmp_path)) as lock:
     assert wd.read_holder(str(tmp_path)) == lock.holder
-    _one_line_error(lambda: wd.WorkdirLock(str(tmp_path)).acquire(), "in use by this process")
+    cli_util.raises_one_line(
+      lambda: wd.WorkdirLock(str(tmp_path)).acquire(), "in use by this process"
+    )
   assert sorted(os.listdir(tmp_path)) == []
 
 
@@ -290,5 +288,7 @@ def test_disk_full_while_taking_the_lock(tmp_path, monkeypatch):
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(os, "fsync", full)
-  _one_line_error(lambda: wd.WorkdirLock(str(tmp_path)).acquire(), "No space left on device")
+  cli_util.raises_one_line(
+    lambda: wd.WorkdirLock(str(tmp_path)).acquire(), "No space left on device"
+  )
   assert sorted(os.listdir(tmp_path)) == []
