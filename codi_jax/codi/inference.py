@@ -91,58 +91,34 @@ def teacher_start(
 
 
 def student_generate(
-  codi: Codi,
-  enc_ids_BxLq,
-  enc_mask_BxLq,
-  *,
-  num_latent: int,
-  padding_mode: PaddingMode = "masked",
-  eot_id: int,
-  max_new: int,
-  eos_ids,
-  pad_id: int,
-  suppress=(),
+  codi: Codi, enc_ids_BxLq, enc_mask_BxLq, *, num_latent: int, max_new: int, **options
 ):
-  """[question][bot] -> N thoughts -> [eot] -> greedy answer. Returns (tokens [B, N], lengths [B])."""
+  """[question][bot] -> N thoughts -> [eot] -> greedy answer. Returns (tokens [B, N], lengths [B]).
+
+  options: `student_start`'s eot_id, eos_ids, pad_id, padding_mode and suppress; the cache holds
+  exactly question + thoughts + eot + answer.
+  """
+  capacity = enc_ids_BxLq.shape[1] + num_latent + max_new + 1
   _, ((buf, _, n), _) = student_start(
     codi,
     enc_ids_BxLq,
     enc_mask_BxLq,
     num_latent=num_latent,
-    padding_mode=padding_mode,
-    eot_id=eot_id,
     max_new=max_new,
-    eos_ids=eos_ids,
-    pad_id=pad_id,
-    suppress=suppress,
-    capacity=enc_ids_BxLq.shape[1] + num_latent + max_new + 1,
+    capacity=capacity,
     last=True,
+    **options,
   )
   return buf, n
 
 
-def teacher_generate(
-  codi: Codi,
-  q_ids_BxLq,
-  q_mask_BxLq,
-  *,
-  padding_mode: PaddingMode = "masked",
-  max_new: int,
-  eos_ids,
-  pad_id: int,
-  suppress=(),
-):
-  """Explicit CoT decoding from the question alone (the teacher / CoT-SFT mode)."""
+def teacher_generate(codi: Codi, q_ids_BxLq, q_mask_BxLq, *, max_new: int, **options):
+  """Explicit CoT decoding from the question alone (the teacher / CoT-SFT mode).
+
+  options: `teacher_start`'s eos_ids, pad_id, padding_mode and suppress.
+  """
+  capacity = q_ids_BxLq.shape[1] + max_new
   _, ((buf, _, n), _) = teacher_start(
-    codi,
-    q_ids_BxLq,
-    q_mask_BxLq,
-    padding_mode=padding_mode,
-    max_new=max_new,
-    eos_ids=eos_ids,
-    pad_id=pad_id,
-    suppress=suppress,
-    capacity=q_ids_BxLq.shape[1] + max_new,
-    last=True,
+    codi, q_ids_BxLq, q_mask_BxLq, max_new=max_new, capacity=capacity, last=True, **options
   )
   return buf, n

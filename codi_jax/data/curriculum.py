@@ -513,9 +513,6 @@ def train_data(
   records: Sequence[Mapping[str, Any]],
   tokenizer: Tokenizer,
   *,
-  pad_id: int,
-  bot_id: int,
-  eot_id: int,
   batch_size: int,
   seed: int = 0,
   buckets: int | Sequence[int] = 32,
@@ -523,12 +520,11 @@ def train_data(
   **tokenize_kwargs: Any,
 ) -> pipeline.TrainData:
   """`pipeline.train_data` for coconut | icot_si: tokenized, checked examples -> batches at stage 0
-  (the full CoT), which `Curriculum.batch` rewrites step by step."""
+  (the full CoT), which `Curriculum.batch` rewrites step by step. `tokenize_kwargs` go to
+  `codi_batches.tokenize_records` (pad_id, bot_id and eot_id included)."""
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  examples, report = codi_batches.tokenize_records(
-    records, tokenizer, pad_id=pad_id, bot_id=bot_id, eot_id=eot_id, **tokenize_kwargs
-  )
+  examples, report = codi_batches.tokenize_records(records, tokenizer, **tokenize_kwargs)
   if method == "coconut":
     cap = tokenize_kwargs.get("max_piece_tokens", 256)
     strip = tokenize_kwargs.get("strip_piece_bos", True)
