@@ -3,6 +3,7 @@ r"""One-command accelerator benchmark: CODI training, greedy and soft decoding a
   python benchmarks/accelerator.py [--out=table.json] [--models=gpt2,llama] [--workloads=...]
   python benchmarks/accelerator.py --smoke       # tiny shapes, same code path (CPU, ~1 minute)
   python benchmarks/accelerator.py --cpu_small   # 2 layers, the real vocabularies (CPU sanity run)
+  python benchmarks/accelerator.py --flops_only  # compile the train steps only: XLA FLOPs / formula
 
 Runs on `jax.devices()[0]` and prints one table. Models have random weights, GPT-2-small and
 Llama-3.2-1B shapes (vocabularies + 3 rows for pad/bot/eot), bf16 weights and compute. Order:
@@ -33,12 +34,20 @@ Lq = q + 1 encoder tokens, N thoughts, La = a + 1 decoder tokens, Lw = c + a tea
 i.e. teacher forward + backward, student encoder + thoughts + answer forward + backward. XLA's
 count (`compiled.cost_analysis()["flops"]`) is shown next to it: it includes the masked attention
 over full blocks and elementwise work, and counts a while-loop body (the thought scan) once.
-Prints numbers; never asserts a speed.
+
+--flops_only (any preset, any device; CPU is enough) builds the models abstractly, compiles the
+same train step without running it and prints, per model and term, the formula next to XLA's
+count. The thought scan is corrected by two more compiles: per thought = XLA(N=2) - XLA(N=1), and
+corrected = XLA(N) + (N - 2) per thought (`flops_row`). Per term, the dots of the compiled HLO with
+each loop's trip count, attributed by source function (`dot_flops`); non-dot = corrected - dots.
+Prints numbers; never asserts a speed. One file on purpose (~1000 lines): one command, and one place
+for the shapes, the formula and the model construction the timed and compile-only runs share.
 """
 # pylint: disable=invalid-name
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import gc
@@ -47,6 +56,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -88,6 +98,7 @@ def _define_flags():
   flags.DEFINE_bool("cpu_small", False, "2 layers at the real vocabularies (CPU sanity run)")
   flags.DEFINE_list("models", list(MODELS), f"subset of {','.join(MODELS)}")
   flags.DEFINE_list("workloads", list(WORKLOADS), f"subset of {','.join(WORKLOADS)}")
+  flags.DEFINE_bool("flops_only", False, "compile the train steps (no run): XLA FLOPs vs formula")
   flags.DEFINE_bool("full_ft", False, "full fine-tuning (f32 master weights) instead of LoRA r128")
   flags.DEFINE_integer("steps", None, "timed train steps (default: the preset's)")
   flags.DEFINE_integer("warmup", None, "untimed train steps after compiling (default: preset's)")
@@ -244,7 +255,7 @@ def preset(name: str) -> Preset:
         "gpt2": ("GPT-2 tiny", _tiny("gpt2", 128 + 3, 1, 32, 4, 4, 64)),
         "llama": ("Llama tiny", _tiny("llama", 128 + 3, 1, 32, 4, 2, 64)),
       },
-      train={"gpt2": TrainShape(2, 6, 6, 4, 2), "llama": TrainShape(2, 6, 6, 4, 2)},
+      train={"gpt2": TrainShape(2, 6, 6, 4, 3), "llama": TrainShape(2, 6, 6, 4, 3)},
       decode_batches=(1, 2),
       prompt=8,
       new_tokens=8,
@@ -445,6 +456,80 @@ def xla_bytes(compiled) -> float:
   )
 
 
+DOT_TERMS = {  # innermost source function of a dot -> formula term
+  "Linear.__call__": "dense",
+  "Embed.attend": "head",
+  "Transformer.head": "head",
+  "attention": "attention",
+  "Projection.__call__": "prj",
+}
+_INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (?:\w+\[([\d,]*)\]\S*|\(.*?\)) ([\w\-]+)\(")
+
+
+def dot_flops(hlo: str) -> dict[str, float]:
+  """FLOPs of the dots of an optimized HLO module (`compiled.as_text()`) by formula term, every
+  while body times its known trip count: 2 x output size x contracted size. The term is the dot's
+  innermost source function (the module's stack-frame table, DOT_TERMS); a dot without one (XLA
+  dropped its metadata) is "other". A loop without a known trip count is counted once. Dots as
+  XLA:CPU keeps them; a backend that rewrites them into library calls leaves them in non-dot."""
+  sec, funcs, locs, frames = None, {}, {}, {}
+  comps, cur, entry = {}, None, None
+  for line in hlo.split("\n"):
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      sec = line
+    elif sec and line[:1].isdigit():
+      i, rest = line.split(" ", 1)
+      ids = dict(re.findall(r"(\w+)=(\d+)", rest))
+      if sec == "FunctionNames":
+        funcs[i] = rest.strip('"')
+      elif sec == "FileLocations":
+        locs[i] = ids["function_name_id"]
+      elif sec == "StackFrames":
+        frames[i] = ids["file_location_id"]
+    elif line and not line[0].isspace() and line.endswith("{"):
+      sec, is_entry = None, line.startswith("ENTRY ")
+      cur = line.removeprefix("ENTRY ").split(" ", 1)[0].lstrip("%")
+      comps[cur] = []
+      entry = cur if is_entry else entry
+    elif line == "}":
+      cur = None
+    elif cur is not None and (m := _INSTR.match(line)):
+      comps[cur].append((m.group(1), m.group(2), m.group(3), line))
+  shapes = {
+    name: [int(d) for d in dims.split(",") if d]
+    for body in comps.values()
+    for name, dims, _, _ in body
+    if dims is not None
+  }
+  memo: dict[str, collections.Counter] = {}
+
+  def total(comp: str) -> collections.Counter:
+    if comp in memo:
+      return memo[comp]
+    out = collections.Counter()
+    for _, dims, op, line in comps.get(comp, ()):
+      if op == "dot":
+        lhs = shapes[re.search(r"dot\(%?([\w.\-]+)", line).group(1)]
+        contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
+        k = math.prod(lhs[int(d)] for d in contracted.split(",") if d)
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        fn = funcs.get(locs.get(frames.get(frame.group(1)))) if frame else None
+        out[DOT_TERMS.get(fn, "other")] += 2 * math.prod(int(d) for d in dims.split(",") if d) * k
+      trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line) if op == "while" else None
+      branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+      callees = re.findall(r"(calls|to_apply|body)=%?([\w.\-]+)", line) + [
+        ("branch", c) for c in re.findall(r"%?([\w.\-]+)", branches.group(1) if branches else "")
+      ]
+      for attr, callee in callees:
+        n = int(trip.group(1)) if attr == "body" and trip else 1
+        for term, f in total(callee).items():
+          out[term] += n * f
+    memo[comp] = out
+    return out
+
+  return {term: float(f) for term, f in total(entry).items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Probes
 
@@ -491,10 +576,29 @@ def _optim_config():
   return types.SimpleNamespace(optim=optim)
 
 
-def train_row(key: str, p: Preset, mem: Memory, full_ft: bool, seed: int) -> dict:
-  """Builds the CODI model at this shape, compiles its train step and times it."""
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """One model's jitted CODI train step and its arguments (arrays, or shapes when abstract)."""
+
+  label: str
+  cfg: ModelConfig
+  shape: TrainShape
+  step_fn: object  # jax.jit(train_step), not yet lowered
+  args: tuple  # (train state, opt state, frozen, batch, step)
+  params: int
+  trainable: int
+
+
+def train_setup(
+  key: str, p: Preset, full_ft: bool, seed: int, *, abstract: bool = False, thoughts=None
+) -> TrainSetup:
+  """The CODI model at this preset's shape, its trainable/frozen split, AdamW state, a full-length
+  batch and `train_step.make_train_step`; abstract=True: weights and optimizer state are shapes
+  (`nnx.eval_shape`), so a compile-only run allocates no weights. thoughts: override N."""
   label, base = p.models[key]
   shape = p.train[key]
+  if thoughts is not None:
+    shape = dataclasses.replace(shape, thoughts=thoughts)
   lora = None if full_ft else LoRAConfig(rank=p.lora_rank, alpha=LORA_ALPHA, dropout=DROPOUT)
   drop = DROPOUT if base.arch == "gpt2" else 0.0  # Llama has no attention/residual dropout
   cfg = base.replace(
@@ -504,7 +608,11 @@ def train_row(key: str, p: Preset, mem: Memory, full_ft: bool, seed: int) -> dic
     resid_dropout=drop,
     param_dtype="float32" if full_ft else base.param_dtype,
   )
-  codi = Codi(transformer.build(cfg, seed), rngs=nnx.Rngs(params=seed + 2))
+
+  def build():
+    return Codi(transformer.build(cfg, seed), rngs=nnx.Rngs(params=seed + 2))
+
+  codi = nnx.eval_shape(build) if abstract else build()
   if full_ft:
     graphdef, state, frozen = nnx.split(codi, nnx.Param, ...)
   else:
@@ -516,11 +624,20 @@ def train_row(key: str, p: Preset, mem: Memory, full_ft: bool, seed: int) -> dic
   examples = make_examples(shape, cfg.vocab_size - 3, eos, seed)
   batch = {k: jnp.asarray(v) for k, v in collate_full(examples, pad, bot, eot).items()}
   tx, _ = train_step.make_optimizer(_optim_config(), SCHEDULE_STEPS)
-  opt = tx.init(state)
+  opt = jax.eval_shape(tx.init, state) if abstract else tx.init(state)
   opts = CodiOptions(num_latent=shape.thoughts)
   step_fn = train_step.make_train_step(graphdef, tx, jax.random.key(seed), opts, True)
+  args = (state, opt, frozen, batch, jnp.int32(0))
+  return TrainSetup(label, cfg, shape, step_fn, args, n_params, n_train)
+
+
+def train_row(key: str, p: Preset, mem: Memory, full_ft: bool, seed: int) -> dict:
+  """Builds the CODI model at this shape, compiles its train step and times it."""
+  s = train_setup(key, p, full_ft, seed)
+  label, cfg, shape = s.label, s.cfg, s.shape
+  state, opt, frozen, batch, _ = s.args
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, opt, frozen, batch, jnp.int32(0)).compile()
+  compiled = s.step_fn.lower(*s.args).compile()
   compile_s = time.perf_counter() - t0
   i = 0
   losses = []
@@ -560,11 +677,74 @@ def train_row(key: str, p: Preset, mem: Memory, full_ft: bool, seed: int) -> dic
     peak_source=source,
     xla_bytes=xla_mem,
     compile_s=compile_s,
-    params=n_params,
-    trainable=n_train,
+    params=s.params,
+    trainable=s.trainable,
     losses=losses,
     step_s=step_s,
   )
+
+
+def flops_row(key: str, p: Preset, full_ft: bool, seed: int) -> dict:
+  """Compiles (never runs) the train step on abstract weights; XLA's FLOPs against the formula.
+
+  XLA counts a while body once and the thought scan (forward and its backward) runs N - 1 times,
+  so for N >= 3 the step is also compiled at N = 1 (no scan) and N = 2 (one iteration): per
+  thought = XLA(2) - XLA(1), corrected = XLA(N) + (N - 2) x per thought. `dot_flops` splits the
+  dots by term with the loops' trip counts; non-dot = corrected - all dots."""
+  N = p.train[key].thoughts
+  counts, compile_s = {}, 0.0
+  for n in (N, 1, 2) if N >= 3 else (N,):
+    s = train_setup(key, p, full_ft, seed, abstract=True, thoughts=n)
+    t0 = time.perf_counter()
+    # Nothing runs: LLVM's optimisation would only cost time (XLA's HLO and its counts are the same).
+    compiled = s.step_fn.lower(*s.args).compile({"xla_backend_optimization_level": 0})
+    compile_s += time.perf_counter() - t0
+    counts[n] = cost_flops(compiled)
+    if n == N:
+      setup, dots = s, dot_flops(compiled.as_text())
+    del compiled
+  per_thought = counts[2] - counts[1] if N >= 3 else float("nan")
+  corrected = counts[N] + (N - 2) * per_thought if N >= 3 else counts[N]
+  return dict(
+    model=setup.label,
+    shape=setup.shape.describe(),
+    batch=setup.shape.batch,
+    thoughts=N,
+    flops_terms=train_flops(setup.cfg, setup.shape, p.lora_rank, full_ft),
+    flops_xla_raw=counts[N],
+    flops_xla_per_thought=per_thought,
+    flops_xla=corrected,
+    flops_dots=dots,
+    compile_s=compile_s,
+    params=setup.params,
+    trainable=setup.trainable,
+  )
+
+
+def flops_table(rows: list[dict]) -> str:
+  """One line per model and term: formula vs XLA GFLOP (dots by term, then totals)."""
+  lines = []
+  for r in rows:
+    t, d = r["flops_terms"], r["flops_dots"]
+    dots = sum(d.values())
+    terms = [(k, t[k], d.get(k, 0.0)) for k in ("dense", "head", "attention", "prj")]
+    terms += [
+      ("other dots", None, d.get("other", 0.0)),
+      ("non-dot", None, r["flops_xla"] - dots),
+      ("total", t["total"], r["flops_xla"]),
+      ("total, loops once", t["total"], r["flops_xla_raw"]),
+    ]
+    for term, f, x in terms:
+      formula, ratio = (None, None) if not f else (f / 1e9, x / f)
+      lines.append(dict(model=r["model"], term=term, formula=formula, xla=x / 1e9, ratio=ratio))
+  cols = (
+    ("model", "model"),
+    ("term", "term"),
+    ("formula", "formula GFLOP"),
+    ("xla", "XLA GFLOP"),
+    ("ratio", "XLA / formula"),
+  )
+  return table(lines, cols, {"formula": ",.5g", "xla": ",.5g", "ratio": ".3f"})
 
 
 def _prefill_only(model, ids, mask, *, capacity):
@@ -703,11 +883,13 @@ def finish_rows(rows: list[dict], matmul_flops: float, copy_bw: float) -> None:
       r["bw_frac"] = r["bytes_per_step"] * steps / r["decode_s"] / copy_bw
 
 
-def table(rows: list[dict]) -> str:
-  cells = [[h for _, h in COLUMNS]]
+def table(rows: list[dict], columns=COLUMNS, formats=None) -> str:
+  """A markdown table of `columns` ((key, header) pairs), cells formatted by `formats` (`_fmt`)."""
+  formats = FORMATS if formats is None else formats
+  cells = [[h for _, h in columns]]
   for r in rows:
-    cells.append([_fmt(r.get(k), FORMATS[k]) if k in FORMATS else str(r[k]) for k, _ in COLUMNS])
-  widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    cells.append([_fmt(r.get(k), formats[k]) if k in formats else str(r[k]) for k, _ in columns])
+  widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
   lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
   lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
   return "\n".join(lines)
@@ -718,6 +900,34 @@ def _version(pkg: str) -> str:
     return importlib.metadata.version(pkg)
   except importlib.metadata.PackageNotFoundError:
     return "?"
+
+
+def flops_report(p: Preset, models, header: dict, t_start: float) -> None:
+  """--flops_only: `flops_row` per model, the per-term table, and --out."""
+  rows = []
+  for key in models:
+    r = flops_row(key, p, FLAGS.full_ft, FLAGS.seed)
+    rows.append(r)
+    free()
+    print(
+      f"[{time.perf_counter() - t_start:6.1f} s] {r['model']}: {r['shape']}, batch {r['batch']}; "
+      f"{r['params']:,} params, {r['trainable']:,} trainable; XLA per thought "
+      f"{r['flops_xla_per_thought'] / 1e9:,.4g} GFLOP; compiles {r['compile_s']:.0f} s",
+      flush=True,
+    )
+  load1 = os.getloadavg()
+  header.update(load_avg_end=load1)
+  print(
+    f"\ncompile only ({header['mode']}): formula = the module docstring's model FLOPs; XLA = "
+    "`cost_analysis()` of the compiled step, its thought scan corrected to N iterations "
+    "(`flops_row`); per term: XLA's dots with loop trip counts (`dot_flops`)\n"
+  )
+  print(flops_table(rows))
+  print(f"\nload average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump({"header": header, "rows": rows}, f, indent=1, default=float)
+    print(f"wrote {FLAGS.out}")
 
 
 def main(argv):
@@ -768,6 +978,9 @@ def main(argv):
   def elapsed():
     return f"[{time.perf_counter() - t_start:6.1f} s]"
 
+  if FLAGS.flops_only:
+    flops_report(p, models, header, t_start)
+    return
   mem = Memory(dev)
   rows = []
   decode_wl = [w for w in workloads if w != "train"]

@@ -1,5 +1,6 @@
-"""benchmarks/accelerator.py: the --smoke run's table, its JSON, its imports and its batches."""
+"""benchmarks/accelerator.py: the --smoke run (table, JSON, imports, batches) and --flops_only."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -151,3 +152,77 @@ def test_flop_formula_terms():
   # visible keys: teacher 1 + 2, encoder 1 + 2, decoder 3 + 4
   assert lora["attention"] == 12 * 12 * 64 * 12 * (3 + 3 + 7)
   assert lora["total"] == sum(v for k, v in lora.items() if k != "total")
+
+
+def _flops_terms(rows: list[dict[str, str]], model: str) -> dict[str, dict[str, str]]:
+  return {r["term"]: r for r in rows if r["model"] == model}
+
+
+def test_flops_only_table_and_the_thought_loop_correction(tmp_path):
+  """--flops_only at the smoke shapes (3 thoughts: the scan loop runs twice), then N = 4 in process.
+
+  XLA counts a loop body once: the corrected count must grow by one thought's FLOPs per thought
+  (within the attention over one more cache slot), and the trip-counted dots exactly so."""
+  out = tmp_path / "flops.json"
+  block = "; ".join(f"sys.modules[{m!r}] = None" for m in ABSENT)
+  code = (
+    f"import runpy, sys; {block}; sys.argv = [{SCRIPT!r}, '--smoke', '--flops_only', "
+    f"'--out={out}']; runpy.run_path({SCRIPT!r}, run_name='__main__')"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "load average" in proc.stdout.splitlines()[0]
+  rows = _table(proc.stdout)
+  for model in ("GPT-2 tiny", "Llama tiny"):
+    terms = _flops_terms(rows, model)
+    assert list(terms) == [
+      "dense",
+      "head",
+      "attention",
+      "prj",
+      "other dots",
+      "non-dot",
+      "total",
+      "total, loops once",
+    ], rows
+    for term in ("dense", "head", "attention", "prj", "total", "total, loops once"):
+      assert math.isfinite(_number(terms[term]["XLA / formula"])), terms[term]
+    # The tied head runs at exactly the positions the formula counts. The formula counts every
+    # input gradient; XLA skips those nothing trainable needs (the first layer's q/k/v of tokens
+    # read from the frozen table: 11-14% of the dense work at 1 layer, under 1% at 12). Attention
+    # runs over whole masked blocks (about twice the causal count at these lengths).
+    assert _number(terms["head"]["XLA / formula"]) == 1.0, terms["head"]
+    assert 0.8 <= _number(terms["dense"]["XLA / formula"]) <= 1.0, terms["dense"]
+    assert 1.0 <= _number(terms["attention"]["XLA / formula"]) <= 2.5, terms["attention"]
+    # Tiny dimensions: norms, softmax, dropout and AdamW are a large share (real shapes: README).
+    total = _number(terms["total"]["XLA / formula"])
+    assert 1.0 < total < 2.5, terms["total"]
+    assert total > _number(terms["total, loops once"]["XLA / formula"]), terms
+
+  acc = _load_script()
+  p = acc.preset("smoke")
+  three = next(r for r in json.loads(out.read_text())["rows"] if r["model"] == "GPT-2 tiny")
+  assert three["thoughts"] == 3
+  p4 = dataclasses.replace(p, train={"gpt2": dataclasses.replace(p.train["gpt2"], thoughts=4)})
+  four = acc.flops_row("gpt2", p4, full_ft=False, seed=0)
+  per_thought = three["flops_xla_per_thought"]
+  assert per_thought > 0 and four["flops_xla_per_thought"] == per_thought
+  step = four["flops_xla"] - three["flops_xla"]
+  assert abs(step - per_thought) < 0.25 * per_thought, (step, per_thought)
+  # A thought is one position through every layer (all gradients: its input is trainable) and
+  # one projection; no LM head.
+  cfg, shape = p.models["gpt2"][1], p.train["gpt2"]
+  d3, d4 = three["flops_dots"], four["flops_dots"]
+  f3, f4 = three["flops_terms"], four["flops_terms"]
+  assert d4["dense"] - d3["dense"] == f4["dense"] - f3["dense"] > 0
+  assert d4["prj"] - d3["prj"] == f4["prj"] - f3["prj"] == 6 * shape.batch * 2 * cfg.d_model**2
+  assert d4["head"] == d3["head"] == f4["head"]
