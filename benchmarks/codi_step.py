@@ -1,6 +1,7 @@
 r"""One CODI training step: codi_jax vs the PyTorch reference, same run, same weights, same batch.
 
   python benchmarks/codi_step.py [--steps=10] [--warmup=2] [--batch=8] [--threads=0] [--breakdown]
+  python benchmarks/codi_step.py --threads=1,2     # one run per thread count, then one summary
 
 The tiny config of issue 3: GPT-2 architecture, 2 layers, d=128, 4 heads, GPT-2 vocabulary plus
 pad/bot/eot (50260 rows, random weights), question 64 / CoT 24 / answer 6 tokens, 6 continuous
@@ -22,9 +23,12 @@ p10-p90 over --steps timed steps after --warmup untimed ones. Prints numbers; ne
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -53,7 +57,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 10, "timed steps per implementation (median reported)")
 flags.DEFINE_integer("warmup", 2, "untimed steps per implementation first (ours: after compiling)")
 flags.DEFINE_integer("batch", 8, "batch size")
-flags.DEFINE_integer("threads", 0, "cores (0: all available); pins the process, sets torch threads")
+flags.DEFINE_list(
+  "threads",
+  ["0"],
+  "cores (0: all available); pins the process, sets torch threads. Several (1,2): one subprocess "
+  "per value (XLA sizes its thread pool once per process), then a summary of the ratios",
+)
+flags.DEFINE_string("summary_json", "", "write the medians and ratio here (used by --threads=a,b)")
 flags.DEFINE_float("dropout", 0.1, "GPT-2 and LoRA dropout in the timed steps (reference: 0.1)")
 flags.DEFINE_bool("reference", True, "time the PyTorch reference (off: ours only, for profiling)")
 flags.DEFINE_bool("lean_torch", True, "also time the reference: 1 teacher pass, no debug softmax")
@@ -298,11 +308,36 @@ def report(res, ours, parity, n_train, n_torch, threads, loads):
     )
 
 
+def run_each_thread_count(counts: list[int]) -> None:
+  """Runs this script once per thread count (same flags otherwise) and prints the ratios."""
+  rows = []
+  passed = [a for a in sys.argv[1:] if not a.startswith(("--threads", "--summary_json"))]
+  with tempfile.TemporaryDirectory() as tmp:
+    for t in counts:
+      out = os.path.join(tmp, f"{t}.json")
+      print(f"===== --threads={t} =====", flush=True)
+      cmd = [sys.executable, os.path.abspath(__file__), f"--threads={t}", f"--summary_json={out}"]
+      subprocess.run(cmd + passed, check=True)
+      with open(out, encoding="utf-8") as f:
+        rows.append(json.load(f))
+  print("\nsummary (one process per thread count, same flags):")
+  print("threads | reference ms | ours ms | x reference (median) | (p10) | load start-end")
+  for r in rows:
+    print(
+      f"{r['threads']:>7} | {r['reference_ms']:>12.1f} | {r['ours_ms']:>7.1f} | "
+      f"{r['ratio']:>19.2f}x | {r['ratio_p10']:>4.2f}x | {r['loads'][0]:.1f}-{r['loads'][1]:.1f}"
+    )
+
+
 def main(argv):
   del argv
+  counts = [int(t) for t in FLAGS.threads]
+  if len(counts) > 1:
+    run_each_thread_count(counts)
+    return
   t_start = time.perf_counter()
   cores = sorted(os.sched_getaffinity(0))
-  threads = FLAGS.threads or len(cores)
+  threads = counts[0] or len(cores)
   if threads < len(cores):
     os.sched_setaffinity(0, cores[:threads])  # before XLA sizes its thread pool; torch too
   torch.set_num_threads(threads)
@@ -362,8 +397,20 @@ def main(argv):
 
   times = time_interleaved(steps, FLAGS.warmup, FLAGS.steps)
   res = {name: stats(t) for name, t in times.items()}
-  report(res, ours, parity, n_train, n_torch, threads, (load0, os.getloadavg()[0]))
+  loads = (load0, os.getloadavg()[0])
+  report(res, ours, parity, n_train, n_torch, threads, loads)
   print(f"total runtime {time.perf_counter() - t_start:.0f} s")
+  if FLAGS.summary_json and REFERENCE in res:
+    summary = {
+      "threads": threads,
+      "reference_ms": res[REFERENCE]["median"],
+      "ours_ms": res[OURS]["median"],
+      "ratio": res[REFERENCE]["median"] / res[OURS]["median"],
+      "ratio_p10": res[REFERENCE]["p10"] / res[OURS]["p10"],
+      "loads": loads,
+    }
+    with open(FLAGS.summary_json, "w", encoding="utf-8") as f:
+      json.dump(summary, f)
 
 
 if __name__ == "__main__":
