@@ -55,25 +55,30 @@ def _table(stdout: str) -> list[dict[str, str]]:
   return [dict(zip(header, row)) for row in body]
 
 
-def test_smoke_run_table_json_and_imports(tmp_path):
-  out = tmp_path / "table.json"
+def _run_script(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+  """The benchmark in a subprocess on CPU with `args`, the modules in ABSENT unimportable."""
   block = "; ".join(f"sys.modules[{m!r}] = None" for m in ABSENT)
+  argv = [SCRIPT, *args]
   code = (
-    f"import runpy, sys; {block}; sys.argv = [{SCRIPT!r}, '--smoke', '--out={out}']; "
+    f"import runpy, sys; {block}; sys.argv = {argv!r}; "
     f"runpy.run_path({SCRIPT!r}, run_name='__main__')"
   )
-  # Tiny shapes: XLA:CPU's LLVM optimisation dominates the compile time and buys nothing here.
-  xla_flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
-  proc = subprocess.run(
+  return subprocess.run(
     [sys.executable, "-c", code],
     cwd=tmp_path,
-    env=env,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", **env),
     capture_output=True,
     text=True,
     timeout=1200,
     check=False,
   )
+
+
+def test_smoke_run_table_json_and_imports(tmp_path):
+  out = tmp_path / "table.json"
+  # Tiny shapes: XLA:CPU's LLVM optimisation dominates the compile time and buys nothing here.
+  xla_flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+  proc = _run_script(tmp_path, "--smoke", f"--out={out}", XLA_FLAGS=xla_flags)
   assert proc.returncode == 0, proc.stderr[-4000:]
   stdout = proc.stdout
   first = stdout.splitlines()[0]
@@ -164,21 +169,7 @@ def test_flops_only_table_and_the_thought_loop_correction(tmp_path):
   XLA counts a loop body once: the corrected count must grow by one thought's FLOPs per thought
   (within the attention over one more cache slot), and the trip-counted dots exactly so."""
   out = tmp_path / "flops.json"
-  block = "; ".join(f"sys.modules[{m!r}] = None" for m in ABSENT)
-  code = (
-    f"import runpy, sys; {block}; sys.argv = [{SCRIPT!r}, '--smoke', '--flops_only', "
-    f"'--out={out}']; runpy.run_path({SCRIPT!r}, run_name='__main__')"
-  )
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-    [sys.executable, "-c", code],
-    cwd=tmp_path,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1200,
-    check=False,
-  )
+  proc = _run_script(tmp_path, "--smoke", "--flops_only", f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "load average" in proc.stdout.splitlines()[0]
   rows = _table(proc.stdout)
