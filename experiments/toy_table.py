@@ -86,7 +86,8 @@ def base_config(task: str, steps: int | None):
     config.data.source = "multiplication"
     config.data.path = str(folder)
     config.data.multiplication.digits = 4
-    config.eval.max_new_tokens = 96  # the CoT is ~60 digit tokens, then the 8-digit answer
+    # CoT + answer: up to 108 tokens (every digit and every space is a token); 96 cut CoT-SFT off.
+    config.eval.max_new_tokens = 128
     # iCoT-SI: the CoT is about twice as long as the arithmetic task's; remove twice as fast.
     config.codi.remove_per_epoch = 2 * config.codi.remove_per_epoch
   return config
@@ -114,7 +115,7 @@ def train_one(name: str, seed: int, base, out: str) -> tuple[str, dict]:
   return workdir, summary
 
 
-def evaluate_one(name: str, workdir: str) -> dict:
+def evaluate_one(name: str, workdir: str, max_new_tokens: int) -> dict:
   """Test accuracy, generated tokens, thoughts and (with thoughts) Table 3 of one finished run."""
   from codi_jax import eval_lib  # pylint: disable=import-outside-toplevel
 
@@ -123,7 +124,10 @@ def evaluate_one(name: str, workdir: str) -> dict:
     with open(cached, encoding="utf-8") as f:
       return json.load(f)
   probe = name in THOUGHTS
-  res = eval_lib.evaluate(eval_lib.Options(workdir=workdir, probe=probe, progress=False))
+  opts = eval_lib.Options(
+    workdir=workdir, probe=probe, progress=False, max_new_tokens=max_new_tokens
+  )
+  res = eval_lib.evaluate(opts)
   s = res["results"][0]
   row = {
     "accuracy": s["accuracy"],
@@ -200,7 +204,11 @@ def main(argv):
       if wall is None and os.path.exists(os.path.join(workdir, "wall.json")):
         with open(os.path.join(workdir, "wall.json"), encoding="utf-8") as f:
           wall = json.load(f)["wall_seconds"]
-      row = {**evaluate_one(name, workdir), "seed": seed, "wall_seconds": wall or 0.0}
+      row = {
+        **evaluate_one(name, workdir, base.eval.max_new_tokens),
+        "seed": seed,
+        "wall_seconds": wall or 0.0,
+      }
       row["train_seconds"] = summary.get("train_seconds", 0.0)
       rows.setdefault(name, []).append(row)
       print(f"== {name} seed {seed}: {json.dumps(row)}", flush=True)
