@@ -222,8 +222,15 @@ def Custom(check: Callable[[Any], bool], allowed: str, *, doc="", optional=False
 def _tokenizer_ok(v) -> bool:
   if v in ("model", "gpt2", "train_bpe"):
     return True
-  kind, sep, size = v.partition(":")
-  return kind == "train_bpe" and sep == ":" and size.isdigit() and 257 <= int(size) <= 10**7
+  kind, sep, rest = v.partition(":")
+  size, _, digits = rest.partition(":")
+  return (
+    kind == "train_bpe"
+    and sep == ":"
+    and size.isdigit()
+    and 257 <= int(size) <= 10**7
+    and digits in ("", "numbers")
+  )
 
 
 def _mesh_size_ok(v) -> bool:
@@ -270,7 +277,9 @@ TRAIN: dict[str, Rule] = {
   "resume": Bool(doc="continue from <workdir>/checkpoints"),
   "log_every": Int(1, doc="steps between metric lines"),
   "tokenizer": Custom(
-    _tokenizer_ok, "model, gpt2, train_bpe or train_bpe:<vocab >= 257>", doc="tokenizer"
+    _tokenizer_ok,
+    "model, gpt2, train_bpe or train_bpe:<vocab >= 257>[:numbers]",
+    doc="tokenizer (train_bpe: digits one per token; :numbers merges whole numbers)",
   ),
   "logical_axis_rules": _AXIS_RULES,
   # Model.
@@ -497,7 +506,7 @@ def _scratch_tokenizer(c, ctx: Context):
     fail("tokenizer", tok, "gpt2 or train_bpe[:<vocab>] for a model trained from scratch")
   if m["spec"] or not m["vocab_size"]:
     return
-  need = 50257 if tok == "gpt2" else int(tok.partition(":")[2] or 512)
+  need = 50257 if tok == "gpt2" else int(tok.split(":")[1] if ":" in tok else 512)
   if m["vocab_size"] < need:
     fail("model.vocab_size", m["vocab_size"], f"0 or >= {need}, the size of tokenizer {tok}")
 

@@ -32,7 +32,10 @@ def get_config(arg=None):
   config.model.max_positions = 256
   config.model.dropout = 0.0  # tiny data, few steps: dropout only slows convergence here
   config.model.lora_rank = 0  # full training (there is no pretrained base to freeze)
-  config.tokenizer = "train_bpe:1024"  # word-level merges keep terse questions at ~25 tokens
+  # Word-level merges keep terse questions at ~21 tokens; ":numbers" makes every value up to 30 one
+  # token, as GPT-2's BPE does for the paper's small numbers: one operation is a one-token fact.
+  # With digits split instead ("train_bpe:1024"), CoT-SFT reached only 57 +- 11% at this budget.
+  config.tokenizer = "train_bpe:1024:numbers"
 
   config.data.source = "synthetic"
   config.data.synthetic = ml_collections.ConfigDict(
@@ -77,6 +80,6 @@ def get_config(arg=None):
   config.eval.batch_size = 128
   # What the thoughts buy: the same task and budget without them (README, "The paper's comparison").
   config.eval.baseline_note = (
-    "No-CoT-SFT, same task and 800 steps: 10.0% on the test split, experiments/toy_table.py seed 11"
+    "No-CoT-SFT, same task and 800 steps: 10.2% on the test split, experiments/toy_table.py seed 11"
   )
   return config

@@ -11,7 +11,7 @@ methods with continuous thoughts the probe's per-step match (Table 3 of the pape
 gives mean +- std over seeds, the compression (the CoT's tokens, from CoT-SFT minus No-CoT-SFT
 generations, per thought) and the wall time of every run.
 
-Tasks: `arith` is the built-in synthetic task of configs/demo.py (4 dependent operations);
+Tasks: `arith` is the built-in synthetic task of configs/demo.py (3 dependent operations, values <= 30);
 `mult4` is iCoT's 4x4 multiplication, valid/test the released files (located through
 tests/shared_data.py) and training pairs generated disjoint from them, one seed per method.
 
@@ -86,6 +86,8 @@ def base_config(task: str, steps: int | None):
     config.data.source = "multiplication"
     config.data.path = str(folder)
     config.data.multiplication.digits = 4
+    # Digits one per token: the iCoT format spaces its digits, so " 7" pieces would otherwise merge.
+    config.tokenizer = "train_bpe:1024"
     # CoT + answer: up to 108 tokens (every digit and every space is a token); 96 cut CoT-SFT off.
     config.eval.max_new_tokens = 128
     # iCoT-SI: the CoT is about twice as long as the arithmetic task's; remove twice as fast.

@@ -150,6 +150,7 @@ def test_soft_presets_validate(model, variant):
     ("mesh.data", 0, "-1 (the remaining devices) or an integer >= 1"),
     ("optim.num_steps", 1, "0 (use epochs) or an integer >= 2"),
     ("tokenizer", "train_bpe:10", "train_bpe:<vocab >= 257>"),
+    ("tokenizer", "train_bpe:300:words", "train_bpe:<vocab >= 257>[:numbers]"),
     ("data.synthetic.ops", ("+", "^"), "one of +, -, *, /"),
     ("data.synthetic.ops", (), "a non-empty list"),
     ("optim.lr", float("nan"), "a number > 0"),

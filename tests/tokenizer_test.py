@@ -120,6 +120,17 @@ def test_add_special_tokens():
   assert tok.id_to_token(50259) == "<eot>"
 
 
+def test_train_bpe_digits_split_or_whole_numbers():
+  texts = ["Mia has 12 pens. <<12*2=24>> The answer is: 24"] * 50
+  split = tok_lib.train_bpe(texts, vocab_size=300)
+  whole = tok_lib.train_bpe(texts, vocab_size=300, split_digits=False)
+  pieces = lambda tok: [tok.decode([i]) for i in tok.encode("<<12*2=24>>")]  # noqa: E731
+  assert pieces(split) == ["<<", "1", "2", "*", "2", "=", "2", "4", ">>"]
+  assert pieces(whole) == ["<<", "12", "*", "2", "=", "24", ">>"]
+  for tok in (split, whole):
+    assert tok.decode(tok.encode(texts[0])) == texts[0]
+
+
 def test_decode_accepts_arrays(gpt2):
   np = pytest.importorskip("numpy")
   assert gpt2.decode(np.array([464, 3280, 318, 25], dtype=np.int32)) == "The answer is:"

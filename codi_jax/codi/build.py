@@ -28,14 +28,15 @@ def build_tokenizer(config, train_records):
   if spec == "gpt2":
     return tokmod.gpt2_default()
   if spec.startswith("train_bpe"):
-    size = int(spec.split(":")[1]) if ":" in spec else 512
+    parts = spec.split(":")  # train_bpe[:<vocab>[:numbers]]
+    size = int(parts[1]) if len(parts) > 1 else 512
     texts = [
       f"{r['question']} {r['cot']} {answers.ANSWER_PROMPT} {r['answer']}" for r in train_records
     ]
-    return tokmod.train_bpe(texts, size)
+    return tokmod.train_bpe(texts, size, split_digits=parts[2:] != ["numbers"])
   if spec != "model":
     raise InputError(
-      f"--config.tokenizer: unknown tokenizer {spec!r} (model | gpt2 | train_bpe:<vocab>)"
+      f"--config.tokenizer: unknown tokenizer {spec!r} (model | gpt2 | train_bpe:<vocab>[:numbers])"
     )
   return None  # taken from the loaded model
 

@@ -575,20 +575,23 @@ def from_hf_dir(path: str | os.PathLike) -> Tokenizer:
   )
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 512, eos: str = _GPT2_EOS) -> Tokenizer:
+def train_bpe(
+  texts: Iterable[str], vocab_size: int = 512, eos: str = _GPT2_EOS, *, split_digits: bool = True
+) -> Tokenizer:
   """A small byte-level BPE fitted to `texts` (for models trained from scratch, e.g. the CPU demo).
 
-  Digits are split one per token (arithmetic stays learnable); the GPT-2 split keeps punctuation
-  apart from words, so "The answer is:" ends in its own ":" token. Deterministic for the same texts.
+  `split_digits`: one token per digit (Llama-style); off, frequent numbers merge into one token each
+  as in GPT-2's BPE. The GPT-2 split keeps punctuation apart from words, so "The answer is:" ends in
+  its own ":" token. Deterministic for the same texts.
   """
   from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
 
   backend = tokenizers.Tokenizer(models.BPE())
-  backend.pre_tokenizer = pre_tokenizers.Sequence(
-    [
-      pre_tokenizers.Digits(individual_digits=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ]
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  backend.pre_tokenizer = (
+    pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if split_digits
+    else byte_level
   )
   backend.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
