@@ -2,6 +2,7 @@ r"""The CODI paper's comparison at toy scale, seeded: six methods, a beta sweep,
 
   python experiments/toy_table.py --task=arith --out=/tmp/toy_arith        # the built-in task
   python experiments/toy_table.py --task=mult4 --out=/tmp/toy_mult4        # 4x4 multiplication
+  python experiments/toy_table.py --workers=2 --out=/tmp/toy_arith         # one run per core
 
 Every method trains from scratch on the same config (configs/demo.py: 4 layers, d=128), the same
 steps and batch, for every seed: No-CoT-SFT, CoT-SFT, CODI, CODI without distillation (beta=0),
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -48,6 +50,13 @@ _SWEEP_SEEDS = flags.DEFINE_integer(
   "sweep_seeds", None, "Run the beta sweep on the first N seeds only (default: every seed)."
 )
 
+_WORKERS = flags.DEFINE_integer(
+  "workers",
+  1,
+  "Runs in parallel, each in a subprocess pinned to one core (Linux); 2 on a 2-core machine "
+  "finishes the arith table in ~51 min instead of ~80. 1: every run in this process.",
+)
+
 # name -> config.codi overrides (method first).
 METHODS = {
   "no_cot_sft": {"method": "no_cot_sft"},
@@ -61,6 +70,8 @@ METHODS = {
 }
 SWEEP = ("codi_beta5", "codi_beta20")  # every seed unless --sweep_seeds says fewer
 THOUGHTS = ("codi", "codi_no_distill", "coconut", "codi_beta5", "codi_beta20")
+# Relative run cost on the toy task (one-core minutes: No-CoT-SFT 1.5, CoT-SFT 2.8, CODI 5.4).
+COST = {"no_cot_sft": 1, "cot_sft": 2, "icot_si": 2, "coconut": 3}
 
 
 def base_config(task: str, steps: int | None):
@@ -181,6 +192,50 @@ def table(rows: dict) -> str:
   return "\n".join(lines)
 
 
+def split_methods(names: list[str], n: int) -> list[list[str]]:
+  """Methods in n groups of about equal cost (longest first, each to the lightest group)."""
+  groups: list[list[str]] = [[] for _ in range(n)]
+  load = [0] * n
+  for name in sorted(names, key=lambda m: -COST.get(m, 4)):
+    k = load.index(min(load))
+    groups[k].append(name)
+    load[k] += COST.get(name, 4)
+  return [g for g in groups if g]
+
+
+def run_workers(names: list[str], n: int, out: str) -> None:
+  """Trains and evaluates every run in n subprocesses, each pinned to its own core."""
+  cores = sorted(os.sched_getaffinity(0))
+  if n > len(cores):
+    raise InputError(f"--workers={n}: this process may use only {len(cores)} cores")
+  passed = [f"--task={_TASK.value}", f"--out={out}"]
+  for flag in (_STEPS, _SWEEP_SEEDS):
+    if flag.value is not None:
+      passed.append(f"--{flag.name}={flag.value}")
+  if _SEEDS.value:
+    passed.append(f"--seeds={','.join(_SEEDS.value)}")
+  procs = []
+  for k, group in enumerate(split_methods(names, n)):
+    log = os.path.join(out, f"worker{k}.log")
+    cmd = [sys.executable, os.path.abspath(__file__), *passed, f"--methods={','.join(group)}"]
+    print(f"== worker {k} (core {cores[k]}): {', '.join(group)}; log {log}", flush=True)
+    with open(log, "a", encoding="utf-8") as f:
+      procs.append(
+        (
+          log,
+          subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda c=cores[k]: os.sched_setaffinity(0, {c}),
+          ),
+        )
+      )
+  failed = [log for log, p in procs if p.wait() != 0]
+  if failed:
+    raise InputError(f"--workers: {len(failed)} worker(s) failed; see {', '.join(failed)}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -196,6 +251,8 @@ def main(argv):
       raise InputError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
     base = base_config(task, _STEPS.value)
     os.makedirs(out, exist_ok=True)
+    if _WORKERS.value > 1:
+      run_workers(names, _WORKERS.value, out)  # then the loop below only reads the finished runs
     rows = {}
     # Seed-major: an interrupted table already holds every method of the first seeds.
     sweep = seeds[: _SWEEP_SEEDS.value] if _SWEEP_SEEDS.value is not None else seeds
