@@ -13,7 +13,7 @@ import pytest
 import tiny_codi
 from flax import nnx
 
-from codi_jax import final, train_lib
+from codi_jax import train_lib
 from codi_jax.codi import baselines, build
 from codi_jax.codi.model import Codi, CodiOptions
 from codi_jax.data import curriculum as cur
@@ -196,11 +196,6 @@ def _run_config():
   return c
 
 
-def final_params(workdir) -> dict:
-  state = nnx.state(final.load_final(str(workdir)).codi, nnx.Param)
-  return {str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
-
-
 def test_coconut_training_compiles_once_per_stage_and_resumes_at_its_stage(tmp_path):
   ref = tmp_path / "ref"
   summary = train_lib.train_and_evaluate(_run_config(), str(ref))
@@ -214,7 +209,7 @@ def test_coconut_training_compiles_once_per_stage_and_resumes_at_its_stage(tmp_p
     shutil.rmtree(run / d)
   summary = train_lib.train_and_evaluate(_run_config(), str(run))
   assert summary["resumed_from"] == 1 and summary["step_compiles"] == 1  # straight to stage 1
-  want, got = final_params(ref), final_params(run)
+  want, got = tiny_codi.final_params(ref), tiny_codi.final_params(run)
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)

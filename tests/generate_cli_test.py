@@ -45,11 +45,8 @@ def tiny_dir(tmp_path_factory) -> str:
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
     vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
+    **tiny_hf.HF_SIZES,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     max_position_embeddings=64,
     bos_token_id=0,
     eos_token_id=0,

@@ -15,7 +15,7 @@ import pytest
 import tiny_codi
 from flax import nnx
 
-from codi_jax import final, train_lib, train_step
+from codi_jax import train_lib, train_step
 from codi_jax.codi import baselines
 from codi_jax.codi.model import Codi, CodiOptions
 from codi_jax.data import codi_batches
@@ -223,11 +223,6 @@ def _sched(x):
   return isinstance(x, optax.ScaleByScheduleState)
 
 
-def final_params(workdir) -> dict:
-  state = nnx.state(final.load_final(str(workdir)).codi, nnx.Param)
-  return {str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
-
-
 def _run_config():
   c = tiny_codi.get_config("icot_si")
   c.codi.remove_per_epoch = 25.0  # 200 examples / 8 per batch = 25 steps: one token per step
@@ -250,7 +245,7 @@ def test_icot_training_compiles_once_and_resumes_on_schedule(tmp_path):
     shutil.rmtree(run / d)
   summary = train_lib.train_and_evaluate(_run_config(), str(run))
   assert summary["resumed_from"] == 1 and summary["step_compiles"] == 1
-  want, got = final_params(ref), final_params(run)
+  want, got = tiny_codi.final_params(ref), tiny_codi.final_params(run)
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import tiny_hf
 from flax import nnx
 
 from codi_jax.decoding import Generator
@@ -44,11 +45,8 @@ def _hf_config(arch: str):
     )
   kw = dict(
     vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
+    **tiny_hf.HF_SIZES,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     max_position_embeddings=64,
     **special,
   )

@@ -2,8 +2,8 @@ r"""A seconds-long CODI run for tests: the demo config shrunk (2 layers, d=32, 2
 
 python -m codi_jax.train --config=tests/tiny_codi.py --workdir=/tmp/tiny --config.optim.num_steps=12
 
-Also the smaller pieces tests build from: the base config's codi section for one method, and a
-3-row batch for the CODI loss.
+Also the smaller pieces tests build from: the base config's codi section for one method, a
+3-row batch for the CODI loss, and a finished run's parameters.
 """
 
 import numpy as np
@@ -75,3 +75,13 @@ def loss_batch(
     decoder_distill_index=np.array([4, 3, 2]),
     teacher_distill_index=np.array(teacher_distill_index),
   )
+
+
+def final_params(workdir) -> dict:
+  """A finished run's parameters (from <workdir>/final) as {path: numpy array}."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from codi_jax import final  # pylint: disable=import-outside-toplevel
+
+  state = nnx.state(final.load_final(str(workdir)).codi, nnx.Param)
+  return {str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
