@@ -12,8 +12,8 @@ methods with continuous thoughts the probe's per-step match (Table 3 of the pape
 gives mean +- std over seeds, the compression (the CoT's tokens, from CoT-SFT minus No-CoT-SFT
 generations, per thought) and the wall time of every run.
 
-Tasks: `arith` is the built-in synthetic task of configs/demo.py (3 dependent operations, values <= 30);
-`mult4` is iCoT's 4x4 multiplication, valid/test the released files (located through
+Tasks: `arith` is the built-in synthetic task of configs/demo.py (3 dependent operations, values
+<= 30); `mult4` is iCoT's 4x4 multiplication, valid/test the released files (located through
 tests/shared_data.py) and training pairs generated disjoint from them, one seed per method.
 
 A finished run is reused, an interrupted one resumes from its checkpoint, so the script can be
@@ -54,7 +54,7 @@ _WORKERS = flags.DEFINE_integer(
   "workers",
   1,
   "Runs in parallel, each in a subprocess pinned to one core (Linux); 2 on a 2-core machine "
-  "finishes the arith table in ~51 min instead of ~80. 1: every run in this process.",
+  "finished the arith table in 51 min (one 2-thread process: ~75, estimated). 1: all in this process.",
 )
 
 # name -> config.codi overrides (method first).
@@ -205,6 +205,8 @@ def split_methods(names: list[str], n: int) -> list[list[str]]:
 
 def run_workers(names: list[str], n: int, out: str) -> None:
   """Trains and evaluates every run in n subprocesses, each pinned to its own core."""
+  if not hasattr(os, "sched_setaffinity"):
+    raise InputError(f"--workers={n}: pinning runs to cores needs Linux (os.sched_setaffinity)")
   cores = sorted(os.sched_getaffinity(0))
   if n > len(cores):
     raise InputError(f"--workers={n}: this process may use only {len(cores)} cores")
