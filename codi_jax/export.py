@@ -35,7 +35,7 @@ from codi_jax.codi import build, convert
 from codi_jax.codi.model import CodiOptions
 from codi_jax.data.codi_batches import SpecialIds
 from codi_jax.errors import InputError, exit_on_input_error
-from codi_jax.files import write_atomic, write_json
+from codi_jax.files import as_path, is_url, write_atomic, write_json
 from codi_jax.final import FinishedRun, load_final, read_final
 from codi_jax.models import hf, weights_io
 
@@ -49,6 +49,8 @@ def _check_out(out: str, workdir: str, overwrite: bool):
     raise InputError(f"--out={out}: exists and is not a directory")
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
     raise InputError(f"--out={out}: exists and is not empty; pass --overwrite to replace it")
+  if is_url(workdir):
+    return  # a run in an object store cannot contain a local --out
   run_dir = os.path.abspath(workdir)
   if os.path.commonpath([out, run_dir]) == out:
     raise InputError(f"--out={out}: holds the run {workdir} itself; export next to it instead")
@@ -183,7 +185,7 @@ def export(workdir: str, out: str, *, overwrite: bool = False) -> dict:
       "batch_size": config.eval.batch_size,
       "max_new_tokens": config.eval.max_new_tokens,
     },
-    workdir=os.path.abspath(workdir),
+    workdir=os.fspath(as_path(workdir)),  # gs://... kept as given
   )
   write_json(os.path.join(tmp, CODI_DIR, convert.SETTINGS_FILE), settings)
   if os.path.exists(out):

@@ -317,6 +317,21 @@ def test_final_on_gs_is_written_in_place_run_json_last(gcs, monkeypatch):
   assert not (epath.Path(RUN) / "checkpoints").exists()
 
 
+def test_export_from_a_run_on_gs(gcs, monkeypatch, tmp_path):
+  from codi_jax import export  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(final.ocp, "StandardCheckpointer", _NpzCheckpointer)
+  c = tiny_codi.get_config()
+  recs, _, _ = sources.load_records(c)
+  codi, tok, special = build.build_model(c, build.build_tokenizer(c, recs))
+  with wd.claim(RUN) as path:
+    final.save_final(path, nnx.state(codi, nnx.Param), c, tok, special, {"steps": 0})
+  out = tmp_path / "exported"
+  export.export(RUN, str(out))
+  settings = json.loads((out / "codi" / "codi_config.json").read_text())
+  assert settings["workdir"] == RUN  # not <cwd>/gs:/bucket/run
+
+
 # ------------------------------------------------------- a local run through the same epath code
 
 
