@@ -219,18 +219,21 @@ def Custom(check: Callable[[Any], bool], allowed: str, *, doc="", optional=False
 # ------------------------------------------------------------------------------- value checks
 
 
+def train_bpe_spec(spec: str) -> tuple[int, bool] | None:
+  """(vocab size, split digits) of `train_bpe[:<vocab>[:numbers]]`; None for any other string."""
+  parts = spec.split(":")
+  if parts[0] != "train_bpe" or len(parts) > 3 or (len(parts) > 1 and not parts[1].isdigit()):
+    return None
+  if len(parts) == 3 and parts[2] != "numbers":
+    return None
+  return (int(parts[1]) if len(parts) > 1 else 512), len(parts) < 3
+
+
 def _tokenizer_ok(v) -> bool:
-  if v in ("model", "gpt2", "train_bpe"):
+  if v in ("model", "gpt2"):
     return True
-  kind, sep, rest = v.partition(":")
-  size, _, digits = rest.partition(":")
-  return (
-    kind == "train_bpe"
-    and sep == ":"
-    and size.isdigit()
-    and 257 <= int(size) <= 10**7
-    and digits in ("", "numbers")
-  )
+  bpe = train_bpe_spec(v)
+  return bpe is not None and (v == "train_bpe" or 257 <= bpe[0] <= 10**7)
 
 
 def _mesh_size_ok(v) -> bool:
@@ -506,7 +509,7 @@ def _scratch_tokenizer(c, ctx: Context):
     fail("tokenizer", tok, "gpt2 or train_bpe[:<vocab>] for a model trained from scratch")
   if m["spec"] or not m["vocab_size"]:
     return
-  need = 50257 if tok == "gpt2" else int(tok.split(":")[1] if ":" in tok else 512)
+  need = 50257 if tok == "gpt2" else train_bpe_spec(tok)[0]
   if m["vocab_size"] < need:
     fail("model.vocab_size", m["vocab_size"], f"0 or >= {need}, the size of tokenizer {tok}")
 

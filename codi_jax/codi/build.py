@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from codi_jax import sharding
+from codi_jax import config_schema, sharding
 from codi_jax.codi.model import Codi
 from codi_jax.data import answers
 from codi_jax.data.codi_batches import SpecialIds
@@ -27,13 +27,12 @@ def build_tokenizer(config, train_records):
   spec = config.tokenizer
   if spec == "gpt2":
     return tokmod.gpt2_default()
-  if spec.startswith("train_bpe"):
-    parts = spec.split(":")  # train_bpe[:<vocab>[:numbers]]
-    size = int(parts[1]) if len(parts) > 1 else 512
+  bpe = config_schema.train_bpe_spec(spec)
+  if bpe is not None:
     texts = [
       f"{r['question']} {r['cot']} {answers.ANSWER_PROMPT} {r['answer']}" for r in train_records
     ]
-    return tokmod.train_bpe(texts, size, split_digits=parts[2:] != ["numbers"])
+    return tokmod.train_bpe(texts, bpe[0], split_digits=bpe[1])
   if spec != "model":
     raise InputError(
       f"--config.tokenizer: unknown tokenizer {spec!r} (model | gpt2 | train_bpe:<vocab>[:numbers])"
