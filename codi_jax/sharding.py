@@ -26,6 +26,7 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from codi_jax.errors import InputError
+from codi_jax.models.layout import LAYER_AXIS
 from codi_jax.models.partitioning import Rules, spec_for
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -41,6 +42,7 @@ DEFAULT_RULES = (
   ("kv", ("tensor",)),
   ("mlp", ("tensor",)),
   ("vocab", ("tensor",)),
+  ("layers", ()),
   ("act_heads", ("tensor",)),
   ("act_kv", ("tensor",)),
   ("act_mlp", ("tensor",)),
@@ -120,6 +122,7 @@ def use_mesh(mesh: Mesh | None, rules: Rules | Iterable | None = None):
     return
   rules = DEFAULT_RULES if rules is None else rules
   rules = rules if isinstance(rules, Mapping) else rules_from_config(rules)
+  rules = {LAYER_AXIS: (), **rules}  # stacked blocks' layer axis, unless a table maps it
   with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules.items())):
     yield
 
@@ -173,14 +176,22 @@ def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_sha
   everything else (counts, MultiSteps bookkeeping) is replicated."""
   abstract = jax.eval_shape(tx.init, params)
   repl = replicated()
-  return optax.tree_map_params(
-    tx,
-    lambda _, sh: sh,
-    abstract,
-    param_shardings,
-    transform_non_params=lambda _: repl,
-    is_leaf=lambda x: isinstance(x, nnx.Variable),
-  )
+  out = []
+
+  def trace():  # traced, never run: the mesh's devices may not be this host's (a TPU topology)
+    out.append(
+      optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        abstract,
+        param_shardings,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+      )
+    )
+
+  jax.eval_shape(trace)
+  return out[0]
 
 
 def place(tree: Any, shardings: Any) -> Any:

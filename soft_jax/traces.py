@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codi_jax.decoding import prefill
+from codi_jax.models import cache as kvc
 from codi_jax.models.step import step
 from soft_jax import decode, sampling
 
@@ -114,17 +115,6 @@ def describe(values: Sequence[float]) -> dict[str, float | int | None]:
 # Jitted probes
 
 
-def _tile(tree, n: int):
-  """Repeats every batched leaf n times along axis 0 (scalars, e.g. cache.end, stay)."""
-
-  return jax.tree.map(lambda x: jnp.concatenate([x] * n, axis=0) if x.ndim else x, tree)
-
-
-def _rows(tree, start: int, stop: int):
-
-  return jax.tree.map(lambda x: x[start:stop] if x.ndim else x, tree)
-
-
 def _probs(z, temperature):
 
   t = jnp.asarray(temperature, jnp.float32)
@@ -168,7 +158,7 @@ def js_probe_trace(model, params, ids, mask, key, *, steps: int, sample_ids=None
         decode.embed_input(model, params, idx, w),
       ]
     )
-    out = step(model, x[:, None], jnp.tile(pos, 3)[:, None], _tile(cache, 3))
+    out = step(model, x[:, None], jnp.tile(pos, 3)[:, None], kvc.tile_rows(cache, 3))
     z = out.logits.astype(jnp.float32)
     p = _probs(z, params.temperature).reshape(3, B, -1)
     js = jnp.stack(
@@ -178,7 +168,7 @@ def js_probe_trace(model, params, ids, mask, key, *, steps: int, sample_ids=None
     s = sampling.sample_step(params, z_soft, sampling.fold_keys(keys, i + 1), think)
     top_z, top_i = sampling.top_candidates(z_soft, n_cand)
     rec = {"js": js, "token": idx[:, 0], "w": w, "top_z": top_z, "top_i": top_i}
-    return (s.idx, s.w, pos + 1, _rows(out.cache, 2 * B, 3 * B)), rec
+    return (s.idx, s.w, pos + 1, kvc.take_rows(out.cache, 2 * B, 3 * B)), rec
 
   _, recs = jax.lax.scan(body, (s0.idx, s0.w, pos, cache), jnp.arange(steps))
   return {k: jnp.swapaxes(v, 0, 1) for k, v in recs.items()}
@@ -211,7 +201,9 @@ def logit_lens_trace(model, ids, mask, alpha, *, steps: int, norm: bool = True):
         sampling.mix_embeddings(model.embed.rows(top2), w_mix, dtype),
       ]
     )
-    out = step(model, x[:, None], jnp.tile(pos, 3)[:, None], _tile(cache, 3), hidden_states=True)
+    out = step(
+      model, x[:, None], jnp.tile(pos, 3)[:, None], kvc.tile_rows(cache, 3), hidden_states=True
+    )
     per_layer = []
     for layer, h in enumerate(out.hidden_states):
       if norm and layer < L:
@@ -228,7 +220,7 @@ def logit_lens_trace(model, ids, mask, alpha, *, steps: int, norm: bool = True):
       "t1": top2[:, 0],
       "t2": top2[:, 1],
     }
-    return (out.logits[:B], pos + 1, _rows(out.cache, 0, B)), rec
+    return (out.logits[:B], pos + 1, kvc.take_rows(out.cache, 0, B)), rec
 
   _, recs = jax.lax.scan(body, (logits, pos, cache), None, length=steps)
   return {k: jnp.swapaxes(v, 0, 1) for k, v in recs.items()}

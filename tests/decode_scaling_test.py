@@ -73,9 +73,9 @@ def test_grow_appends_empty_slots_and_decodes_as_before(model):
   assert big.capacity == 16 and int(big.end) == 4 and kvc.grow(cache, 6) is cache
   np.testing.assert_array_equal(np.asarray(big.valid[:, :6]), np.asarray(cache.valid))
   assert not np.asarray(big.valid[:, 6:]).any()
-  for a, b in zip(cache.k + cache.v, big.k + big.v):
-    np.testing.assert_array_equal(np.asarray(b[:, :6]), np.asarray(a))
-    assert not np.asarray(b[:, 6:]).any()
+  for a, b in zip((cache.k, cache.v), (big.k, big.v)):  # [layers, B, T, K, Dh]
+    np.testing.assert_array_equal(np.asarray(b[:, :, :6]), np.asarray(a))
+    assert not np.asarray(b[:, :, 6:]).any()
   np.testing.assert_allclose(small_logits, big_logits, rtol=0, atol=1e-6)
   assert int(stepped.end) == 5 and stepped.capacity == 16
   with pytest.raises(ValueError, match="only grows"):
@@ -174,7 +174,7 @@ def test_length_aware_decoding_keeps_the_cache_sharded(tmp_path):
       seg, _ = gen._run._start(ids, mask, gen.eos, capacity=16, last=False, max_new=40)
     print(json.dumps({
       "equal": grown == fixed, "capacity": gen.last_capacity,
-      "spec": list(seg.cache.k[0].sharding.spec),
+      "spec": list(seg.cache.k.sharding.spec),
     }))
     """
   )
@@ -186,4 +186,4 @@ def test_length_aware_decoding_keeps_the_cache_sharded(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   assert res["equal"] and res["capacity"] == 48
-  assert res["spec"] == ["data", None, "tensor"], res
+  assert res["spec"] == [None, "data", None, "tensor"], res  # [layers, B, T, K, Dh]

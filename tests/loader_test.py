@@ -24,7 +24,7 @@ from flax import nnx
 
 from codi_jax.decoding import Generator
 from codi_jax.errors import InputError
-from codi_jax.models import hf, loader, weights_io
+from codi_jax.models import hf, layout, loader, weights_io
 from codi_jax.models.config import LoRAConfig
 
 torch = pytest.importorskip("torch")
@@ -230,17 +230,15 @@ def test_bf16_safetensors(tiny, tmp_path):
   want = ref.state_dict()[name].float().numpy()
   np.testing.assert_array_equal(tensors[name].astype(np.float32), want)
   loaded = loader.load(path)  # f32 compute and params: bf16 values upcast exactly
-  q = loaded.model.blocks[1].q_proj.kernel[...]
+  q = loaded.model.blocks.q_proj.kernel[1]  # stacked layers: layer 1
   assert q.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(q), want.T)
   # A fresh f32 HF model from the bf16 file (ref.float() would keep bf16-rounded RoPE buffers).
   ref32 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
   assert _max_diff(_forward(loaded.model, IDS), _ref_logits(ref32, IDS)) < TOL
   half = loader.load(path, dtype="bfloat16", param_dtype="bfloat16")
-  assert half.model.blocks[1].q_proj.kernel[...].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(
-    np.asarray(half.model.blocks[1].q_proj.kernel[...], np.float32), want.T
-  )
+  assert half.model.blocks.q_proj.kernel[1].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(half.model.blocks.q_proj.kernel[1], np.float32), want.T)
 
 
 def test_safetensors_roundtrip(tmp_path):
@@ -648,7 +646,8 @@ def test_lora_adapters(tiny):
   base = loader.load(path)
   lora = loader.load(path, lora=LoRAConfig(rank=4, alpha=8))
   assert lora.config.lora == LoRAConfig(rank=4, alpha=8)
-  flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(lora.model))}
+  per_layer = layout.per_layer(nnx.to_flat_state(nnx.state(lora.model)))  # either layout
+  flat = {".".join(map(str, p)): v for p, v in per_layer}
   for i in range(2):
     for target in LLAMA_TARGETS:
       a, b = flat[f"blocks.{i}.{target}.lora_a"], flat[f"blocks.{i}.{target}.lora_b"]
@@ -658,7 +657,7 @@ def test_lora_adapters(tiny):
   assert sum(k.endswith("lora_a") for k in flat) == 2 * len(LLAMA_TARGETS)
   np.testing.assert_allclose(_forward(lora.model, IDS), _forward(base.model, IDS), atol=1e-6)
   lora_params = nnx.state(lora.model, nnx.LoRAParam)
-  assert len(nnx.to_flat_state(lora_params)) == 2 * 2 * len(LLAMA_TARGETS)
+  assert len(list(layout.per_layer(nnx.to_flat_state(lora_params)))) == 2 * 2 * len(LLAMA_TARGETS)
 
 
 # ---------------------------------------------------------------------------------------------

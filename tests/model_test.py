@@ -11,7 +11,7 @@ from flax import nnx
 
 from codi_jax.models import cache as kvc
 from codi_jax.models import config as mcfg
-from codi_jax.models import hf, transformer
+from codi_jax.models import hf, layout, transformer
 from codi_jax.models.params import split_trainable
 from codi_jax.models.step import Carry, scan_steps, step
 
@@ -229,7 +229,8 @@ def test_lora_with_zero_b_equals_base(arch):
   lora = hf.assign(lcfg, sd, where=arch, seed=3)
   loras = nnx.state(lora, nnx.LoRAParam)
   n_targets = 4 if arch == "gpt2" else 7  # linear layers per block: c_proj is two of them in GPT-2
-  assert len(jax.tree.leaves(loras)) == 2 * n_targets * cfg.num_layers
+  adapters = list(layout.per_layer(nnx.to_flat_state(loras)))  # one entry per layer
+  assert len(adapters) == 2 * n_targets * cfg.num_layers
   ids, mask, pos = padded_batch("left", np.random.default_rng(5))
   kw = dict(positions=jnp.asarray(pos), mask=jnp.asarray(mask))
   np.testing.assert_allclose(

@@ -7,6 +7,8 @@ model is rebuilt exactly from its config.
 
 from __future__ import annotations
 
+import types
+
 import jax
 from flax import nnx
 
@@ -54,6 +56,12 @@ def _attention_impl(config) -> str:
   return config.model.get("attention_impl", "xla")
 
 
+def _scan_layers(config) -> bool:
+  """config.model.scan_layers; False (the unrolled layout they were saved in) for configs saved
+  before the field existed."""
+  return config.model.get("scan_layers", False)
+
+
 def _scratch_config(config, tokenizer) -> mcfg.ModelConfig:
   m = config.model
   if tokenizer is None:
@@ -77,6 +85,7 @@ def _scratch_config(config, tokenizer) -> mcfg.ModelConfig:
     param_dtype=m.param_dtype,
     attention_impl=_attention_impl(config),
     lora=_lora(config),
+    scan_layers=_scan_layers(config),
   )
 
 
@@ -107,6 +116,35 @@ def _wrap(config, backbone: Transformer) -> Codi:
   return Codi(backbone, rngs=nnx.Rngs(params=config.seed + 2), **module_options(config))
 
 
+def model_config(config, config_json: str = "") -> tuple[mcfg.ModelConfig, SpecialIds]:
+  """(backbone config before the vocabulary growth, special ids) from the run's config alone: no
+  weights, no data (the hub id's config.json: `loader.load_config`). A model trained from scratch
+  with `train_bpe:<vocab>` takes the requested vocabulary, an upper bound of the trained one."""
+  m = config.model
+  if m.spec or config_json:
+    cfg, eos = loader.load_config(
+      m.spec,
+      dtype=m.dtype,
+      param_dtype=m.param_dtype,
+      attention_impl=_attention_impl(config),
+      lora=_lora(config),
+      config_json=config_json,
+      scan_layers=_scan_layers(config),
+    )
+  else:
+    bpe = config_schema.train_bpe_spec(config.tokenizer)
+    tokenizer = types.SimpleNamespace(vocab_size=bpe[0]) if bpe else build_tokenizer(config, [])
+    cfg, eos = _scratch_config(config, tokenizer), None
+  V = cfg.vocab_size
+  return cfg, SpecialIds(pad=V, bot=V + 1, eot=V + 2, eos=V - 1 if eos is None else eos)
+
+
+def abstract_model(config, cfg: mcfg.ModelConfig) -> Codi:
+  """The run's Codi module as shapes (`nnx.eval_shape`, nothing allocated): the structure
+  `init_model` builds from `cfg` (`model_config`), vocabulary growth and projection included."""
+  return nnx.eval_shape(lambda: _wrap(config, transformer.build(cfg, seed=config.seed)))
+
+
 def build_model(config, tokenizer):
   """(Codi module, tokenizer, special ids), built eagerly (unsharded)."""
   m = config.model
@@ -118,6 +156,7 @@ def build_model(config, tokenizer):
       attention_impl=_attention_impl(config),
       lora=_lora(config),
       seed=config.seed,
+      scan_layers=_scan_layers(config),
     )
     backbone, tokenizer = loaded.model, tokenizer or loaded.tokenizer
   else:
@@ -142,7 +181,7 @@ def init_model(config, tokenizer):
     def make():
       return _wrap(config, transformer.build(mcfg_, seed=config.seed))
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    graphdef, abstract = nnx.split(abstract_model(config, mcfg_))
     shardings = sharding.state_shardings(abstract)
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state), tokenizer, special

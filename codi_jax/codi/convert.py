@@ -27,7 +27,7 @@ from flax import nnx
 from codi_jax.codi.model import Codi
 from codi_jax.data.codi_batches import SpecialIds
 from codi_jax.errors import InputError
-from codi_jax.models import hf, loader, weights_io
+from codi_jax.models import hf, layout, loader, weights_io
 from codi_jax.models import tokenizer as tokmod
 from codi_jax.models.config import LoRAConfig, ModelConfig
 
@@ -108,9 +108,10 @@ def _import(
       "(vocabulary + pad/bot/eot)"
     )
   backbone = hf.assign(backbone_cfg, base, where=path)
-  used = set()
-  for mod_path, var in nnx.to_flat_state(nnx.state(backbone, nnx.LoRAParam)):
-    module, _ = hf.hf_name(tuple(mod_path[:-1]) + ("kernel",), backbone_cfg.arch)
+  used, found = set(), {}
+  lora_flat = nnx.to_flat_state(nnx.state(backbone, nnx.LoRAParam))  # aliases the model's
+  for mod_path, value in layout.per_layer(lora_flat):  # the checkpoint names layers one by one
+    module, _ = hf.hf_name(mod_path[:-1] + ("kernel",), backbone_cfg.arch)
     module = module[: -len(".weight")]
     which = "A" if mod_path[-1] == "lora_a" else "B"
     key = _find_lora(lora, module, which)
@@ -120,18 +121,20 @@ def _import(
       )
     # peft's factors are nn.Linear weights ([r, in], [out, r]) for Linear and Conv1D alike.
     arr = np.asarray(lora[key], np.float32).T
-    if arr.shape != var.get_value().shape:
+    if arr.shape != value.shape:
       raise InputError(
         f"{path}: LoRA tensor for {module} ({which}) has shape {arr.shape[::-1]}, "
-        f"config implies {var.get_value().shape[::-1]}"
+        f"config implies {value.shape[::-1]}"
       )
-    var.set_value(jnp.asarray(arr))
+    found[mod_path] = arr
     used.add(key)
   if set(lora) - used:
     raise InputError(
       f"{path}: LoRA tensors for modules the config does not adapt: "
       f"{sorted({k[0] for k in set(lora) - used})[:5]}"
     )
+  for mod_path, var in lora_flat:
+    var.set_value(jnp.asarray(layout.stacked_value(mod_path, backbone_cfg.num_layers, found.pop)))
   codi = Codi(backbone, rngs=nnx.Rngs(params=0), **module_options)
   _assign_prj(codi, prj, path)
   return codi
@@ -309,14 +312,14 @@ def official_tensors(codi: Codi) -> dict[str, np.ndarray]:
   if backbone.cfg.tie_embeddings:  # a torch state dict names the tied table twice
     embed = hf.full_name(hf.hf_name(("embed", "embedding"), arch)[0], arch)
     out[_PREFIX + "lm_head.weight"] = out[_PREFIX + embed]
-  for mod_path, var in nnx.to_flat_state(nnx.state(backbone, nnx.LoRAParam)):
-    module, _ = hf.hf_name(tuple(mod_path[:-1]) + ("kernel",), arch)
+  for mod_path, value in layout.per_layer(nnx.to_flat_state(nnx.state(backbone, nnx.LoRAParam))):
+    module, _ = hf.hf_name(mod_path[:-1] + ("kernel",), arch)
     full = _PREFIX + hf.full_name(module, arch)[: -len(".weight")]
     for leaf in ("weight", "bias"):
       if f"{full}.{leaf}" in out:
         out[f"{full}.base_layer.{leaf}"] = out.pop(f"{full}.{leaf}")
     which = "A" if mod_path[-1] == "lora_a" else "B"
-    out[f"{full}.lora_{which}.default.weight"] = np.asarray(var.get_value(), np.float32).T
+    out[f"{full}.lora_{which}.default.weight"] = np.asarray(value, np.float32).T
   if codi.prj is not None:
     for k, (var, transpose) in _prj_keys(codi).items():
       arr = np.asarray(var.get_value(), np.float32)

@@ -9,8 +9,9 @@ from typing import Literal
 ARCHS = ("gpt2", "llama", "qwen2")
 
 # Attention kernel: "xla" is our einsum path (layers.attention); "dot_product" calls
-# jax.nn.dot_product_attention (implementation=None: jax's choice, XLA on jax 0.10.2; same masks).
-AttentionImpl = Literal["xla", "dot_product"]
+# jax.nn.dot_product_attention (implementation=None: jax's choice, XLA on jax 0.10.2; same masks);
+# "cudnn" asks it for cuDNN's fused kernel on a GPU where the shape fits, else runs as dot_product.
+AttentionImpl = Literal["xla", "dot_product", "cudnn"]
 
 # peft-style LoRA target names per architecture (a target matches a module whose path ends with it).
 LORA_TARGETS = {
@@ -70,6 +71,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention_impl: AttentionImpl = "xla"
   lora: LoRAConfig | None = None
+  # Blocks stacked on a leading layer axis and run by one lax.scan per pass: compile time stays
+  # flat in depth (models/layout.py); False: a Python list, every layer unrolled in every pass.
+  scan_layers: bool = True
 
   def __post_init__(self):
     if self.arch not in ARCHS:

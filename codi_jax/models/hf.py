@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from codi_jax.errors import InputError
+from codi_jax.models import layout, weights_io
 from codi_jax.models.config import ARCHS, LoRAConfig, ModelConfig, RopeScaling
 from codi_jax.models.transformer import Transformer
 
@@ -182,32 +183,46 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
 
 
 def assign(
-  cfg: ModelConfig, tensors: dict[str, np.ndarray], *, where: str, seed: int = 0, name_fn=None
+  cfg: ModelConfig,
+  tensors: dict[str, np.ndarray],
+  *,
+  where: str,
+  seed: int = 0,
+  name_fn=None,
+  checked: bool = False,
 ) -> Transformer:
   """Builds a model whose base parameters come from `tensors` (HF names), LoRA freshly initialised.
 
   Strict accounting: a missing tensor or a shape mismatch raises InputError naming the key;
-  unexpected keys raise too (HF buffers such as GPT-2's attn.bias are ignored).
+  unexpected keys raise too (HF buffers such as GPT-2's attn.bias are ignored). Each tensor is
+  checked for NaN/Inf as it is taken (`weights_io.check_tensor`, naming its file: a memory-mapped
+  safetensors shard, else `where`) unless its reader already did (`checked`: GGUF).
   """
   name_fn = name_fn or (lambda path: hf_name(path, cfg.arch))
-  graphdef, state = nnx.split(abstract_model(cfg))
-  flat = nnx.to_flat_state(state)
-  tensors = {strip_prefix(k): v for k, v in tensors.items() if not _IGNORED.search(k)}
-  used, leaves = set(), []
+  keys = {strip_prefix(k): k for k in tensors if not _IGNORED.search(k)}  # ours -> the file's
+  tensors = {k: tensors[full] for k, full in keys.items()}
+  # Values are found layer by layer (checkpoints name each layer), in the unrolled layout's order
+  # so LoRA's fresh init is the same in both layouts, then stacked where the model scans.
+  values, used = {}, set()
   key = jax.random.key(seed)
-  for path, var in flat:
+  unrolled = nnx.to_flat_state(nnx.state(abstract_model(cfg.replace(scan_layers=False))))
+  for path, var in unrolled:
     shape, dtype = var.get_value().shape, var.get_value().dtype
     if path[-1] in ("lora_a", "lora_b"):
       if path[-1] == "lora_a":
         bound = 1.0 / np.sqrt(shape[0])
-        val = jax.random.uniform(jax.random.fold_in(key, len(leaves)), shape, dtype, -bound, bound)
+        k = jax.random.fold_in(key, len(values))
+        val = np.asarray(jax.random.uniform(k, shape, dtype, -bound, bound))
       else:
-        val = jnp.zeros(shape, dtype)
-      leaves.append(var.replace(value=val))
+        val = np.zeros(shape, dtype)
+      values[tuple(path)] = val
       continue
     name, transpose = name_fn(path)
     if name not in tensors:
       raise InputError(f"{where}: missing tensor {name!r}")
+    if not checked:
+      raw = tensors[name]
+      weights_io.check_tensor(raw, getattr(raw, "filename", None) or where, keys[name])
     arr = np.asarray(tensors[name])
     arr = arr.T if transpose else arr
     if arr.shape != shape:
@@ -216,10 +231,16 @@ def assign(
         f"config implies {shape[::-1] if transpose else shape}"
       )
     used.add(name)
-    leaves.append(var.replace(value=jnp.asarray(arr, dtype)))
+    values[tuple(path)] = arr.astype(dtype, copy=False)
   extra = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
   if extra:
     raise InputError(f"{where}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+  graphdef, state = nnx.split(abstract_model(cfg))
+  flat = nnx.to_flat_state(state)
+  leaves = [
+    var.replace(value=jnp.asarray(layout.stacked_value(path, cfg.num_layers, values.pop)))
+    for path, var in flat
+  ]
   new_flat = nnx.FlatState(zip([p for p, _ in flat], leaves), sort=False)
   return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
@@ -234,39 +255,27 @@ def full_name(name: str, arch: str) -> str:
   return name if name == "lm_head.weight" else model_prefix(arch) + name
 
 
-def lora_delta(linear) -> np.ndarray | None:
-  """(alpha / r) * A @ B in our [in, out] layout (f32) for a LoRA-adapted Linear, else None."""
-  if getattr(linear, "lora_scale", None) is None:
-    return None
-  a = np.asarray(linear.lora_a.get_value(), np.float32)
-  b = np.asarray(linear.lora_b.get_value(), np.float32)
-  return (a @ b) * np.float32(linear.lora_scale)
-
-
-def _module_at(model, path: tuple):
-  for part in path:
-    model = model[part] if isinstance(part, int) else getattr(model, part)
-  return model
-
-
 def export_tensors(model: Transformer, *, merge_lora: bool = False) -> dict[str, np.ndarray]:
   """Our base parameters under HF names (model prefix omitted), e.g. to write a checkpoint.
 
   The embedding is the effective table (trained pad/bot/eot rows written in). With `merge_lora`,
   each adapted kernel becomes W + (alpha / r) * A @ B (computed in f32, stored in W's dtype), so
   the tensors describe the adapted model without peft; otherwise the adapters are left out.
+  Either parameter layout gives the same tensors (stacked blocks are split per layer).
   """
+  flat = dict(layout.per_layer(nnx.to_flat_state(nnx.state(model, nnx.Param))))
+  lora = dict(layout.per_layer(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))))
   out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    path = tuple(path)
-    if path[-1] in ("lora_a", "lora_b") or path == ("embed", "special"):
+  for path, value in flat.items():
+    if path[-1] in ("lora_a", "lora_b") or path == ("embed", "special"):  # LoRAParam is a Param
       continue
     name, transpose = hf_name(path, model.cfg.arch)
-    a = np.asarray(model.embed.table() if path == ("embed", "embedding") else var.get_value())
-    if merge_lora and path[-1] == "kernel":
-      delta = lora_delta(_module_at(model, path[:-1]))
-      if delta is not None:
-        a = (a.astype(np.float32) + delta).astype(a.dtype)
+    a = np.asarray(model.embed.table() if path == ("embed", "embedding") else value)
+    if merge_lora and path[-1] == "kernel" and path[:-1] + ("lora_a",) in lora:
+      a_f32 = np.asarray(lora[path[:-1] + ("lora_a",)], np.float32)
+      b_f32 = np.asarray(lora[path[:-1] + ("lora_b",)], np.float32)
+      delta = (a_f32 @ b_f32) * np.float32(model.cfg.lora.scale)
+      a = (a.astype(np.float32) + delta).astype(a.dtype)
     out[name] = a.T if transpose else a
   return out
 

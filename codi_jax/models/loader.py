@@ -13,7 +13,7 @@ import os
 import re
 
 from codi_jax.errors import InputError
-from codi_jax.models import gguf_io, hf, weights_io
+from codi_jax.models import gguf_io, hf, hub_configs, weights_io
 from codi_jax.models import tokenizer as tok
 from codi_jax.models.config import LoRAConfig, ModelConfig
 from codi_jax.models.transformer import Transformer
@@ -78,7 +78,11 @@ def _download(repo_id: str) -> str:
 
 
 def read_hf_config(path: str) -> dict:
-  cfg_path = os.path.join(path, "config.json")
+  """The config.json of an HF model directory as a dict (one-line InputError if unreadable)."""
+  return read_hf_config_file(os.path.join(path, "config.json"))
+
+
+def read_hf_config_file(cfg_path: str) -> dict:
   try:
     with open(cfg_path, encoding="utf-8") as f:
       cfg = json.load(f)
@@ -91,6 +95,67 @@ def read_hf_config(path: str) -> dict:
   return cfg
 
 
+def hub_config(repo_id: str) -> tuple[dict, str]:
+  """(config.json dict, where it came from) of a hub id without its weights: the local hub cache,
+  else `hub_configs.KNOWN`, else a download of config.json alone."""
+  try:
+    from huggingface_hub import hf_hub_download  # pylint: disable=import-outside-toplevel
+
+    path = hf_hub_download(repo_id, "config.json", local_files_only=True)
+    return read_hf_config(os.path.dirname(path)), path
+  except Exception:  # pylint: disable=broad-except  (not cached: the table, then the network)
+    pass
+  if repo_id in hub_configs.KNOWN:
+    return dict(hub_configs.KNOWN[repo_id]), f"{repo_id} (codi_jax/models/hub_configs.py)"
+  try:
+    from huggingface_hub import hf_hub_download  # pylint: disable=import-outside-toplevel
+
+    path = hf_hub_download(repo_id, "config.json")
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise InputError(
+      f"{repo_id}: cannot fetch config.json from the Hugging Face hub ({type(e).__name__}: "
+      f"{first}); pass a local config.json (--model_config)"
+    ) from None
+  return read_hf_config(os.path.dirname(path)), path
+
+
+def load_config(
+  spec: str,
+  *,
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  attention_impl: str = "xla",
+  lora: LoRAConfig | None = None,
+  config_json: str = "",
+  scan_layers: bool = True,
+) -> tuple[ModelConfig, int | None]:
+  """(ModelConfig, eos id or None) of any spec without reading its weights, for abstract models.
+
+  config_json: a config.json file that replaces the spec's (a model whose hub is unreachable).
+  """
+  if config_json:
+    hf_cfg, where = read_hf_config_file(config_json), config_json
+  elif spec in ALIASES or spec.endswith(".gguf"):
+    _, path = resolve(spec)
+    reader = gguf_io.open_reader(path)
+    cfg = gguf_io.config_from_gguf(reader, path, dtype=dtype, param_dtype=param_dtype, lora=lora)
+    return cfg.replace(attention_impl=attention_impl, scan_layers=scan_layers), None
+  elif os.path.isdir(os.path.expanduser(spec)):
+    _, path = resolve(spec)
+    hf_cfg, where = read_hf_config(path), os.path.join(path, "config.json")
+  elif _HUB_ID.match(spec) or spec in hub_configs.KNOWN:
+    hf_cfg, where = hub_config(spec)
+  else:
+    resolve(spec)  # the one-line error for a missing path
+    raise InputError(f"{spec}: not a model spec")
+  cfg = hf.config_from_hf(hf_cfg, where=where, dtype=dtype, param_dtype=param_dtype, lora=lora)
+  eos = hf_cfg.get("eos_token_id")
+  eos = eos[0] if isinstance(eos, list) and eos else eos
+  cfg = cfg.replace(attention_impl=attention_impl, scan_layers=scan_layers)
+  return cfg, eos if isinstance(eos, int) else None
+
+
 def load(
   spec: str,
   *,
@@ -99,14 +164,17 @@ def load(
   attention_impl: str = "xla",
   lora: LoRAConfig | None = None,
   seed: int = 0,
+  scan_layers: bool = True,
 ) -> Loaded:
-  """Model + tokenizer from any spec; LoRA adapters (if asked) are freshly initialised."""
+  """Model + tokenizer from any spec; LoRA adapters (if asked) are freshly initialised.
+  scan_layers picks the parameter layout (models/layout.py); both load the same weights."""
   kind, path = resolve(spec)
   if kind == "gguf":
     reader = gguf_io.open_reader(path)
     cfg = gguf_io.config_from_gguf(reader, path, dtype=dtype, param_dtype=param_dtype, lora=lora)
-    cfg = cfg.replace(attention_impl=attention_impl)
-    model = hf.assign(cfg, gguf_io.tensors_from_gguf(reader, cfg), where=path, seed=seed)
+    cfg = cfg.replace(attention_impl=attention_impl, scan_layers=scan_layers)
+    tensors = gguf_io.tensors_from_gguf(reader, cfg, where=path)
+    model = hf.assign(cfg, tensors, where=path, seed=seed, checked=True)
     tokenizer = tok.from_gguf(path, reader=reader)
   else:
     cfg = hf.config_from_hf(
@@ -115,7 +183,7 @@ def load(
       dtype=dtype,
       param_dtype=param_dtype,
       lora=lora,
-    ).replace(attention_impl=attention_impl)
+    ).replace(attention_impl=attention_impl, scan_layers=scan_layers)
     model = hf.assign(cfg, weights_io.read_hf_weights(path), where=path, seed=seed)
     tokenizer = tok.from_hf_dir(path)
   return Loaded(model, tokenizer, cfg, path)

@@ -11,6 +11,7 @@ H heads, K kv heads, Dh head dim, HDh = H * Dh, F MLP width.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from codi_jax.models import cache as kvc
+from codi_jax.models import layout
 from codi_jax.models.config import ModelConfig
 from codi_jax.models.layers import (
   Embed,
@@ -65,15 +67,17 @@ def _linear(
 
 
 def _attend_cached(
-  q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, kv, end, allowed_BxLxT, cfg: ModelConfig, rng
+  q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, kv, layer, end, allowed_BxLxT, cfg: ModelConfig, rng
 ):
-  """Writes the new k/v into this layer's cache slice (if any) and attends over it.
+  """Writes the new k/v into layer `layer` of the cache (if any) and attends over that layer.
 
-  Returns (attention output [B, L, H*Dh], this layer's (k, v) as the next cache holds them).
+  kv: None (no cache: attend over this call's keys) or every layer's (k, v) [N, B, T, K, Dh].
+  Returns (attention output [B, L, H*Dh], the cache's (k, v) with this layer written, or None).
   """
   k, v = k_BxLxKxDh, v_BxLxKxDh
-  if kv is not None:  # [B, T, K, Dh] each
-    k, v = kvc.write(kv[0], k, end), kvc.write(kv[1], v, end)
+  if kv is not None:
+    (k_all, k), (v_all, v) = kvc.write(kv[0], k, layer, end), kvc.write(kv[1], v, layer, end)
+    kv = (k_all, v_all)
   o_BxLxHDh = attention(
     q_BxLxHxDh,
     k,
@@ -83,7 +87,7 @@ def _attend_cached(
     rng=rng,
     impl=cfg.attention_impl,
   )
-  return o_BxLxHDh, (k, v)
+  return o_BxLxHDh, kv
 
 
 class GPT2Block(nnx.Module):
@@ -100,7 +104,7 @@ class GPT2Block(nnx.Module):
     self.c_fc = _linear(cfg, "mlp.c_fc", D, F, True, ("embed", "mlp"), rngs)
     self.mlp_c_proj = _linear(cfg, "mlp.c_proj", F, D, True, ("mlp", "embed"), rngs, resid_std)
 
-  def __call__(self, x_BxLxD, rope_cs, kv, allowed_BxLxT, end, rng):
+  def __call__(self, x_BxLxD, rope_cs, kv, layer, allowed_BxLxT, end, rng):
     """rng sub-keys per purpose: 0-6 are c_attn, attention, c_proj, resid, c_fc, c_proj, resid."""
     del rope_cs  # GPT-2 adds learned positions at the embedding
     cfg, (B, L, _) = self.cfg, x_BxLxD.shape
@@ -112,6 +116,7 @@ class GPT2Block(nnx.Module):
       k.reshape(BxLxHxDh),
       v.reshape(BxLxHxDh),
       kv,
+      layer,
       end,
       allowed_BxLxT,
       cfg,
@@ -147,7 +152,7 @@ class LlamaBlock(nnx.Module):
     self.up_proj = _linear(cfg, "mlp.up_proj", D, F, False, ("embed", "mlp"), rngs)
     self.down_proj = _linear(cfg, "mlp.down_proj", F, D, False, ("mlp", "embed"), rngs, resid_std)
 
-  def __call__(self, x_BxLxD, rope_cs, kv, allowed_BxLxT, end, rng):
+  def __call__(self, x_BxLxD, rope_cs, kv, layer, allowed_BxLxT, end, rng):
     """rng sub-keys per purpose: 0-7 are q, k, v, attention, o, gate, up, down (LoRA dropout)."""
     cfg, (B, L, _) = self.cfg, x_BxLxD.shape
     H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -156,7 +161,7 @@ class LlamaBlock(nnx.Module):
     k_BxLxKxDh = rope(self.k_proj(h_BxLxD, fold(rng, 1)).reshape(B, L, K, Dh), rope_cs)
     v_BxLxKxDh = self.v_proj(h_BxLxD, fold(rng, 2)).reshape(B, L, K, Dh)
     o_BxLxHDh, kv = _attend_cached(
-      q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, kv, end, allowed_BxLxT, cfg, fold(rng, 3)
+      q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, kv, layer, end, allowed_BxLxT, cfg, fold(rng, 3)
     )
     x_BxLxD = x_BxLxD + self.o_proj(o_BxLxHDh, fold(rng, 4))
     h_BxLxD = self.post_attention_layernorm(x_BxLxD)
@@ -189,7 +194,8 @@ class Transformer(nnx.Module):
       else None
     )
     block = GPT2Block if gpt2 else LlamaBlock
-    self.blocks = nnx.List([block(cfg, rngs) for _ in range(cfg.num_layers)])
+    blocks = [block(cfg, rngs) for _ in range(cfg.num_layers)]  # same init in either layout
+    self.blocks = layout.stack(blocks) if cfg.scan_layers else nnx.List(blocks)
     norm = LayerNorm if gpt2 else RMSNorm
     self.final_norm = norm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
     self.lm_head = (
@@ -257,12 +263,12 @@ class Transformer(nnx.Module):
 
     q_slot = jnp.arange(L)
     if cache is None:
-      end, key_valid_BxT, kvs = None, mask_BxL, [None] * cfg.num_layers
+      end, key_valid_BxT, kv = None, mask_BxL, None
     else:
       end = cache.end
       q_slot = q_slot + end
       key_valid_BxT = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxL, end, axis=1)
-      kvs = list(zip(cache.k, cache.v))
+      kv = (cache.k, cache.v)
     T = key_valid_BxT.shape[1]
     slot_T = jnp.arange(T)
     allowed_BxLxT = key_valid_BxT[:, None, :] & (slot_T[None, None, :] <= q_slot[None, :, None])
@@ -284,16 +290,23 @@ class Transformer(nnx.Module):
         positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), x_BxLxD.dtype
       )
     )
-    all_h = []
-    new_k, new_v = [], []
-    for i, blk in enumerate(self.blocks):
-      if hidden_states:
-        all_h.append(x_BxLxD)
-      run = blk if not remat else checkpoint(blk.__call__, remat_policy)
-      x_BxLxD, (k, v) = run(x_BxLxD, rope_cs, kvs[i], allowed_BxLxT, end, fold(rng, i + 1))
-      x_BxLxD = constrain(x_BxLxD, _ACT)
-      new_k.append(k)
-      new_v.append(v)
+
+    def layer_fn(blk, x_BxLxD, kv, *, i):
+      """Block i: (residual stream, cache (k, v) or None) -> the same after block i."""
+      x_BxLxD, kv = blk(x_BxLxD, rope_cs, kv, i, allowed_BxLxT, end, fold(rng, i + 1))
+      return constrain(x_BxLxD, _ACT), kv
+
+    if cfg.scan_layers:
+      x_BxLxD, kv, all_h = _scan_blocks(
+        self.blocks, layer_fn, x_BxLxD, kv, cfg.num_layers, hidden_states, remat, remat_policy
+      )
+    else:
+      all_h = []
+      for i, blk in enumerate(self.blocks):
+        if hidden_states:
+          all_h.append(x_BxLxD)
+        run = functools.partial(layer_fn, blk, i=i)
+        x_BxLxD, kv = (checkpoint(run, remat_policy) if remat else run)(x_BxLxD, kv)
     h_BxLxD = self.final_norm(x_BxLxD)
     if hidden_states:
       all_h.append(h_BxLxD)
@@ -306,7 +319,7 @@ class Transformer(nnx.Module):
       }[logits]()
     else:
       out = self.head(jnp.take_along_axis(h_BxLxD, logits[..., None], axis=1))
-    new_cache = None if cache is None else kvc.advance(cache, new_k, new_v, mask_BxL)
+    new_cache = None if cache is None else kvc.advance(cache, *kv, mask_BxL)
     return Output(out, h_BxLxD, tuple(all_h) if hidden_states else None, new_cache)
 
   def resize_vocab(self, new_size: int, key: jax.Array):
@@ -319,8 +332,29 @@ class Transformer(nnx.Module):
     if self.lm_head is not None:
       self.lm_head.kernel.set_value(_mean_resize(self.lm_head.kernel[...].T, new_size, k2).T)
     self.cfg = self.cfg.replace(vocab_size=new_size)
-    for blk in self.blocks:
+    for blk in [self.blocks] if self.cfg.scan_layers else self.blocks:
       blk.cfg = self.cfg
+
+
+def _scan_blocks(blocks, layer_fn, x_BxLxD, kv, num_layers, hidden_states, remat, remat_policy):
+  """Every layer of stacked `blocks` in one `lax.scan` (one compiled block, whatever the depth).
+
+  The cache rides in the carry and each layer writes only its new slots (`kvc.write`); remat wraps
+  the scanned body (one block) under `remat_policy`. Returns (x, kv, hidden states before each
+  block or []).
+  """
+  graphdef, stacked = nnx.split(blocks)
+
+  def body(carry, xs):
+    x_BxLxD, kv = carry
+    params, i = xs
+    out = layer_fn(nnx.merge(graphdef, params), x_BxLxD, kv, i=i)
+    return out, (x_BxLxD if hidden_states else None)
+
+  if remat:
+    body = checkpoint(body, remat_policy, prevent_cse=False)
+  (x_BxLxD, kv), h_NxBxLxD = jax.lax.scan(body, (x_BxLxD, kv), (stacked, jnp.arange(num_layers)))
+  return x_BxLxD, kv, ([] if h_NxBxLxD is None else list(h_NxBxLxD))
 
 
 def _mean_resize(w_VxD: jax.Array, new_size: int, key: jax.Array) -> jax.Array:
