@@ -10,7 +10,8 @@ a half-written checkpoint is never listed; one that is listed but unreadable (e.
 hand or by a failing disk) is moved to `<dir>.corrupt/` with a warning and the previous one is
 restored. Retention: the last `keep` checkpoints plus the best one by a validation metric.
 A full disk (or quota, or file-size limit) while writing ends in one InputError naming the
-directory; the failed step stays a temporary directory (removed on the next start), so the newest
+directory, and nothing else on stderr (Orbax's logs of that save and the tracebacks of its abandoned
+writes are filtered out: `_quiet_storage_full_noise`); the failed step stays a temporary directory (removed on the next start), so the newest
 complete checkpoint is what a rerun resumes from. The directory may be local or on an object store
 (gs://...): Orbax, and every access here, goes through `etils.epath`.
 """
@@ -19,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import signal
+import sys
+import threading
 from typing import Any
 
 import grain
@@ -72,6 +76,7 @@ class Checkpoints:
       cleanup_tmp_directories=True,
       create=True,
     )
+    _quiet_storage_full_noise()
     self._mngr = ocp.CheckpointManager(self.directory, options=self._options)
     self._in_flight: int | None = None  # the step of the last save started
     self._reported: int | None = None  # the step whose full-storage failure was raised
@@ -234,6 +239,41 @@ def storage_full(err: BaseException) -> str | None:
   return None
 
 
+def _drop_storage_full_logs(record) -> bool:
+  """A logging filter: False for Orbax's error logs of a save that ran out of storage (one with a
+  traceback per save thread); `Checkpoints._writing` reports that save in one line."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (f"{os.sep}orbax{os.sep}" in record.pathname and storage_full(exc))
+
+
+def _hide_abandoned_writes(unraisable, previous):
+  """An unraisable `Event loop is closed` from asyncio: a TensorStore write of a save Orbax gave up
+  on (after a failed write, e.g. a full disk) finishing after its event loop closed. One traceback
+  per pending write, saying nothing beyond the failure itself; everything else goes to `previous`."""
+  err, tb = unraisable.exc_value, unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if (
+    isinstance(err, RuntimeError)
+    and str(err) == "Event loop is closed"
+    and tb is not None
+    and tb.tb_frame.f_code.co_filename.endswith(os.path.join("asyncio", "base_events.py"))
+  ):
+    return
+  previous(unraisable)
+
+
+def _quiet_storage_full_noise():
+  """Installs the two filters above once per process, so that a full disk during a save ends in the
+  one line of `Checkpoints._writing`, not a traceback per array and thread."""
+  absl_logger = logging.get_absl_logger()
+  if _drop_storage_full_logs not in absl_logger.filters:
+    absl_logger.addFilter(_drop_storage_full_logs)
+  hook = sys.unraisablehook
+  if getattr(hook, "func", None) is not _hide_abandoned_writes:
+    sys.unraisablehook = functools.partial(_hide_abandoned_writes, previous=hook)
+
+
 def _check_finite(state: dict, step: int):
   """A checkpoint is only written after a finite loss; a non-finite parameter means corruption."""
   leaves = [
@@ -276,28 +316,75 @@ def check_resumable(saved: dict, config, where: str):
     )
 
 
+class Interrupted(KeyboardInterrupt):
+  """A signal ended the run early: `message` is the one line to print, `code` the exit status
+  (130 SIGINT, 143 SIGTERM). `abandoned`: a compile still runs in a worker thread (it cannot be
+  cancelled), so the process must end with os._exit rather than wait for it at exit."""
+
+  def __init__(self, message: str, code: int, abandoned: bool = False):
+    super().__init__(message)
+    self.message, self.code, self.abandoned = message, code, abandoned
+
+
 class Preemption:
-  """SIGTERM -> stop at the next step boundary (all processes agree on which) and checkpoint."""
+  """SIGTERM (preemption) or SIGINT (Ctrl-C) -> stop at the next step boundary (all processes agree
+  on which) and checkpoint; `wait` keeps a compile interruptible. After the first signal both
+  take their default action again, so a second one ends the process at once, saving nothing.
+
+  Multi-process runs leave SIGTERM to jax's preemption service and SIGINT to Python (a
+  KeyboardInterrupt, no checkpoint): one process cannot decide alone where all of them stop.
+  """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self._flag = False
+    self.signum: int | None = None  # the first signal received
     self._multi = jax.process_count() > 1
-    self._old = None
-    if not self._multi:  # multi-process: jax's preemption service receives the signal
+    self._old = {}
+    if not self._multi:
       try:
-        self._old = signal.signal(signal.SIGTERM, self._on_signal)
+        self._old = {s: signal.signal(s, self._on_signal) for s in self._SIGNALS}
       except ValueError:  # not the main thread: no handler, as multi-process
-        self._old = None
+        self._old = {}
 
   def _on_signal(self, signum, frame):
-    del signum, frame
-    self._flag = True
+    del frame
+    if self.signum is None:
+      self.signum = signum
+    for s in self._SIGNALS:
+      signal.signal(s, signal.SIG_DFL)
 
   def reached(self, step: int) -> bool:
     if self._multi:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self._flag
+    return self.signum is not None
+
+  def wait(self, fn, what: str):
+    """fn() run in a worker thread while this thread waits for it, so that a signal ends the wait
+    at once: Interrupted (abandoned=True; fn goes on until the process ends). Python runs signal
+    handlers only in the main thread between bytecodes, so an XLA compile called from the main
+    thread would hold a signal off until it returns (SmolLM2 unrolled: 20+ minutes on a CPU)."""
+    result = {}
+
+    def target():
+      try:
+        result["value"] = fn()
+      except BaseException as e:  # pylint: disable=broad-except  (re-raised in the caller)
+        result["error"] = e
+
+    worker = threading.Thread(target=target, name=f"codi_jax: {what}", daemon=True)
+    started = self.signum is None  # else a signal came before (e.g. while lowering): no compile
+    if started:
+      worker.start()
+    while started and worker.is_alive() and self.signum is None:
+      worker.join(0.1)  # a KeyboardInterrupt (multi-process Ctrl-C) interrupts this wait too
+    if not started or worker.is_alive():
+      name = signal.Signals(self.signum).name
+      raise Interrupted(f"{name} while {what}", 128 + self.signum, abandoned=started)
+    if "error" in result:
+      raise result["error"]
+    return result["value"]
 
   def close(self):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)

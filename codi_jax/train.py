@@ -5,7 +5,9 @@ r"""Train CODI (or the CoT-SFT / No-CoT-SFT baselines).
   python -m codi_jax.train --config=configs/gpt2.py --workdir=runs/gpt2 --config.mesh.fsdp=-1 --config.mesh.data=1
 
 A rerun with the same --workdir resumes from its newest complete checkpoint. SIGTERM (preemption)
-checkpoints and exits 0; a non-finite loss stops with exit 1 and leaves the last good checkpoint.
+checkpoints and exits 0; Ctrl-C (SIGINT) checkpoints too, with one line and exit 130. Either signal
+during a compile ends the run without waiting for it (one line, exit 130 / 143). A non-finite loss
+stops with exit 1 and leaves the last good checkpoint.
 Multi-host runs (launch/) initialize jax.distributed from the environment (codi_jax/distributed.py).
 """
 
@@ -44,6 +46,8 @@ def main(argv):
       raise InputError("--workdir: no output directory (set --workdir or config.workdir)")
     try:
       train_lib.train_and_evaluate(config, workdir)
+    except KeyboardInterrupt as e:
+      _interrupted(e)
     except FloatingPointError as e:
       ckpt = os.path.join(workdir, "checkpoints")
       print(
@@ -51,6 +55,18 @@ def main(argv):
         file=sys.stderr,
       )
       sys.exit(1)
+
+
+def _interrupted(e: KeyboardInterrupt):
+  """Ctrl-C or a signal during a compile (checkpoint.Interrupted says where it stopped and what it
+  saved) or elsewhere: one line, exit 128 + the signal. os._exit: an abandoned XLA compile thread
+  must not be waited for; the checkpoints and the workdir lock are closed already."""
+  message = getattr(e, "message", "") or (
+    "interrupted; the checkpoints written so far are kept; rerun the same command to resume"
+  )
+  print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(getattr(e, "code", 130))
 
 
 if __name__ == "__main__":

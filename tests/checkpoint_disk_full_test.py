@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import subprocess
 import sys
 import time
+import types
 
 import grain
 import jax
@@ -237,6 +239,84 @@ def test_real_tensorstore_write_failure_from_a_file_size_limit(tmp_path):
   assert refused, r.stdout[-2000:] + r.stderr[-2000:]
   assert f"{tmp_path}: file too large" in refused[0] and "checkpoint 1 is intact" in refused[0]
   _assert_resumes_from_the_first(tmp_path)
+
+
+# As the CLIs run it (absl's log handler, `exit_on_input_error`), with 60 arrays: each pending write
+# of the failed save used to print a traceback, and Orbax one per save thread.
+MANY_ARRAYS_CLI = """
+import resource, signal, sys
+import grain, jax, numpy as np
+from absl import app
+from codi_jax import checkpoint, runtime
+from codi_jax.errors import exit_on_input_error
+
+def main(argv):
+  runtime.setup_cli()
+  ck = checkpoint.Checkpoints(argv[1], save_every=1, keep=1)
+  it = iter(grain.MapDataset.source(list(range(100))).to_iter_dataset())
+  state = {"params": {f"w{i}": jax.numpy.full((3000,), float(i)) for i in range(60)}}
+  ck.save(1, state, it, {"process_count": 1})
+  ck.wait()
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+  with exit_on_input_error("prog"):
+    try:
+      ck.save(2, state, it, {"process_count": 1})
+      ck.wait()
+    finally:
+      resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+      ck.close()
+
+app.run(main)
+"""
+
+
+def test_a_full_disk_is_the_only_line_on_stderr(tmp_path):
+  """Orbax's error logs of the failed save and the tracebacks of its abandoned writes (`Event loop
+  is closed`, one per array) are filtered out: the one line is all of stderr."""
+  r = subprocess.run(
+    [sys.executable, "-c", MANY_ARRAYS_CLI, str(tmp_path)],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "CODI_JAX_CACHE": "", "PYTHONPATH": ROOT},
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.splitlines() == [
+    f"prog: error: {tmp_path}: file too large for the filesystem or the file-size limit while "
+    "writing checkpoint 2; checkpoint 1 is intact. Free space, then rerun the same command to "
+    "resume"
+  ], r.stderr[-3000:]
+
+
+def test_other_orbax_errors_and_unraisables_still_show(tmp_path):
+  """The filters drop only a storage-full save's Orbax logs and `Event loop is closed` raised in
+  asyncio; anything else still reaches the log and the previous unraisable hook."""
+  checkpoint.Checkpoints(str(tmp_path), save_every=1).close()  # installs them
+  assert sys.unraisablehook.func is checkpoint._hide_abandoned_writes
+  seen = []
+  for text, where in (
+    ("Event loop is closed", os.path.join("asyncio", "base_events.py")),
+    ("Event loop is closed", "ours.py"),
+    ("other", os.path.join("asyncio", "base_events.py")),
+  ):
+    try:
+      exec(compile("raise RuntimeError(text)", where, "exec"), {"text": text})  # noqa: S102
+    except RuntimeError as e:
+      args = types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__)
+      checkpoint._hide_abandoned_writes(args, previous=seen.append)
+  assert [str(u.exc_value) for u in seen] == ["Event loop is closed", "other"]  # not asyncio's
+  orbax_file = os.path.join(os.path.dirname(checkpoint.ocp.__file__), "x.py")
+  full = OSError(errno.ENOSPC, "No space left on device")
+  for path, exc, kept in (
+    (orbax_file, full, False),
+    (orbax_file, ValueError("INTERNAL"), True),
+    (__file__, full, True),
+  ):
+    record = logging.LogRecord("absl", logging.ERROR, path, 1, "failed", (), (None, exc, None))
+    assert checkpoint._drop_storage_full_logs(record) is kept
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""Checkpoints: exact resume after SIGKILL, SIGTERM saves and exits 0, damaged checkpoints are
-skipped, a non-finite loss leaves the last good checkpoint, config changes are refused."""
+"""Checkpoints: exact resume after SIGKILL, SIGTERM saves and exits 0 (Ctrl-C: exit 130), damaged
+checkpoints are skipped, a non-finite loss leaves the last good checkpoint, config changes are
+refused."""
 
 import json
 import os
@@ -125,6 +126,24 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   r = _train(tmp_path)
   assert f"resumed from {tmp_path / 'checkpoints'}/{step} " in r.stdout
   assert (tmp_path / "final" / "run.json").exists()
+
+
+def test_sigint_saves_in_one_line_exits_130_and_resumes_bitwise_exact(tmp_path):
+  """Ctrl-C mid-training: as SIGTERM, a checkpoint at the next step boundary, then one line on
+  stderr and exit 130; the rerun ends equal to an uninterrupted run."""
+  ref, run = tmp_path / "ref", tmp_path / "interrupted"
+  _train(ref)
+  proc, out, err = _start_and_wait(run, 4, signal.SIGINT)
+  assert proc.returncode == 130, err[-2000:]
+  assert "Traceback" not in err and "preempted" not in out
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("codi_jax.train: interrupted at step "), err[-2000:]
+  step = int(last.split()[4].rstrip(":"))
+  assert f"checkpoint {run / 'checkpoints'}/{step} written" in last
+  assert step in _steps(run) and not (run / "final").exists()
+  r = _train(run)
+  assert f"resumed from {run / 'checkpoints'}/{step} " in r.stdout
+  _assert_bitwise_equal(_final_params(ref), _final_params(run))
 
 
 def _tiny(steps=6, every=2):
