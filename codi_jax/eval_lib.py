@@ -4,6 +4,7 @@ and the probe (`python -m codi_jax.evaluate` is the command line over `evaluate`
 
 Over 400 lines on purpose: the two ways in (a trained workdir, an official checkpoint) meet in one
 `Options` check and one run-per-set loop; the outputs (records, efficiency, probe) are its tail.
+Each set's records go to a `results.Journal` as batches finish, so interrupted runs resume.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from codi_jax import config_schema
+from codi_jax import config_schema, results
+from codi_jax.batching import fixed_batches
 from codi_jax.codi import convert, efficiency, probe
 from codi_jax.codi.decoder import CodiDecoder
 from codi_jax.codi.model import CodiOptions
@@ -85,38 +87,51 @@ class Runner:
     probe_k: int = 0,
     probe_source: str = "pre_prj",
     progress: bool = True,
+    records: results.Records | None = None,
   ) -> tuple[dict, list[dict], list[dict] | None]:
-    """(summary, per-example records, per-example probe records or None) over `data`."""
-    tok = self.run_.tokenizer
+    """(summary, per-example records, per-example probe records or None) over `data`.
+
+    `records` (a `results.Journal` for a resumable run) keeps what it already holds (those batches
+    are not run again) and receives each batch as it finishes; the summary is computed from all of
+    them, so a resumed run's equals an uninterrupted one's (its seconds and compiles add up).
+    """
+    records = results.Records() if records is None else records
     n = len(data.questions)
     batch_size = max(1, min(batch_size, n))
     questions = self.encode(data.questions)
-    compiles0 = self.decoder.model.compiles_of(self.mode)
-    t0 = time.perf_counter()
+    bucket = self.decoder.bucket(self.mode, questions)
+    self.decoder.check_memory(questions, self.mode, batch_size)
+    spent = {}
+
+    def run(idx):
+      compiles0, t0 = self.decoder.model.compiles_of(self.mode), time.perf_counter()
+      rows = [questions[i] for i in idx]
+      width = bucket(rows[0])
+      decoded = self.decoder.decode_rows(rows, self.mode, width)
+      tops = [None] * len(rows)
+      if probe_k:
+        tops = self.decoder.probe_rows(rows, width, k=probe_k, source=probe_source)
+      out = [self._record(data, i, d, top) for i, d, top in zip(idx, decoded, tops)]
+      compiles = self.decoder.model.compiles_of(self.mode) - compiles0  # decoding only
+      spent["batch"] = (time.perf_counter() - t0, compiles)
+      return out
+
+    def on_batch(idx, recs):
+      seconds, compiles = spent.pop("batch")
+      records.append(zip(idx, recs), seconds=seconds, compiles=compiles)
+
     bar = f"{data.name} ({self.mode})" if progress and n > batch_size else None
-    decoded = self.decoder.generate(questions, self.mode, batch_size, progress=bar)
-    tops = None
-    if probe_k:
-      tops = self.decoder.probe(questions, batch_size, k=probe_k, source=probe_source)
-    examples, probes = [], []
-    for i, d in enumerate(decoded):
-      text = tok.decode(d.tokens, skip_special_tokens=True)
-      pred = answers.extract_answer(text, data.task)
-      examples.append(
-        {
-          "index": i,
-          "question": data.questions[i],
-          "gold": _jsonable(data.golds[i]),
-          "prediction": text,
-          "extracted": _jsonable(pred),
-          "correct": answers.is_correct(pred, data.golds[i]),
-          "n_tokens": len(d.tokens),
-          "tokens": d.tokens,
-        }
-      )
-      if tops is not None:
-        probes.append(self._probe_record(examples[i], data, *tops[i]))
-    seconds = time.perf_counter() - t0
+    fixed_batches(
+      list(range(n)),
+      batch_size,
+      run,
+      bucket=lambda i: bucket(questions[i]),
+      progress=bar,
+      done=records.done,
+      on_batch=on_batch,
+    )
+    recs = [records.done[i] for i in range(n)]
+    examples = [r["example"] for r in recs]
     correct = sum(e["correct"] for e in examples)
     official = self.run_.run.get("official")
     summary = {
@@ -136,15 +151,34 @@ class Runner:
       "thoughts": self.thoughts,
       "padding_mode": self.opts.padding_mode,
       "max_new_tokens": self.max_new_tokens,
-      "hit_max_new_tokens": sum(d.truncated for d in decoded),
+      "hit_max_new_tokens": sum(r["truncated"] for r in recs),
       "batch_size": batch_size,
       "eos_ids": self.decoder.eos_ids,
       "buckets": self.decoder.widths(questions, self.mode),
-      "compiles": self.decoder.model.compiles_of(self.mode) - compiles0,  # decoding only
-      "eval_seconds": round(seconds, 3),
+      "compiles": records.compiles,  # decoding only
+      "eval_seconds": round(records.seconds, 3),
       "reader": data.report,
     }
-    return summary, examples, (probes if tops is not None else None)
+    return summary, examples, ([r["probe"] for r in recs] if probe_k else None)
+
+  def _record(self, data: EvalData, i: int, decoded, top) -> dict:
+    """Problem `i`'s record: its example (and probe) as written out, and whether it hit the cap."""
+    text = self.run_.tokenizer.decode(decoded.tokens, skip_special_tokens=True)
+    pred = answers.extract_answer(text, data.task)
+    example = {
+      "index": i,
+      "question": data.questions[i],
+      "gold": _jsonable(data.golds[i]),
+      "prediction": text,
+      "extracted": _jsonable(pred),
+      "correct": answers.is_correct(pred, data.golds[i]),
+      "n_tokens": len(decoded.tokens),
+      "tokens": decoded.tokens,
+    }
+    out = {"example": example, "truncated": decoded.truncated}
+    if top is not None:
+      out["probe"] = self._probe_record(example, data, *top)
+    return out
 
   def _probe_record(self, example: dict, data: EvalData, probs, ids) -> dict:
     tok = self.run_.tokenizer
@@ -170,16 +204,31 @@ class Runner:
     questions = self.encode(data.questions)
     student = self.mode == "student"
     if self.opts.padding_mode == "masked":
-      used = max(len(q) for q in questions) + (1 if student else 0)
+      longest = max(len(q) for q in questions)
+      used = longest + (1 if student else 0)
     else:
       used = max(self.decoder.widths(questions, self.mode))
+      longest = used - (1 if student else 0)
     used += self.thoughts + 1 if student else 0
+    cfg = self.run_.codi.backbone.cfg
+    prompt = f"the longest {data.name} question ({longest:,} tokens)"
+    if student:
+      prompt += f" + [bot] + {self.thoughts:,} thoughts + [eot]"
+    if student and longest + 2 < cfg.max_positions:  # the thoughts leave no room
+      fix = f"lower --num_latent to at most {cfg.max_positions - longest - 3:,} (one answer token)"
+    else:
+      fix = "evaluate shorter questions"
+      model = self.run_.config.get("model")  # None for an official checkpoint (a loaded base)
+      if model is not None and not model.get("spec"):  # from scratch: the table's size was chosen
+        fix += ", or train with a larger --config.model.max_positions"
     memory.check_positions(
-      self.run_.codi.backbone.cfg,
+      cfg,
       used,
       self.max_new_tokens,
       allow_extrapolation=allow_extrapolation,
       what=f"--max_new_tokens ({data.name}, {self.mode})",
+      prompt=prompt,
+      fix=fix,
     )
 
   def latency(self, seqs: Sequence[Sequence[int]], batch_size: int, calls: int) -> dict:
@@ -299,6 +348,7 @@ class Options:
   latency_calls: int = 5
   progress: bool = True
   allow_extrapolation: bool = False  # decode past a RoPE model's positions
+  overwrite: bool = False  # replace complete results of another evaluation, discard partial ones
 
   def check(self):
     """Every flag against its rule (`config_schema.EVAL`), then the rules between them."""
@@ -399,25 +449,71 @@ def official_run(opts: Options) -> FinishedRun:
   )
 
 
-def _out_dir(opts: Options) -> str:
+def _out_dir(opts: Options) -> tuple[str, str]:
+  """(output directory, the hint an unusable one's error gives)."""
   if opts.out:
-    return opts.out
+    return opts.out, ""
   if opts.official:
     path = os.path.abspath(opts.official)
-    return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "eval")
-  return os.path.join(opts.workdir, "eval")
+    out = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "eval")
+  else:
+    out = os.path.join(opts.workdir, "eval")
+  return out, "that is the default output directory; pass --out=<a writable directory>"
+
+
+def _identity(
+  final: FinishedRun, runner: Runner, data: EvalData, batch: int, opts: Options
+) -> dict:
+  """What one result depends on (`results.Journal`): a resume or a kept result must match it."""
+  official = final.run.get("official")
+  model = {"run": results.digest(final.run)}  # run.json: the training summary, or our settings
+  if official:
+    base = final.run.get("base")
+    model.update(official=official, base=base, files=results.fingerprint(official))
+    model["base_files"] = results.fingerprint(base)
+  else:
+    model["workdir"] = os.path.dirname(final.path)
+  probing = opts.probe and runner.mode == "student"
+  content = [data.questions, [_jsonable(g) for g in data.golds]]
+  return {
+    "model": model,
+    "settings": {
+      "mode": runner.mode,
+      "thoughts": runner.thoughts,
+      "padding_mode": runner.opts.padding_mode,
+      "max_new_tokens": runner.max_new_tokens,
+      "mask_special": opts.mask_special,
+      "batch_size": max(1, min(batch, len(data.questions))),
+      "buckets": runner.decoder.buckets,
+      "eos_ids": runner.decoder.eos_ids,
+      "probe": {"top_k": opts.probe_topk, "source": opts.probe_source, "all": opts.probe_all}
+      if probing
+      else None,
+    },
+    "data": {
+      "name": data.name,
+      "task": data.task,
+      "source": data.report.get("source"),
+      "n": len(data.questions),
+      "sha256": results.digest(content + ([data.cots, data.steps] if probing else [])),
+    },
+  }
 
 
 def evaluate(opts: Options, override=None) -> dict:
   """Runs the evaluation `opts` describes; returns {results: [summary], efficiency: report or None}.
 
-  `override` (a config) replaces a run's saved data, eval and seed settings.
+  `override` (a config) replaces a run's saved data, eval and seed settings. Each result's records
+  are appended to its `results.Journal` as batches finish: a rerun resumes an interrupted result,
+  keeps a complete one of the same evaluation, and refuses one of another (unless `opts.overwrite`).
   """
   opts.check()
   if override is not None:  # the settings it replaces, checked as a training config's
     config_schema.validate_train(override, sections=("data", "eval", "seed"))
-  if opts.cot_workdir:
-    read_final(opts.cot_workdir)  # fail early
+  cot_final = read_final(opts.cot_workdir) if opts.cot_workdir else None  # fail early
+  saved = None if opts.official else read_final(opts.workdir)
+  out_dir, hint = _out_dir(opts)
+  out_dir = results.check_out(out_dir, hint=hint)  # before any data is read or model loaded
   paths = opts.set_paths()
 
   def load_sets(config, limit):
@@ -431,7 +527,7 @@ def evaluate(opts: Options, override=None) -> dict:
     final = official_run(opts)
     config = final.config
   else:
-    _, config, _ = read_final(opts.workdir)
+    _, config, _ = saved
     if override is not None:
       config.data, config.eval, config.seed = override.data, override.eval, override.seed
     datasets = load_sets(config, opts.limit or config.eval.num_examples or None)
@@ -443,10 +539,7 @@ def evaluate(opts: Options, override=None) -> dict:
   modes = {"auto": [own], "both": ["student", "teacher"]}.get(opts.mode, [opts.mode])
   if opts.probe and "student" not in modes:
     raise InputError(f"--probe: --mode={opts.mode} on a {method} run has no continuous thoughts")
-  out_dir = _out_dir(opts)
-  cot = load_final(opts.cot_workdir) if opts.cot_workdir else None
   trained = CodiOptions.from_config(config.codi)
-  summaries, eff = [], None
   runners = {
     mode: Runner(
       final,
@@ -462,9 +555,7 @@ def evaluate(opts: Options, override=None) -> dict:
   vocab = final.codi.backbone.cfg.vocab_size
   if opts.probe and opts.probe_topk > vocab:
     raise InputError(f"--probe_topk: got {opts.probe_topk}; expected <= {vocab}, the vocabulary")
-  for runner in runners.values():  # before any decoding
-    for data in datasets:
-      runner.check_positions(data, allow_extrapolation=opts.allow_extrapolation)
+  jobs, eff_job = [], None  # before any decoding: positions, and what the output holds already
   for mode, runner in runners.items():
     suffix = "" if mode == own else f".{mode}"
     if mode == "student" and runner.thoughts != trained.num_latent:
@@ -472,30 +563,79 @@ def evaluate(opts: Options, override=None) -> dict:
     if runner.opts.padding_mode != trained.padding_mode:
       suffix += f".{runner.opts.padding_mode}"
     for data in datasets:
-      probe_k = opts.probe_topk if opts.probe and mode == "student" else 0
-      summary, examples, probes = runner.run(
-        data, batch, probe_k=probe_k, probe_source=opts.probe_source, progress=opts.progress
+      runner.check_positions(data, allow_extrapolation=opts.allow_extrapolation)
+      identity = _identity(final, runner, data, batch, opts)
+      journal = results.Journal(
+        out_dir,
+        data.name + suffix,
+        identity,
+        summary=data.name + suffix + ".json",
+        total=len(data.questions),
+        label=f"{data.name} ({mode})",
+        overwrite=opts.overwrite,
       )
-      prefix = os.path.join(out_dir, data.name + suffix)
-      if probes is not None:
-        summary["probe"] = write_probe(
-          prefix, probes, source=opts.probe_source, k=probe_k, include_wrong=opts.probe_all
-        )
-        print(
-          f"{data.name}: Table 3 ({summary['probe']['problems']} problems)\n"
-          f"{probe.format_table3(summary['probe']['table3'])}",
-          flush=True,
-        )
-      write_jsonl(prefix + ".examples.jsonl", examples)
-      write_json(prefix + ".json", summary)
-      summaries.append(summary)
-    if mode == own and (opts.efficiency or cot is not None):
-      eff = _efficiency(runner, cot, datasets[0], summaries[-len(datasets)], opts)
-      write_json(os.path.join(out_dir, datasets[0].name + suffix + ".efficiency.json"), eff)
+      jobs.append((runner, data, os.path.join(out_dir, data.name + suffix), journal))
+    if mode == own and (opts.efficiency or cot_final is not None):
+      path = os.path.join(out_dir, datasets[0].name + suffix + ".efficiency.json")
+      cot_id = None
+      if cot_final is not None:
+        cot_id = {"final": cot_final[0], "run": results.digest(cot_final[2])}
+      eff_id = {"result": jobs[-len(datasets)][3].identity, "cot": cot_id}
+      eff_id["latency_calls"] = opts.latency_calls
+      kept = results.read_complete(path, eff_id, overwrite=opts.overwrite)
+      eff_job = (runner, len(jobs) - len(datasets), path, eff_id, kept)
+  summaries, eff = [], None
+  for runner, data, prefix, journal in jobs:
+    summaries.append(_result(runner, data, prefix, journal, batch, opts))
+  if eff_job is not None:
+    runner, first, path, eff_id, eff = eff_job
+    if eff is None:
+      cot = load_final(opts.cot_workdir) if opts.cot_workdir else None
+      eff = _efficiency(runner, cot, jobs[first][1], summaries[first], opts)
+      eff = {**eff, "identity": eff_id}
+      write_json(path, eff)
   print(format_results(summaries), flush=True)
   if eff is not None:
     print(efficiency.format_report(eff), flush=True)
   return {"results": summaries, "efficiency": eff}
+
+
+def _result(
+  runner: Runner, data: EvalData, prefix: str, journal: results.Journal, batch: int, opts: Options
+) -> dict:
+  """One set in one mode: kept if complete; else decoded (after what its journal holds), its files
+  written and its summary last. Returns the summary."""
+  probe_k = opts.probe_topk if opts.probe and runner.mode == "student" else 0
+  name = os.path.basename(prefix)
+  if journal.complete is not None:
+    summary = journal.complete
+    print(f"{name}: kept the complete result (--overwrite recomputes it)", file=sys.stderr)
+  else:
+    if journal.done:
+      print(
+        f"{name}: resuming after {len(journal.done)} of {len(data.questions)} problems recorded "
+        f"in {journal.path}",
+        file=sys.stderr,
+        flush=True,
+      )
+    with journal:
+      summary, examples, probes = runner.run(
+        data, batch, probe_k=probe_k, probe_source=opts.probe_source, progress=opts.progress,
+        records=journal,
+      )  # fmt: skip
+    if probes is not None:
+      summary["probe"] = write_probe(
+        prefix, probes, source=opts.probe_source, k=probe_k, include_wrong=opts.probe_all
+      )
+    write_jsonl(prefix + ".examples.jsonl", examples)
+    summary = journal.finish(summary)  # last: a result with its summary is complete
+  if "probe" in summary:
+    print(
+      f"{data.name}: Table 3 ({summary['probe']['problems']} problems)\n"
+      f"{probe.format_table3(summary['probe']['table3'])}",
+      flush=True,
+    )
+  return summary
 
 
 def _efficiency(

@@ -32,7 +32,8 @@ question; a No-CoT-SFT model is the student with 0 thoughts. Rows stop at eos (a
 tokenizer's other stop ids). Answers are extracted and scored as the reference (docs/codi.md 7.2:
 exact float equality; sets with non-integer golds, such as GSM-Hard, also report near misses).
 
-Writes to <workdir>/eval (or <checkpoint dir>/eval, or --out), each file atomically:
+Writes to <workdir>/eval (or <checkpoint dir>/eval, or --out; checked before anything is read or
+loaded: a directory it can create and write), each file atomically:
   <set>.json                accuracy, n (rows used), generated tokens, thoughts, compiles, seconds,
                             the reader's report (rows read, dropped and why)
   <set>.examples.jsonl      question, gold, prediction, extracted, correct, tokens per example
@@ -42,6 +43,14 @@ Writes to <workdir>/eval (or <checkpoint dir>/eval, or --out), each file atomica
 and prints one table. Files of a mode other than the model's own (--mode=teacher on a CODI run) get
 a `.teacher` / `.student` suffix, a --num_latent other than the trained one `.latent<N>`, and a
 --padding_mode other than the run's `.<padding_mode>`.
+
+Interruptions lose nothing finished: each set's examples are appended to <set>.partial.jsonl as
+batches finish (its first line records the model, settings and set); the summary is written last,
+from those records, and the journal removed. Rerunning the same command resumes after the recorded
+batches, to the same results as an uninterrupted run; other settings, model or set on the same
+--out are refused in one line naming what differs. A complete result of the same evaluation is
+kept, not recomputed; --overwrite replaces results and discards partial ones. Ctrl-C ends with one
+line (how many problems are recorded, where) and exit status 130.
 """
 # pylint: disable=invalid-name
 
@@ -52,7 +61,7 @@ import dataclasses
 from absl import app, flags
 from ml_collections import config_flags
 
-from codi_jax import runtime
+from codi_jax import results, runtime
 from codi_jax.errors import InputError, exit_on_input_error
 from codi_jax.eval_lib import MODES, PADDING_MODES, Options, evaluate
 
@@ -132,6 +141,12 @@ def _define_flags():
   flags.DEFINE_string(
     "out", None, "Output directory (default: <workdir>/eval or <checkpoint dir>/eval)."
   )
+  flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace results already in --out (a complete result of other settings is refused without "
+    "it; one of the same settings is kept) and discard partial ones instead of resuming them.",
+  )
   flags.DEFINE_enum(
     "mask_special",
     "all",
@@ -166,7 +181,7 @@ def main(argv):
   runtime.setup_cli()
   override = runtime.config_value(_CONFIG, PROG)
   override = None if override is None else override.copy_and_resolve_references()
-  with exit_on_input_error(PROG):
+  with results.exit_on_interrupt(PROG), exit_on_input_error(PROG):
     if override is not None and not _WORKDIR.value:
       raise InputError("--config: only with --workdir (it replaces a run's saved settings)")
     fields = [f.name for f in dataclasses.fields(Options) if f.name != "progress"]

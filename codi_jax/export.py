@@ -16,7 +16,11 @@ reproduces the run's evaluation and the reference's test.py loads it (--ckpt_dir
   codi/model.safetensors    `codi.base_model.model.*` (unmerged base, peft `base_layer` names and
                             lora_A/lora_B) + `prj.1.*`, `prj.3.*`, `prj.ln.*`
   codi/codi_config.json     special ids, LoRA rank/alpha, thought count, padding mode, eval shapes
-Everything is written into `<out>.tmp/` and renamed when complete.
+  codi_export.json          the marker of an export (run, time): the only kind of folder
+                            --overwrite replaces
+Everything is written into a new, uniquely named `.<out name>.<random>.tmp/` beside --out and
+renamed to --out when complete; a failed export removes only that folder. A non-empty --out is
+replaced (with --overwrite) only when it holds codi_export.json, else refused in one line.
 """
 # pylint: disable=invalid-name
 
@@ -25,6 +29,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import time
 
 import tokenizers
 from absl import app, flags
@@ -38,25 +44,54 @@ from codi_jax.errors import InputError, exit_on_input_error
 from codi_jax.files import as_path, is_url, write_atomic, write_json
 from codi_jax.final import FinishedRun, load_final, read_final
 from codi_jax.models import hf, weights_io
+from codi_jax.workdir import missing_dirs, remove_empty
 
 PROG = "codi_jax.export"
 CODI_DIR = "codi"
+MARKER = "codi_export.json"  # written last: marks a folder --overwrite may replace
 _FILLER = "<|codi_unused_{}|>"
 
 
 def _check_out(out: str, workdir: str, overwrite: bool):
   if os.path.exists(out) and not os.path.isdir(out):
     raise InputError(f"--out={out}: exists and is not a directory")
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise InputError(f"--out={out}: exists and is not empty; pass --overwrite to replace it")
-  if is_url(workdir):
-    return  # a run in an object store cannot contain a local --out
-  run_dir = os.path.abspath(workdir)
-  if os.path.commonpath([out, run_dir]) == out:
-    raise InputError(f"--out={out}: holds the run {workdir} itself; export next to it instead")
-  final = os.path.join(run_dir, "final")
-  if os.path.commonpath([out, final]) == final:
-    raise InputError(f"--out={out}: inside the run's final/; export next to it instead")
+  if not is_url(workdir):  # a run in an object store cannot contain a local --out
+    run_dir = os.path.abspath(workdir)
+    if os.path.commonpath([out, run_dir]) == out:
+      raise InputError(f"--out={out}: holds the run {workdir} itself; export next to it instead")
+    final = os.path.join(run_dir, "final")
+    if os.path.commonpath([out, final]) == final:
+      raise InputError(f"--out={out}: inside the run's final/; export next to it instead")
+  if os.path.isdir(out) and os.listdir(out):
+    if not os.path.isfile(os.path.join(out, MARKER)):
+      raise InputError(
+        f"--out={out}: exists and is not empty, and is not an export (no {MARKER}), the only "
+        "folder --overwrite replaces; choose another --out"
+      )
+    if not overwrite:
+      raise InputError(
+        f"--out={out}: exists and is not empty (a previous export); pass --overwrite to replace it"
+      )
+
+
+def _replace(tmp: str, out: str):
+  """Moves the finished `tmp` to `out`: into an absent or empty `out`, or over a previous export
+  (its marker checked again: it is deleted only once the new export is in place)."""
+  if os.path.isdir(out) and os.listdir(out):
+    if not os.path.isfile(os.path.join(out, MARKER)):
+      raise InputError(f"--out={out}: changed during the export (no {MARKER} any more)")
+    old = tempfile.mkdtemp(
+      prefix=f".{os.path.basename(out)}.", suffix=".old", dir=os.path.dirname(out)
+    )
+    os.replace(out, old)  # onto our own empty folder: atomic
+    try:
+      os.replace(tmp, out)
+    except BaseException:
+      os.replace(old, out)  # the previous export back in place
+      raise
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, out)
 
 
 def aligned_tokenizer(backend: tokenizers.Tokenizer, special: SpecialIds) -> tokenizers.Tokenizer:
@@ -135,10 +170,25 @@ def export(workdir: str, out: str, *, overwrite: bool = False) -> dict:
   out = os.path.abspath(out)
   _check_out(out, workdir, overwrite)
   run = load_final(workdir)
+  parents = missing_dirs(os.path.dirname(out))
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = tempfile.mkdtemp(
+    prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out)
+  )
+  try:
+    res = _write(run, workdir, tmp)
+    _replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)  # ours: a unique name
+    remove_empty(parents)
+    raise
+  return {"out": out, "codi": os.path.join(out, CODI_DIR), **res}
+
+
+def _write(run: FinishedRun, workdir: str, tmp: str) -> dict:
+  """The export's files in the (empty) folder `tmp`, the marker last; {arch, vocab_size,
+  special_ids}."""
   codi, cfg, special, config = run.codi, run.codi.backbone.cfg, run.special, run.config
-  tmp = out + ".tmp"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
   os.makedirs(os.path.join(tmp, CODI_DIR))
 
   tensors = {
@@ -188,16 +238,11 @@ def export(workdir: str, out: str, *, overwrite: bool = False) -> dict:
     workdir=os.fspath(as_path(workdir)),  # gs://... kept as given
   )
   write_json(os.path.join(tmp, CODI_DIR, convert.SETTINGS_FILE), settings)
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.replace(tmp, out)
-  return {
-    "out": out,
-    "codi": os.path.join(out, CODI_DIR),
-    "arch": cfg.arch,
-    "vocab_size": cfg.vocab_size,
-    "special_ids": settings["special_ids"],
-  }
+  write_json(
+    os.path.join(tmp, MARKER),
+    {"written_by": PROG, "workdir": os.fspath(as_path(workdir)), "time": time.time()},
+  )
+  return {"arch": cfg.arch, "vocab_size": cfg.vocab_size, "special_ids": settings["special_ids"]}
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -207,7 +252,9 @@ def _define_flags():
   """CLI flags, defined only when run as a program, so that importing this module defines none."""
   flags.DEFINE_string("workdir", None, "Run directory holding final/ (from codi_jax.train).")
   flags.DEFINE_string("out", None, "Output directory (must be empty or absent).")
-  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+  flags.DEFINE_bool(
+    "overwrite", False, f"Replace a previous export in --out (one holding {MARKER}); nothing else."
+  )
 
 
 def main(argv):

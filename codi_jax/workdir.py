@@ -464,15 +464,48 @@ def _describe(e: Exception) -> str:
   return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def missing_dirs(path) -> list[str]:
+  """The local directories `path` names that do not exist yet, deepest first (what creating it
+  would create); [] for an object-store URL."""
+  if files.is_url(path):
+    return []
+  out, p = [], os.path.abspath(os.path.expanduser(os.fspath(path)))
+  while not os.path.lexists(p) and os.path.dirname(p) != p:
+    out.append(p)
+    p = os.path.dirname(p)
+  return out
+
+
+def remove_empty(dirs) -> None:
+  """Removes each local directory of `dirs` (deepest first) while it is empty: what a refused
+  start created, and nothing anyone else put there since; never raises."""
+  for d in dirs:
+    if files.is_url(d):
+      return
+    try:
+      os.rmdir(d)
+    except OSError:  # not empty (someone wrote there), already gone, or not ours to remove
+      return
+
+
 @contextlib.contextmanager
 def claim(workdir: str):
   """The whole job's claim on `workdir`: process 0 takes the lock, every process learns whether it
-  did (a collective), and all of them stop with an InputError if not. Yields the absolute path."""
+  did (a collective), and all of them stop with an InputError if not. Yields the absolute path.
+
+  If the block raises (a refused start), the directories created for the workdir are removed
+  again as long as they are empty (`remove_empty`): a refused start leaves nothing behind."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-  path = check_workdir(workdir)
+  main = jax.process_index() == 0
+  created = missing_dirs(workdir) if main else []
+  try:
+    path = check_workdir(workdir)
+  except InputError:
+    remove_empty(created)  # makedirs may have created parents before it failed
+    raise
   lock = WorkdirLock(path, process_index=jax.process_index())
   error = None
   try:
@@ -484,8 +517,13 @@ def claim(workdir: str):
     if not ok and error is None:
       error = InputError(f"--workdir: {workdir}: process 0 could not take the lock (see its log)")
   if error is not None:
+    remove_empty(created)
     raise error
+  done = False
   try:
     yield path
+    done = True
   finally:
     lock.release()
+    if not done:
+      remove_empty(created)

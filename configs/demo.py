@@ -16,7 +16,7 @@ from configs import base
 
 
 def get_config(arg=None):
-  del arg
+  base.variants(arg, ())  # no variants: `demo.py:ours` is refused, not ignored
   config = base.get_config()
   config.workdir = "/tmp/codi_demo"
 

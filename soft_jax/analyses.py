@@ -1,5 +1,6 @@
 """The Soft Thinking analyses as drivers: each runs its jitted trace (`soft_jax.traces`) on a model
-and prompts, writes CSV + JSON + PNG under an output directory and returns its summary.
+and prompts, writes CSV + PNG, then its JSON summary (last: it marks a complete result) under an
+output directory and returns the summary.
 `python -m soft_jax.analyze` is the command line over these.
 """
 
@@ -37,6 +38,15 @@ def _write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
   write_atomic(path, out.getvalue())
 
 
+def _write_summary(out_dir: str, name: str, summary: dict, identity: dict | None) -> dict:
+  """`<out_dir>/<name>.json`, written after the analysis' other files: it marks a complete result
+  (with `identity`, what it was computed from: `results.read_complete`)."""
+  if identity is not None:
+    summary = {**summary, "identity": identity}
+  write_json(os.path.join(out_dir, f"{name}.json"), summary)
+  return summary
+
+
 def _prepare(tokenizer, texts: Sequence[str], bucket_to: int = 8):
   """Chat-templated math prompts, left-padded to one width: (ids [B, P], mask [B, P])."""
 
@@ -51,7 +61,16 @@ def _mean(x) -> float | None:
 
 
 def run_js_probe(
-  model, tokenizer, texts, params, *, steps: int, seed: int, out_dir: str, trace: dict | None = None
+  model,
+  tokenizer,
+  texts,
+  params,
+  *,
+  steps: int,
+  seed: int,
+  out_dir: str,
+  trace: dict | None = None,
+  identity: dict | None = None,
 ) -> dict[str, Any]:
   """js_probe on every prompt; writes js_probe.csv / .json / .png; returns the summary.
 
@@ -108,10 +127,9 @@ def run_js_probe(
     "frac_js_top2_above_0.6": _mean(kept[:, 1] > 0.6),
     "device": str(jax.devices()[0].device_kind),
   }
-  write_json(os.path.join(out_dir, "js_probe.json"), summary)
   title = f"JS probe: {js.shape[0]} prompts, {int(keep.sum())} soft steps before EOS"
   plots.js_probe(kept, names[:2], title, os.path.join(out_dir, "js_probe.png"))
-  return summary
+  return _write_summary(out_dir, "js_probe", summary, identity)
 
 
 def probe_trace(model, tokenizer, texts, params, *, steps: int, seed: int) -> dict:
@@ -124,7 +142,16 @@ def probe_trace(model, tokenizer, texts, params, *, steps: int, seed: int) -> di
 
 
 def run_logit_lens(
-  model, tokenizer, texts, *, steps: int, alpha: float, norm: bool, min_p2: float, out_dir: str
+  model,
+  tokenizer,
+  texts,
+  *,
+  steps: int,
+  alpha: float,
+  norm: bool,
+  min_p2: float,
+  out_dir: str,
+  identity: dict | None = None,
 ) -> dict[str, Any]:
   """logit_lens on every prompt; writes logit_lens.csv / .json / .png; returns the summary."""
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -170,10 +197,9 @@ def run_logit_lens(
     "per_layer": rows,
     "points": points,
   }
-  write_json(os.path.join(out_dir, "logit_lens.json"), summary)
   title = f"logit lens, mix {alpha:g}/{1 - alpha:g}, {int(branch.sum())} branching points"
   plots.logit_lens(mean, title, os.path.join(out_dir, "logit_lens.png"))
-  return summary
+  return _write_summary(out_dir, "logit_lens", summary, identity)
 
 
 ROUGE_WORDS = (
@@ -193,6 +219,7 @@ def run_rouge(
   n_samples: int,
   seed: int,
   out_dir: str,
+  identity: dict | None = None,
 ) -> dict[str, Any]:
   """rouge: ROUGE-L of each mode's trace vs greedy, on token ids and on words; writes rouge.*.
 
@@ -264,11 +291,10 @@ def run_rouge(
       level: {m: traces.describe(v) for m, v in by_mode.items()} for level, by_mode in f1.items()
     },
   }
-  write_json(os.path.join(out_dir, "rouge.json"), summary)
   boxes = {f"{m}\n{level}": f1[level][m] for m in modes for level in ("token", "word")}
   title = f"ROUGE-L vs greedy, {max_new} tokens cut at EOS, T={params.temperature:g}"
   plots.rouge(boxes, title, os.path.join(out_dir, "rouge.png"))
-  return summary
+  return _write_summary(out_dir, "rouge", summary, identity)
 
 
 def run_randomness(
@@ -281,6 +307,7 @@ def run_randomness(
   seed: int,
   out_dir: str,
   legacy_softmax: bool = False,
+  identity: dict | None = None,
 ) -> dict[str, Any]:
   """randomness/softness sweeps over candidate logits top_z [S, N]; writes randomness.*."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -322,6 +349,5 @@ def run_randomness(
     "vanilla_softness": vanilla,
     "rows": rows,
   }
-  write_json(os.path.join(out_dir, "randomness.json"), summary)
   plots.randomness(rows, vanilla, os.path.join(out_dir, "randomness.png"))
-  return summary
+  return _write_summary(out_dir, "randomness", summary, identity)

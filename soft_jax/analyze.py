@@ -38,6 +38,13 @@ Dirichlet for each gamma in --gammas or Gumbel-Softmax for each tau in --taus (-
 step). randomness = JS(st', st) on probabilities (the reference applied a softmax to st' first:
 --js_legacy_softmax reproduces it, for comparison only); softness = entropy of st'. Writes
 randomness.csv, randomness.json, randomness.png.
+
+--out is checked before anything is read or loaded (a directory it can create and write). Each
+analysis writes its JSON last, with what it was computed from (model, settings, prompts): a rerun
+with the same settings keeps a complete result, one with other settings is refused in one line
+naming what differs, and --overwrite replaces it. An analysis is one trace, with nothing to resume:
+Ctrl-C ends with one line and exit status 130 (rerun the command; a result without its JSON is
+not complete).
 """
 # pylint: disable=invalid-name
 
@@ -51,7 +58,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from codi_jax import runtime
+from codi_jax import files, results, runtime
 from codi_jax.errors import InputError, exit_on_input_error
 from codi_jax.models import loader
 from soft_jax import analyses, cli_common, problems
@@ -131,85 +138,124 @@ def _texts() -> list[str]:
   return list(DEFAULT_QUESTIONS[: v("limit") or len(DEFAULT_QUESTIONS)])
 
 
+def _identity(name: str, st, texts: Sequence[str], source: str) -> dict:
+  """What analysis `name`'s result depends on: a rerun keeps it only if this matches."""
+  v = cli_common.value
+  own = {
+    "js_probe": ("steps",),
+    "logit_lens": ("steps", "lens_alpha", "lens_norm", "lens_min_p2"),
+    "rouge": ("rouge_modes", "n_samples", "max_new_tokens"),
+    "randomness": ("steps", "gammas", "taus", "draws", "js_legacy_softmax"),
+  }[name]
+  settings = {k: v(k) for k in own}
+  if "max_new_tokens" in settings:
+    settings["max_new_tokens"] = st.max_new_tokens
+  if name != "logit_lens":  # the greedy trace has no sampler
+    settings.update(seed=st.seed, sampler=st.params.to_dict())
+  return {
+    "analysis": name,
+    "model": {"spec": st.model, "dtype": st.dtype, "files": results.fingerprint(source)},
+    "settings": settings,
+    "prompts": results.digest(list(texts)),
+  }
+
+
 def main(argv):
   runtime.setup_cli()
-  with exit_on_input_error(PROG):
-    v = cli_common.value
-    if len(argv) != 2 or argv[1] not in ANALYSES:
-      raise InputError(
-        f"expected one analysis, one of {', '.join(ANALYSES)}; got {' '.join(argv[1:]) or 'none'}"
-      )
-    name = argv[1]
-    st = cli_common.settings(default_mode="soft")
-    if st.mesh is not None:
-      raise InputError("--mesh: the analyses run on one device (they are probes of a small model)")
-    out_dir = v("out")
-    if not out_dir:
-      raise InputError("--out: no output directory given")
-    if v("steps") < 1:
-      raise InputError(f"--steps: must be >= 1, got {v('steps')}")
-    if not 0 <= v("lens_alpha") <= 1:
-      raise InputError(f"--lens_alpha: must be in [0, 1], got {v('lens_alpha')}")
-    if v("draws") < 1:
-      raise InputError(f"--draws: must be >= 1, got {v('draws')}")
-    if v("n_samples") < 1:
-      raise InputError(f"--n_samples: must be >= 1, got {v('n_samples')}")
-    gammas = _floats(v("gammas") or [], "--gammas")
-    taus = _floats(v("taus") or [], "--taus")
-    texts = _texts()
-    try:
-      os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-      raise InputError(f"--out: cannot create {out_dir}: {e.strerror}") from None
+  with results.exit_on_interrupt(PROG), exit_on_input_error(PROG):
+    _analyze(argv)
 
-    loaded = loader.load(st.model, dtype=st.dtype, param_dtype=st.dtype)
-    model, tok = loaded.model, loaded.tokenizer
-    params = st.params.validate(prefix="--", vocab=loaded.config.vocab_size)
-    if name == "js_probe":
-      summary = analyses.run_js_probe(
-        model, tok, texts, params, steps=v("steps"), seed=st.seed, out_dir=out_dir
-      )
-    elif name == "logit_lens":
-      summary = analyses.run_logit_lens(
-        model,
-        tok,
-        texts,
-        steps=v("steps"),
-        alpha=v("lens_alpha"),
-        norm=v("lens_norm"),
-        min_p2=v("lens_min_p2"),
-        out_dir=out_dir,
-      )
-    elif name == "rouge":
-      summary = analyses.run_rouge(
-        model,
-        tok,
-        texts,
-        params,
-        modes=v("rouge_modes"),
-        max_new=st.max_new_tokens,
-        n_samples=v("n_samples"),
-        seed=st.seed,
-        out_dir=out_dir,
-      )
-    else:
-      sp = params.replace(mode="soft")
-      trace = analyses.probe_trace(model, tok, texts, sp, steps=v("steps"), seed=st.seed)
-      top_z = trace["top_z"].reshape(-1, trace["top_z"].shape[-1])
-      summary = analyses.run_randomness(
-        top_z,
-        sp,
-        gammas=gammas,
-        taus=taus,
-        draws=v("draws"),
-        seed=st.seed,
-        out_dir=out_dir,
-        legacy_softmax=v("js_legacy_softmax"),
-      )
-    summary.pop("per_prompt", None)
-    summary.pop("points", None)
+
+def _analyze(argv):
+  v = cli_common.value
+  if len(argv) != 2 or argv[1] not in ANALYSES:
+    raise InputError(
+      f"expected one analysis, one of {', '.join(ANALYSES)}; got {' '.join(argv[1:]) or 'none'}"
+    )
+  name = argv[1]
+  st = cli_common.settings(default_mode="soft")
+  if st.mesh is not None:
+    raise InputError("--mesh: the analyses run on one device (they are probes of a small model)")
+  out_dir = v("out")
+  if not out_dir:
+    raise InputError("--out: no output directory given")
+  if v("steps") < 1:
+    raise InputError(f"--steps: must be >= 1, got {v('steps')}")
+  if not 0 <= v("lens_alpha") <= 1:
+    raise InputError(f"--lens_alpha: must be in [0, 1], got {v('lens_alpha')}")
+  if v("draws") < 1:
+    raise InputError(f"--draws: must be >= 1, got {v('draws')}")
+  if v("n_samples") < 1:
+    raise InputError(f"--n_samples: must be >= 1, got {v('n_samples')}")
+  gammas = _floats(v("gammas") or [], "--gammas")
+  taus = _floats(v("taus") or [], "--taus")
+  out_dir = results.check_out(out_dir)  # before any prompt is read or model loaded
+  texts = _texts()
+
+  loaded = loader.load(st.model, dtype=st.dtype, param_dtype=st.dtype)
+  identity = _identity(name, st, texts, loaded.source)
+  kept = results.read_complete(
+    os.path.join(out_dir, f"{name}.json"), identity, overwrite=v("overwrite")
+  )
+  if kept is not None:
+    print(
+      f"kept the complete {name} result in {out_dir} (--overwrite recomputes it)", file=sys.stderr
+    )
+    summary = kept
+  else:  # an old result (--overwrite) stops counting as complete before its files are redone
+    files.as_path(out_dir).joinpath(f"{name}.json").unlink(missing_ok=True)
+    summary = _run(name, loaded, st, texts, out_dir, gammas, taus, identity)
+  summary = {k: x for k, x in summary.items() if k not in ("per_prompt", "points", "identity")}
   print(json.dumps(summary)[:4000])
   sys.stdout.flush()
+
+
+def _run(name, loaded, st, texts, out_dir, gammas, taus, identity) -> dict:
+  """Runs analysis `name`; its files are written with its summary last."""
+  v = cli_common.value
+  model, tok = loaded.model, loaded.tokenizer
+  params = st.params.validate(prefix="--", vocab=loaded.config.vocab_size)
+  common = {"out_dir": out_dir, "identity": identity}
+  if name == "js_probe":
+    return analyses.run_js_probe(
+      model, tok, texts, params, steps=v("steps"), seed=st.seed, **common
+    )
+  if name == "logit_lens":
+    return analyses.run_logit_lens(
+      model,
+      tok,
+      texts,
+      steps=v("steps"),
+      alpha=v("lens_alpha"),
+      norm=v("lens_norm"),
+      min_p2=v("lens_min_p2"),
+      **common,
+    )
+  if name == "rouge":
+    return analyses.run_rouge(
+      model,
+      tok,
+      texts,
+      params,
+      modes=v("rouge_modes"),
+      max_new=st.max_new_tokens,
+      n_samples=v("n_samples"),
+      seed=st.seed,
+      **common,
+    )
+  sp = params.replace(mode="soft")
+  trace = analyses.probe_trace(model, tok, texts, sp, steps=v("steps"), seed=st.seed)
+  top_z = trace["top_z"].reshape(-1, trace["top_z"].shape[-1])
+  return analyses.run_randomness(
+    top_z,
+    sp,
+    gammas=gammas,
+    taus=taus,
+    draws=v("draws"),
+    seed=st.seed,
+    legacy_softmax=v("js_legacy_softmax"),
+    **common,
+  )
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ def _define_samples():
 
 def _define_output():
   flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace results already in --out (results of other settings are refused without it; "
+    "complete ones of the same settings are kept) and discard partial ones instead of resuming.",
+  )
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar on stderr.")
 
 

@@ -18,8 +18,15 @@ thread with --judge (default math_verify alone, the reference's rule; `numeric` 
 thinking/completion length over all samples and over the correct ones.
 
 Writes `<out>/samples.jsonl` (one line per sample) and `<out>/summary.json` (metrics plus every
-setting: model, mode, sampler, seed, data, judge counts, timing), each atomically. Bad input (flags,
-dataset lines) ends with one `soft_jax.evaluate: error: ...` line and exit status 2.
+setting: model, mode, sampler, seed, data, judge counts, timing), each atomically, the summary
+last. --out is checked before anything is read or loaded (a directory it can create and write).
+Judged samples are appended to `<out>/samples.partial.jsonl` as each batch finishes (its first line
+records the model, settings and problems); rerunning the same command resumes after them, to the
+same samples and summary as an uninterrupted run, and other settings on the same --out are refused
+in one line naming what differs. A complete result of the same settings is kept, not recomputed;
+--overwrite replaces results and discards partial ones. Ctrl-C ends with one line (samples recorded,
+where) and exit status 130. Bad input (flags, dataset lines) ends with one
+`soft_jax.evaluate: error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -28,13 +35,14 @@ import collections
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
 
-from codi_jax import runtime
+from codi_jax import results, runtime
 from codi_jax.batching import bucket_size, fixed_batches
 from codi_jax.errors import InputError, exit_on_input_error
 from codi_jax.files import write_atomic
@@ -118,6 +126,7 @@ def evaluate(
   judge: str = math_answers.DEFAULT_JUDGE,
   progress: bool = False,
   allow_extrapolation: bool = False,
+  records: results.Records | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Decodes n samples of every problem, judges them and summarizes.
 
@@ -136,6 +145,8 @@ def evaluate(
     judge: `math_answers.check_answer` judge (one of `math_answers.JUDGES`).
     progress: Show a tqdm bar.
     allow_extrapolation: Decode past a RoPE model's positions (else refused before decoding).
+    records: Where judged samples go as each batch finishes, keyed by sample id (a
+      `results.Journal` resumes: the samples it holds are not decoded again); default in memory.
 
   Returns:
     (summary, samples): `metrics.summarize` output plus timing, and one dict per sample.
@@ -161,49 +172,58 @@ def evaluate(
   )
   width = bucket_size(max(len(i) for i in ids), length_bucket)  # one prompt shape for all batches
   rows = [(pi, s) for pi in range(len(problems)) for s in range(n_samples)]
+  records = results.Records() if records is None else records
+  spent = {}
 
   def run(batch):  # sample s of problem p draws with sample id p * n_samples + s
+    t0, compiles0 = time.perf_counter(), dec.compiles
     sids = [pi * n_samples + s for pi, s in batch]
     prompts = [ids[pi] for pi, _ in batch]
-    return dec(prompts, max_new_tokens=max_new_tokens, seed=seed, sample_ids=sids,
-               length_bucket=width)  # fmt: skip
+    out = dec(prompts, max_new_tokens=max_new_tokens, seed=seed, sample_ids=sids,
+              length_bucket=width)  # fmt: skip
+    judged = {}  # the padding rows of a last batch repeat its own rows: judged once
+    for item, r in zip(batch, out):
+      if item not in judged:
+        judged[item] = sample_record(problems[item[0]], item[1], item[0] * n_samples + item[1], r)
+    spent["batch"] = (time.perf_counter() - t0, dec.compiles - compiles0)
+    return [judged[item] for item in batch]
 
-  t0 = time.perf_counter()
-  bar = f"evaluate {params.mode}" if progress else None
-  results = fixed_batches(rows, batch_size, run, progress=bar)
-  seconds = time.perf_counter() - t0
-
-  samples = []
-  for (pi, s), r in zip(rows, results):
-    prob = problems[pi]
+  def sample_record(prob, s, sample_id, r):
     text = tokenizer.decode(r.tokens, skip_special_tokens=True)
     v = math_answers.check_answer(text, prob.answer, judge=judge)
-    samples.append(
-      {
-        "problem": prob.id,
-        "sample": s,
-        "sample_id": pi * n_samples + s,
-        "gold": prob.answer,
-        "text": text,
-        "tokens": r.tokens,
-        "completion_tokens": len(r.tokens),
-        "thinking_tokens": r.thinking_tokens,
-        "thinking_closed": r.thinking_closed,
-        "stop_reason": r.stop_reason,
-        "prediction": v.prediction,
-        "judge": v.judge,
-        "note": v.note,
-        "correct": bool(v.correct),
-      }
-    )
+    return {
+      "problem": prob.id,
+      "sample": s,
+      "sample_id": sample_id,
+      "gold": prob.answer,
+      "text": text,
+      "tokens": r.tokens,
+      "completion_tokens": len(r.tokens),
+      "thinking_tokens": r.thinking_tokens,
+      "thinking_closed": r.thinking_closed,
+      "stop_reason": r.stop_reason,
+      "prediction": v.prediction,
+      "judge": v.judge,
+      "note": v.note,
+      "correct": bool(v.correct),
+    }
+
+  def on_batch(positions, samples):
+    seconds, compiles = spent.pop("batch")
+    records.append(zip(positions, samples), seconds=seconds, compiles=compiles)
+
+  bar = f"evaluate {params.mode}" if progress else None
+  fixed_batches(rows, batch_size, run, progress=bar, done=records.done, on_batch=on_batch)
+  samples = [records.done[i] for i in range(len(rows))]  # position i is sample id i
   summary = summarize_samples(samples, ks)
   total = sum(x["completion_tokens"] for x in samples)
+  seconds = records.seconds
   summary.update(
     {
       "seconds": round(seconds, 3),
       "tokens": total,
       "tokens_per_second": round(total / seconds, 2) if seconds > 0 else None,
-      "decoder_compiles": dec.compiles,
+      "decoder_compiles": records.compiles,
     }
   )
   return summary, samples
@@ -232,25 +252,12 @@ def summarize_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int]) -> d
   return out
 
 
-def write_outputs(out_dir: str, summary: dict[str, Any], samples: Sequence[dict[str, Any]]) -> None:
-  """`<out>/samples.jsonl` and `<out>/summary.json`, each written atomically."""
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:
-    raise InputError(f"--out: cannot create {out_dir}: {e.strerror}") from None
-  write_atomic(
-    os.path.join(out_dir, "samples.jsonl"),
-    "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples),
-  )
-  write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   runtime.setup_cli()
   v = cli_common.value
-  with exit_on_input_error(PROG):
+  with results.exit_on_interrupt(PROG), exit_on_input_error(PROG):
     st = cli_common.settings(default_mode="soft")
     if not v("data"):
       raise InputError("--data: no problem file given")
@@ -259,6 +266,7 @@ def main(argv):
     if v("n_samples") < 1:
       raise InputError(f"--n_samples: must be >= 1, got {v('n_samples')}")
     ks = parse_ks(v("k") or [], v("n_samples"))
+    out_dir = results.check_out(v("out"))  # before any problem is read or model loaded
     from codi_jax import sharding  # pylint: disable=import-outside-toplevel
     from codi_jax.models import loader  # pylint: disable=import-outside-toplevel
 
@@ -275,26 +283,7 @@ def main(argv):
     end_id = thinking.resolve_think_end(
       loaded.tokenizer, st.think_end, last_id=st.think_end_last_id
     )
-    with sharding.use_mesh(st.mesh, st.rules):
-      summary, samples = evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        probs,
-        st.params,
-        n_samples=v("n_samples"),
-        ks=ks,
-        max_new_tokens=st.max_new_tokens,
-        batch_size=v("batch_size"),
-        seed=st.seed,
-        think_end_id=end_id,
-        length_bucket=st.length_bucket,
-        judge=v("judge"),
-        progress=v("progress"),
-        allow_extrapolation=st.allow_extrapolation,
-      )
-    import jax  # pylint: disable=import-outside-toplevel
-
-    summary["settings"] = {
+    settings = {
       "model": st.model,
       "mode": st.mode,
       "data": v("data"),
@@ -309,10 +298,65 @@ def main(argv):
       "think_end_id": end_id,
       "judge": v("judge"),
       "sampler": st.params.to_dict(),
-      "device": str(jax.devices()[0].device_kind),
-      "host": platform.node(),
     }
-    write_outputs(v("out"), summary, samples)
+    identity = {
+      "model": {"spec": st.model, "files": results.fingerprint(loaded.source)},
+      "settings": {**settings, "length_bucket": st.length_bucket},
+      "data": {
+        "problems": len(probs),
+        "sha256": results.digest([[p.id, p.question, p.answer] for p in probs]),
+      },
+    }
+    journal = results.Journal(
+      out_dir,
+      "samples",
+      identity,
+      summary="summary.json",
+      total=len(probs) * v("n_samples"),
+      unit="samples",
+      overwrite=v("overwrite"),
+    )
+    if journal.complete is not None:
+      summary = journal.complete
+      print(f"kept the complete result in {out_dir} (--overwrite recomputes it)", file=sys.stderr)
+    else:
+      if journal.done:
+        print(
+          f"resuming after {len(journal.done)} of {journal.total} samples recorded in "
+          f"{journal.path}",
+          file=sys.stderr,
+          flush=True,
+        )
+      with journal, sharding.use_mesh(st.mesh, st.rules):
+        summary, samples = evaluate(
+          loaded.model,
+          loaded.tokenizer,
+          probs,
+          st.params,
+          n_samples=v("n_samples"),
+          ks=ks,
+          max_new_tokens=st.max_new_tokens,
+          batch_size=v("batch_size"),
+          seed=st.seed,
+          think_end_id=end_id,
+          length_bucket=st.length_bucket,
+          judge=v("judge"),
+          progress=v("progress"),
+          allow_extrapolation=st.allow_extrapolation,
+          records=journal,
+        )
+      import jax  # pylint: disable=import-outside-toplevel
+
+      summary["settings"] = {
+        **settings,
+        "device": str(jax.devices()[0].device_kind),
+        "host": platform.node(),
+      }
+      write_atomic(
+        os.path.join(out_dir, "samples.jsonl"),
+        "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples),
+      )
+      summary = journal.finish(summary)  # last: a result with its summary is complete
   keys = ("problems", "samples", "pass@1", "pass@k", "mean_thinking_tokens")
   print(json.dumps({k: summary[k] for k in (*keys, "mean_completion_tokens")}))
 

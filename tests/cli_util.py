@@ -2,6 +2,8 @@
 errors, or an InputError raised in process."""
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -12,11 +14,9 @@ from codi_jax.errors import InputError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_module(
-  prog: str, tmp_path, *args, timeout=600, extra_env=None
-) -> subprocess.CompletedProcess:
-  """`python -m prog args...` from the repo root: CPU only, offline hub, XLA cache under tmp_path."""
-  env = dict(
+def _env(tmp_path, extra_env=None) -> dict:
+  """CPU only, offline hub, XLA cache under tmp_path."""
+  return dict(
     os.environ,
     CODI_JAX_CACHE=str(tmp_path / "xla"),
     JAX_PLATFORMS="cpu",
@@ -24,15 +24,115 @@ def run_module(
     HF_HUB_CACHE=str(tmp_path / "hub"),
     **(extra_env or {}),
   )
-  return subprocess.run(
-    [sys.executable, "-m", prog, *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    check=False,
-  )
+
+
+# Each of $2.. (count $1) bind-mounted read-only over itself, then the command: run under
+# `unshare -m`, the mounts exist only in that private mount namespace.
+_RO_MOUNTS = (
+  'n=$1; shift; while [ "$n" -gt 0 ]; do mount --bind -o ro "$1" "$1" || exit 97; shift; '
+  'n=$((n - 1)); done; exec "$@"'
+)
+
+
+def run_module(
+  prog: str, tmp_path, *args, timeout=600, extra_env=None, read_only=()
+) -> subprocess.CompletedProcess:
+  """`python -m prog args...` from the repo root: CPU only, offline hub, XLA cache under tmp_path.
+
+  `read_only`: directories the program finds read-only: mode bits, or for root (whom they do not
+  stop) a read-only bind mount in a private mount namespace (`unshare -m`; skips without one).
+  """
+  cmd = [sys.executable, "-m", prog, *args]
+  read_only = [str(d) for d in read_only]
+  modes = {d: os.stat(d).st_mode for d in read_only}
+  root = bool(read_only) and os.geteuid() == 0
+  if root:
+    if not shutil.which("unshare"):
+      pytest.skip("read-only directory as root: needs unshare(1)")
+    cmd = ["unshare", "-m", "sh", "-c", _RO_MOUNTS, "sh", str(len(read_only)), *read_only, *cmd]
+  try:
+    for d in read_only if not root else ():
+      os.chmod(d, 0o555)
+    proc = subprocess.run(
+      cmd,
+      cwd=REPO,
+      env=_env(tmp_path, extra_env),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+    )
+  finally:
+    for d, mode in modes.items():
+      os.chmod(d, mode)
+  if root and (proc.returncode == 97 or proc.stderr.startswith("unshare:")):
+    pytest.skip(f"read-only directory as root: no private read-only mount ({proc.stderr[:200]})")
+  return proc
+
+
+# Runs `python -m <prog> <args>` with <target> ("module:attr.path") wrapped so that the process
+# stops itself (SIGSTOP) each time the target returns.
+_STOP_AFTER = """
+import importlib, os, runpy, signal, sys
+module, _, attr = sys.argv[1].partition(":")
+owner = importlib.import_module(module)
+*path, name = attr.split(".")
+for part in path:
+  owner = getattr(owner, part)
+original = getattr(owner, name)
+
+def stop_after(*args, **kwargs):
+  out = original(*args, **kwargs)
+  os.kill(os.getpid(), signal.SIGSTOP)  # the test kills or interrupts the process here
+  return out
+
+setattr(owner, name, stop_after)
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+class Stopped:
+  """A CLI process stopped (SIGSTOP) right after `target` first returned (`stop_after`)."""
+
+  def __init__(self, proc, logs):
+    self.proc, self.logs = proc, logs
+
+  def kill(self) -> subprocess.CompletedProcess:
+    """SIGKILL: no handler, no `finally` runs."""
+    self.proc.kill()
+    return self._wait()
+
+  def interrupt(self) -> subprocess.CompletedProcess:
+    """Ctrl-C: SIGINT, then SIGCONT so the process handles it where it stopped."""
+    self.proc.send_signal(signal.SIGINT)
+    self.proc.send_signal(signal.SIGCONT)
+    return self._wait()
+
+  def _wait(self) -> subprocess.CompletedProcess:
+    code = self.proc.wait(timeout=600)
+    out, err = (p.read_text() for p in self.logs)
+    return subprocess.CompletedProcess(self.proc.args, code, out, err)
+
+
+def stop_after(prog: str, tmp_path, target: str, *args, extra_env=None) -> Stopped:
+  """`python -m prog args...` (as `run_module`), stopped by SIGSTOP right after `target`
+  ("module:attr.path", e.g. "codi_jax.results:Journal._write") first returns: a deterministic
+  point at which to kill or interrupt it for real. Fails if the program ends first."""
+  logs = (tmp_path / f"{prog}.{target}.stdout", tmp_path / f"{prog}.{target}.stderr")
+  with open(logs[0], "w") as out, open(logs[1], "w") as err:
+    proc = subprocess.Popen(
+      [sys.executable, "-c", _STOP_AFTER, target, prog, *args],
+      cwd=REPO,
+      env=_env(tmp_path, extra_env),
+      stdout=out,
+      stderr=err,
+    )
+  _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once it stops (or ends)
+  if not os.WIFSTOPPED(status):
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    raise AssertionError(f"{prog} ended before {target} returned:\n{logs[1].read_text()[-3000:]}")
+  return Stopped(proc, logs)
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess, prog: str, *needles):

@@ -274,7 +274,7 @@ EVALUATE_FLAGS = {
   **{k: v for k, v in GENERATE_FLAGS.items() if k not in ("prompt", "chat", "json")},
   **dict(data="problems.jsonl", layout="auto", question_field=None, answer_field=None),
   **dict(id_field=None, limit=None, n_samples=1, out="/tmp/x", progress=True, k=["1"]),
-  **dict(batch_size=8, judge="math_verify"),
+  **dict(batch_size=8, judge="math_verify", overwrite=False),
 }
 
 

@@ -227,6 +227,35 @@ def test_hub_with_fake_datasets(monkeypatch):
   )
 
 
+@pytest.mark.parametrize("name", ["folder", "folder.jsonl", "folder.json", "folder.txt"])
+def test_a_directory_is_not_a_data_file(tmp_path, monkeypatch, name):
+  """Never blamed on the hub: said to be a directory (a dataset folder `datasets` cannot read
+  names its reason), as the training path, the validation path or an evaluation file."""
+  folder = tmp_path / name
+  folder.mkdir()
+  monkeypatch.setitem(sys.modules, "datasets", None)
+  want = f"{folder}: a directory, not a data file"
+  tail = "pass a JSON/JSONL file or `question||cot #### answer` lines"
+  for fn, args in (
+    (sources.read_train_source, ("gsm8k-aug", str(folder))),
+    (readers.read_eval_set, ("svamp", str(folder))),
+  ):
+    message = _error(fn, *args)
+    assert message.startswith(want) and message.endswith(tail), message
+  message = _error(sources.load_eval_records, "gsm8k", path=str(folder))
+  assert message.startswith(want) and "evaluation set gsm8k" in message, message
+
+  def load_dataset(hub_id, config=None):
+    raise ValueError(f"Unable to find data files in {hub_id}")
+
+  monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+  if not name.endswith((".json", ".jsonl", ".txt")):  # only a folder named like none goes there
+    assert _error(sources.read_train_source, "gsm8k-aug", str(folder)) == (
+      f"{want} `datasets.load_dataset` can read (ValueError: Unable to find data files in "
+      f"{folder}); {tail}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Native file formats (formats.py) and a run's sources (sources.py), on small tmp files.
 

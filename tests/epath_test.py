@@ -24,7 +24,7 @@ from etils.epath import backend as backend_lib
 from etils.epath import gpath
 from flax import nnx
 
-from codi_jax import checkpoint, eval_lib, files, final, metrics, train_lib
+from codi_jax import checkpoint, eval_lib, files, final, metrics, results, train_lib
 from codi_jax import workdir as wd
 from codi_jax.codi import build
 from codi_jax.data import sources
@@ -156,7 +156,10 @@ def gcs(tmp_path, monkeypatch):
   monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
   monkeypatch.setattr(wd, "_SETTLE_S", 0.0)
   fake.bypasses = forbid_os(
-    monkeypatch, (wd, files, metrics, final, checkpoint, train_lib, eval_lib), "gs:", fake.root
+    monkeypatch,
+    (wd, files, metrics, final, checkpoint, train_lib, eval_lib, results),
+    "gs:",
+    fake.root,
   )
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -259,6 +262,34 @@ def test_metrics_and_json_on_gs_are_whole_object_writes(gcs, monkeypatch):
   assert not any(".tmp" in p for p in gcs.writes)  # no temporary object, no rename (a copy)
 
 
+def test_evaluation_journal_on_gs_resumes_without_appending(gcs, monkeypatch):
+  """Objects cannot be appended to: the journal is rewritten whole (at most every
+  `_OBJECT_WRITE_S` and when the run stops), a rerun resumes from it, and the summary lands last."""
+  out = RUN + "/eval"
+  assert results.check_out(out + "/") == out
+  ident = {"model": {"run": "abc"}}
+
+  def journal(identity=ident):
+    return results.Journal(out, "set", identity, summary="set.json", total=4)
+
+  monkeypatch.setattr(results, "_OBJECT_WRITE_S", 1e9)
+  with journal() as j:
+    j.append([(0, "a")])
+    j.append([(1, "b")])  # buffered: the object is rewritten when the run stops
+    assert [p for p in gcs.writes if p.endswith("partial.jsonl")] == [out + "/set.partial.jsonl"]
+  j = journal()
+  assert j.done == {0: "a", 1: "b"}
+  cli_util.raises_one_line(
+    lambda: journal({"model": {"run": "def"}}), "partial results of another evaluation"
+  )
+  with j:
+    j.append([(2, "c"), (3, "d")])
+  j.finish({"n": 4})
+  assert json.loads((epath.Path(out) / "set.json").read_text())["identity"] == ident
+  assert not (epath.Path(out) / "set.partial.jsonl").exists()
+  assert gcs.writes[-1] == out + "/set.json" and not any(".tmp" in p for p in gcs.writes)
+
+
 class _NpzCheckpointer:
   """Orbax's StandardCheckpointer for the fake bucket (TensorStore would call the real GCS): the
   tree as one .npz object through epath."""
@@ -313,8 +344,12 @@ def test_final_on_gs_is_written_in_place_run_json_last(gcs, monkeypatch):
     lambda: train_lib._prepare_workdir(RUN, c), "holds checkpoints (steps 2..4)"
   )
   c.overwrite = True
-  train_lib._prepare_workdir(RUN, c)
-  assert not (epath.Path(RUN) / "checkpoints").exists()
+  train_lib._prepare_workdir(RUN, c)  # accepted, and nothing moves before the set-up succeeded
+  assert (epath.Path(RUN) / "checkpoints" / "4").exists()
+  moved = train_lib.move_previous_run(RUN)  # then the previous run goes aside, kept
+  assert moved.startswith(RUN + "/previous-") and not (epath.Path(RUN) / "checkpoints").exists()
+  assert sorted(p.name for p in epath.Path(moved).iterdir()) == ["checkpoints", "final"]
+  assert (epath.Path(moved) / "checkpoints" / "4").exists()
 
 
 def test_export_from_a_run_on_gs(gcs, monkeypatch, tmp_path):
@@ -341,7 +376,7 @@ def test_tiny_run_resume_and_evaluate_on_an_epath_workdir(tmp_path, monkeypatch)
   so workdir.py is not in the ban here; its object-store path is, above)."""
   run = epath.Path(tmp_path) / "run"
   bypasses = forbid_os(
-    monkeypatch, (files, metrics, final, checkpoint, train_lib, eval_lib), str(run)
+    monkeypatch, (files, metrics, final, checkpoint, train_lib, eval_lib, results), str(run)
   )
   c = tiny_codi.get_config()
   c.optim.num_steps, c.eval.every_steps, c.checkpoint.every_steps = 4, 4, 2

@@ -11,7 +11,7 @@ from flax import nnx
 from train_test import tiny_config
 
 from codi_jax import eval_lib as ev
-from codi_jax import final
+from codi_jax import final, results
 from codi_jax.codi import build
 from codi_jax.data import eval_sets, sources
 from codi_jax.errors import InputError
@@ -255,3 +255,157 @@ def test_cli_flag_errors(runs, tmp_path):
   assert_one_line_error(proc, "--set_path=gsm8k", "NAME=FILE")
   proc = run_cli(tmp_path, f"--workdir={runs['codi']}", "--sets=svamp", f"--data_dir={tmp_path}")
   assert_one_line_error(proc, "svamp/SVAMP.json", "no such file")
+
+
+# -------------------------------------------- interruptions, reruns and unusable output locations
+
+RESUME_ARGS = ("--limit=6", "--batch_size=2", "--max_new_tokens=4", "--probe", "--probe_all")
+STEM = "synthetic_test"
+
+
+def _opts(runs, out, **kw):
+  kw = {"limit": 6, "batch_size": 2, "max_new_tokens": 4, **kw}
+  return ev.Options(workdir=runs["codi"], out=str(out), progress=False, **kw)
+
+
+def _files(out):
+  return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def _forbid(monkeypatch, *names):
+  """Makes each eval_lib function in `names` fail the test if called (counts work: none done)."""
+  for name in names:
+
+    def fail(*args, _name=name, **kwargs):
+      raise AssertionError(f"{_name} called")
+
+    monkeypatch.setattr(ev, name, fail)
+
+
+def test_out_file_is_refused_before_any_work(runs, tmp_path, monkeypatch):
+  """--out=<an existing file>: one line, exit 2, before any set is read or model loaded (the
+  missing set file would otherwise be the error); the file is untouched."""
+  afile = tmp_path / "afile"
+  afile.write_text("keep")
+  missing = tmp_path / "missing.jsonl"
+  proc = run_cli(tmp_path, f"--workdir={runs['codi']}", f"--sets={missing}", f"--out={afile}")
+  assert_one_line_error(proc, "--out", str(afile), "not a directory")
+  assert afile.read_text() == "keep"
+  _forbid(monkeypatch, "load_eval_data", "load_final", "Runner")
+  cli_util.raises_one_line(lambda: ev.evaluate(_opts(runs, afile)), str(afile), "not a directory")
+  cli_util.raises_one_line(lambda: ev.evaluate(_opts(runs, afile / "x")), "cannot create")
+
+
+def test_read_only_out_is_refused_before_any_work(runs, tmp_path):
+  """--out on a read-only filesystem (or directory), and the default <workdir>/eval of a read-only
+  run (a downloaded one): one line naming the directory, before anything is read or decoded."""
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  missing = f"--sets={tmp_path / 'missing.jsonl'}"
+  proc = cli_util.run_module(
+    PROG, tmp_path, f"--workdir={runs['codi']}", missing, f"--out={ro / 'eval'}", read_only=[ro]
+  )
+  assert_one_line_error(proc, "--out", str(ro / "eval"), "cannot create the directory")
+  proc = cli_util.run_module(
+    PROG, tmp_path, f"--workdir={runs['codi']}", missing, f"--out={ro}", read_only=[ro]
+  )
+  assert_one_line_error(proc, "--out", str(ro), "not writable")
+  proc = cli_util.run_module(
+    PROG, tmp_path, f"--workdir={runs['codi']}", missing, read_only=[runs["codi"]]
+  )
+  assert_one_line_error(proc, os.path.join(runs["codi"], "eval"), "pass --out=")
+  assert not os.listdir(ro)
+
+
+def test_killed_evaluation_resumes_to_the_uninterrupted_results(runs, tmp_path):
+  """SIGKILL once the first batch's records are on disk, then the same command: it decodes only
+  the rest and writes exactly what an uninterrupted run writes (examples, probe, summary)."""
+  whole, cut = tmp_path / "whole", tmp_path / "cut"
+  args = (f"--workdir={runs['codi']}", *RESUME_ARGS)
+  proc = run_cli(tmp_path, *args, f"--out={whole}")
+  assert proc.returncode == 0, proc.stderr
+  stopped = cli_util.stop_after(
+    PROG, tmp_path, "codi_jax.results:Journal._write", *args, f"--out={cut}"
+  )
+  partial = cut / f"{STEM}.partial.jsonl"
+  lines = [json.loads(x) for x in partial.read_text().splitlines()]
+  assert "identity" in lines[0] and [x["key"] for x in lines[1:]] == [0, 1]  # the first batch
+  killed = stopped.kill()
+  assert killed.returncode == -9 and not (cut / f"{STEM}.json").exists()
+
+  proc = run_cli(tmp_path, *args, f"--out={cut}")
+  assert proc.returncode == 0, proc.stderr
+  assert f"{STEM}: resuming after 2 of 6 problems" in proc.stderr
+  assert not partial.exists()
+  for name in (".examples.jsonl", ".probe.json", ".probe.txt"):
+    assert (cut / f"{STEM}{name}").read_text() == (whole / f"{STEM}{name}").read_text(), name
+  a, b = (json.loads((d / f"{STEM}.json").read_text()) for d in (whole, cut))
+  assert a["compiles"] == 1 and b["compiles"] == 2  # one per session
+  for s in (a, b):
+    del s["eval_seconds"], s["compiles"]  # measured: they add up over the sessions
+  assert a == b
+
+
+def test_ctrl_c_keeps_finished_batches_and_a_rerun_resumes_them(runs, tmp_path, monkeypatch):
+  """Ctrl-C after the first batch: Interrupted naming how far it got and where (the CLI prints it
+  and exits 130); a rerun with other settings is refused naming the field; the same settings
+  decode only the remaining batches."""
+  batches, interrupt = [], [True]
+  append = results.Journal.append
+
+  def counted(self, items, **kwargs):  # Ctrl-C right after the first batch is recorded
+    items = list(items)
+    append(self, items, **kwargs)
+    batches.append(len(items))
+    if interrupt.pop() if interrupt else False:
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(results.Journal, "append", counted)
+  out = tmp_path / "ev"
+  with pytest.raises(results.Interrupted) as info:
+    ev.evaluate(_opts(runs, out))
+  assert str(info.value) == (
+    f"interrupted after 2 of 6 problems of {STEM} (student); partial results in {out}; rerun the "
+    "same command to resume"
+  )
+  cli_util.raises_one_line(
+    lambda: ev.evaluate(_opts(runs, out, max_new_tokens=5)),
+    f"{STEM}.partial.jsonl",
+    "settings.max_new_tokens: 4 there, 5 now",
+  )
+  whole = ev.evaluate(_opts(runs, tmp_path / "whole"))["results"][0]
+  batches.clear()
+  resumed = ev.evaluate(_opts(runs, out))["results"][0]
+  assert batches == [2, 2]  # the first batch was not decoded again
+  assert read_jsonl(out / f"{STEM}.examples.jsonl") == read_jsonl(
+    tmp_path / "whole" / f"{STEM}.examples.jsonl"
+  )
+  for s in (whole, resumed):
+    del s["eval_seconds"], s["compiles"]
+  assert resumed == whole
+
+
+def test_rerun_keeps_a_complete_result_and_replaces_it_only_with_overwrite(
+  runs, tmp_path, monkeypatch
+):
+  out = tmp_path / "ev"
+  first = ev.evaluate(_opts(runs, out))["results"]
+  before = _files(out)
+  with monkeypatch.context() as m:
+    m.setattr(ev.Runner, "run", _unused)  # nothing is decoded below
+    assert ev.evaluate(_opts(runs, out))["results"] == first  # the same command: kept
+    cli_util.raises_one_line(
+      lambda: ev.evaluate(_opts(runs, out, max_new_tokens=5)),
+      f"{STEM}.json holds a complete result of another evaluation",
+      "settings.max_new_tokens: 4 there, 5 now",
+      "--overwrite",
+    )
+  assert _files(out) == before  # neither touched a file
+  again = ev.evaluate(_opts(runs, out, max_new_tokens=5, overwrite=True))["results"][0]
+  assert again["max_new_tokens"] == 5 and again["identity"]["settings"]["max_new_tokens"] == 5
+  assert json.loads((out / f"{STEM}.json").read_text()) == again
+  assert sorted(_files(out)) == sorted(before)  # the same files, replaced
+
+
+def _unused(*args, **kwargs):
+  raise AssertionError("decoded a result that was complete")

@@ -233,9 +233,14 @@ def test_export_errors(exported, tmp_path):
     cli_util.assert_usage_error(proc, PROG, f"--out={exported.out}", "not empty", "--overwrite")
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "stale.txt").write_text("x")
-    export.export(exported.workdir, str(tmp_path / "o"), overwrite=True)
-    assert not (tmp_path / "o" / "stale.txt").exists()
-    assert (tmp_path / "o" / "codi" / "model.safetensors").is_file()
+    with pytest.raises(InputError, match="is not an export"):  # not ours to replace
+      export.export(exported.workdir, str(tmp_path / "o"), overwrite=True)
+    assert os.listdir(tmp_path / "o") == ["stale.txt"]
+    export.export(exported.workdir, str(tmp_path / "p"))
+    (tmp_path / "p" / "stale.txt").write_text("x")  # a previous export: replaced whole
+    export.export(exported.workdir, str(tmp_path / "p"), overwrite=True)
+    assert not (tmp_path / "p" / "stale.txt").exists()
+    assert (tmp_path / "p" / "codi" / "model.safetensors").is_file()
 
 
 # ------------------------------------------------- no training: config writer, merge, Qwen2

@@ -350,3 +350,23 @@ def test_usage_errors_are_one_line(tmp_path):
     ev.Options(official=str(tmp_path), base=str(tmp_path)).check()
   with pytest.raises(InputError, match="svamp is not in --sets"):
     ev.Options(workdir=str(tmp_path), sets=["gsm8k"], set_path=["svamp=/x.json"]).check()
+
+
+def test_read_only_checkpoint_dir_is_refused_before_loading(case, tmp_path):
+  """--official=DIR on a read-only DIR (downloaded checkpoints often are) and no --out: its
+  default output DIR/eval cannot be created: one line naming it and --out, before the sets are read
+  or the model loaded (the missing set file would be the error otherwise)."""
+  ckpt = case.ckpts["sharded"]
+  proc = cli_util.run_module(
+    PROG,
+    tmp_path,
+    f"--official={ckpt}",
+    f"--base={case.base}",
+    "--sets=gsm8k",
+    f"--set_path=gsm8k={tmp_path / 'missing.jsonl'}",
+    read_only=[ckpt],
+  )
+  cli_util.assert_usage_error(
+    proc, PROG, os.path.join(ckpt, "eval"), "cannot create the directory", "pass --out="
+  )
+  assert not os.path.exists(os.path.join(ckpt, "eval"))

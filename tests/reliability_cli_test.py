@@ -3,9 +3,12 @@ before any work (the real CLIs, in subprocesses)."""
 
 from __future__ import annotations
 
+import json
+
 import assets
 import cli_util
 import pytest
+import tiny_codi
 import tiny_hf
 
 TRAIN, GENERATE = "codi_jax.train", "soft_jax.generate"
@@ -106,3 +109,104 @@ def test_generate_refuses_smollm2_past_its_context_and_its_memory(tmp_path):
     "30 layers x 3 kv heads x 64): needs about 7,182.22 GiB (estimate, "
   ), message
   assert "is available" in message and "RESOURCE_EXHAUSTED" not in proc.stderr
+
+
+# ------------------------------------------------------------------- messages name the real cause
+
+
+@pytest.mark.parametrize("prog", [TRAIN, "codi_jax.evaluate"])
+def test_a_missing_config_file_is_one_line(tmp_path, prog):
+  work = tmp_path / "run"
+  proc = cli_util.run_module(prog, tmp_path, "--config=configs/nope.py", f"--workdir={work}")
+  assert one_line(proc, prog) == "--config: No such file or directory: 'configs/nope.py'"
+  assert not work.exists()
+
+
+def test_an_unknown_config_variant_is_refused(tmp_path):
+  work = tmp_path / "run"
+  proc = cli_util.run_module(TRAIN, tmp_path, "--config=configs/demo.py:ours", f"--workdir={work}")
+  assert one_line(proc, TRAIN) == (
+    "--config=configs/demo.py:ours: ValueError: unknown variant(s) ['ours']: this config takes "
+    "no variants (drop ':ours')"
+  )
+  proc = cli_util.run_module(TRAIN, tmp_path, "--config=configs/gpt2.py:our", f"--workdir={work}")
+  assert one_line(proc, TRAIN).endswith(
+    "unknown variant(s) ['our'] (choose from commonsense, nl, ours)"
+  )
+  assert not work.exists()
+
+
+@pytest.mark.parametrize("name", ["folder", "folder.jsonl", "folder.txt"])
+def test_a_directory_as_the_data_file_and_no_workdir_left(tmp_path, name):
+  """Refused after the workdir was created (reading the data): it is removed again, parents too."""
+  (tmp_path / name).mkdir()
+  work = tmp_path / "runs" / "run"
+  proc = cli_util.run_module(
+    TRAIN, tmp_path, "--config=configs/demo.py", "--config.data.source=gsm8k-aug",
+    f"--config.data.path={tmp_path / name}", f"--workdir={work}",
+  )  # fmt: skip
+  message = one_line(proc, TRAIN)
+  assert message.startswith(f"{tmp_path / name}: a directory, not a data file"), message
+  assert message.endswith("pass a JSON/JSONL file or `question||cot #### answer` lines")
+  assert not (tmp_path / "runs").exists()
+
+
+def test_thoughts_past_the_positions_name_the_thought_count(tmp_path):
+  proc = cli_util.run_module(
+    TRAIN, tmp_path, "--config=configs/demo.py", "--config.codi.num_latent=100000",
+    f"--workdir={tmp_path / 'run'}",
+  )  # fmt: skip
+  assert one_line(proc, TRAIN) == (
+    "--config.codi.num_latent: got 100000; expected <= 252: a question token, <bot>, the "
+    "thoughts, <eot> and an answer token must fit model.max_positions=256 (or raise it)"
+  )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> str:
+  """A finished run of the demo's tokenizer (BPE fitted to the synthetic task), 256 positions."""
+  return tiny_codi.write_finished(tmp_path_factory.mktemp("finished") / "run")
+
+
+def test_evaluate_blames_the_thoughts_or_the_questions_not_max_new_tokens(tmp_path, finished):
+  prog = "codi_jax.evaluate"
+  proc = cli_util.run_module(
+    prog, tmp_path, f"--workdir={finished}", "--num_latent=100000", "--limit=4",
+    f"--out={tmp_path / 'eval'}",
+  )  # fmt: skip
+  message = one_line(proc, prog)
+  assert message.startswith("the longest synthetic_test question (") and (
+    "tokens) + [bot] + 100,000 thoughts + [eot] uses " in message
+  )
+  assert (
+    "; the model (gpt2) has 256 learned positions, none left for the 6 new tokens of " in message
+  )
+  assert message.endswith(
+    "(synthetic_test, student); lower --num_latent to at most 214 (one answer token)"
+  )
+  # GSM8k questions under the demo's tokenizer: the questions alone take more than the positions.
+  question = "Natalia sold clips to 48 of her friends in April, and then she sold half " * 6
+  (tmp_path / "gsm8k_like.jsonl").write_text(
+    json.dumps({"question": question, "answer": "#### 72"})
+  )
+  proc = cli_util.run_module(
+    prog, tmp_path, f"--workdir={finished}", f"--sets={tmp_path / 'gsm8k_like.jsonl'}",
+    f"--out={tmp_path / 'eval2'}",
+  )  # fmt: skip
+  message = one_line(proc, prog)
+  assert message.startswith("the longest gsm8k_like question (") and "learned positions" in message
+  assert message.endswith(
+    "evaluate shorter questions, or train with a larger --config.model.max_positions"
+  )
+
+
+def test_generate_blames_a_prompt_longer_than_the_context(tmp_path, tiny_dir):
+  words = " ".join(f"w{i % 90 + 2}" for i in range(70))
+  proc = cli_util.run_module(GENERATE, tmp_path, f"--model={tiny_dir}", f"--prompt={words}")
+  message = one_line(proc, GENERATE)
+  assert message.startswith("a ") and "-token prompt uses " in message, message
+  assert "the model (llama) has 64 positions of context, none left for the " in message
+  assert message.endswith(
+    "new tokens of --max_new_tokens; shorten the prompt, or pass --allow_extrapolation (RoPE "
+    "positions past the context: quality degrades)"
+  )

@@ -336,3 +336,47 @@ def test_cli_unknown_analysis(tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr
   assert lines[0].startswith(f"{PROG}: error: ") and "js_probe" in lines[0]
+
+
+ROUGE = ("rouge", "--prompt=w7 w8 w9", "--prompt=w20", "--max_new_tokens=4", "--max_topk=4")
+ROUGE += ("--top_k=20", "--after_top_k=20", "--rouge_modes=soft,gumbel", "--n_samples=1")
+
+
+def test_cli_out_file_is_refused_before_loading(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("keep")
+  proc = run_cli(tmp_path, *ROUGE, "--model=/nonexistent", f"--out={afile}")
+  cli_util.assert_usage_error(proc, PROG, "--out", afile, "not a directory")
+  assert afile.read_text() == "keep"
+
+
+def test_cli_ctrl_c_and_reruns(tmp_path, tiny_dir):
+  """Ctrl-C (a real SIGINT) before the JSON is written: one line, exit 130, no result that looks
+  complete; then a run, the same command again (kept, no file touched), other settings (refused in
+  one line naming the field) and --overwrite (replaced)."""
+  out = tmp_path / "out"
+  args = (*ROUGE, f"--model={tiny_dir}", f"--out={out}")
+  proc = cli_util.stop_after(PROG, tmp_path, "soft_jax.plots:rouge", *args).interrupt()
+  assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+    f"{PROG}: interrupted; finished results are kept; rerun the same command to resume"
+  ]
+  assert (out / "rouge.png").exists() and not (out / "rouge.json").exists()
+
+  first = run_cli(tmp_path, *args)
+  assert first.returncode == 0, first.stderr
+  before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+  again = run_cli(tmp_path, *args)
+  assert again.returncode == 0 and "kept the complete rouge result" in again.stderr
+  assert again.stdout == first.stdout
+  assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+  cli_util.assert_usage_error(
+    run_cli(tmp_path, *args, "--n_samples=2"),
+    PROG,
+    "rouge.json holds a complete result of another evaluation",
+    "settings.n_samples: 1 there, 2 now",
+  )
+  proc = run_cli(tmp_path, *args, "--n_samples=2", "--overwrite")
+  assert proc.returncode == 0, proc.stderr
+  summary = json.loads((out / "rouge.json").read_text())
+  assert summary["n_samples"] == 2 and summary["identity"]["settings"]["n_samples"] == 2

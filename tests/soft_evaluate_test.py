@@ -239,3 +239,90 @@ def test_smollm2_two_problems(tmp_path):
   assert summary["settings"]["model"] == "smollm2" and summary["settings"]["mode"] == "soft"
   lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
   assert all(1 <= len(x["tokens"]) <= 24 and x["thinking_tokens"] <= 12 for x in lines)
+
+
+# -------------------------------------------- interruptions, reruns and unusable output locations
+
+
+def _args(tiny_dir, *extra):
+  return (
+    f"--model={tiny_dir}", f"--data={FIXTURE}", "--max_new_tokens=4", "--length_bucket=8",
+    "--max_topk=4", "--top_k=20", "--after_top_k=20", "--max_thinking_tokens=2", "--judge=numeric",
+    "--noprogress", *extra,
+  )  # fmt: skip
+
+
+def _files(out):
+  return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir())}
+
+
+def test_cli_unusable_out_is_refused_before_any_work(tmp_path):
+  """--out=<a file> or under a read-only directory: one line, exit 2, before the problems are read
+  or the model loaded (both are missing here: they would be the error otherwise)."""
+  afile = tmp_path / "afile"
+  afile.write_text("keep")
+  missing = ("--model=/nonexistent", f"--data={tmp_path / 'missing.jsonl'}")
+  assert_usage_error(
+    run_cli(tmp_path, *missing, f"--out={afile}"), "--out", afile, "not a directory"
+  )
+  assert afile.read_text() == "keep"
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  proc = cli_util.run_module(PROG, tmp_path, *missing, f"--out={ro / 'o'}", read_only=[ro])
+  assert_usage_error(proc, "--out", ro / "o", "cannot create the directory")
+
+
+def test_ctrl_c_after_8_of_24_samples_then_resume(tmp_path, tiny_dir):
+  """Ctrl-C (a real SIGINT) once the first batch of 8 samples is on disk: one line, exit 130, the 8
+  samples kept; the same command then decodes the other 16 and writes exactly what an
+  uninterrupted run writes."""
+  args = _args(tiny_dir, "--limit=3", "--n_samples=8", "--k=1,8", "--batch_size=8")
+  whole, cut = tmp_path / "whole", tmp_path / "cut"
+  proc = run_cli(tmp_path, *args, f"--out={whole}")
+  assert proc.returncode == 0, proc.stderr
+  stopped = cli_util.stop_after(
+    PROG, tmp_path, "codi_jax.results:Journal.append", *args, f"--out={cut}"
+  )
+  proc = stopped.interrupt()
+  assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+    f"{PROG}: interrupted after 8 of 24 samples; partial results in {cut}; rerun the same "
+    "command to resume"
+  ]
+  partial = cut / "samples.partial.jsonl"
+  assert len(partial.read_text().splitlines()) == 1 + 8 and not (cut / "summary.json").exists()
+
+  proc = run_cli(tmp_path, *args, f"--out={cut}")
+  assert proc.returncode == 0, proc.stderr
+  assert "resuming after 8 of 24 samples" in proc.stderr and not partial.exists()
+  assert (cut / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
+  a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
+  assert a["decoder_compiles"] == 1 and b["decoder_compiles"] == 2  # one per session
+  for s in (a, b):
+    del s["seconds"], s["tokens_per_second"], s["decoder_compiles"]  # measured
+  assert a == b and proc.stdout == run_cli(tmp_path, *args, f"--out={whole}").stdout
+
+
+def test_cli_rerun_keeps_refuses_or_overwrites(tmp_path, tiny_dir):
+  """The same --out again: the same settings keep the complete result (no file touched), other
+  settings are refused in one line naming the field, --overwrite replaces it."""
+  args = _args(tiny_dir, "--limit=2", "--n_samples=2", "--k=1,2", "--batch_size=4")
+  out = tmp_path / "eval"
+  first = run_cli(tmp_path, *args, f"--out={out}")
+  assert first.returncode == 0, first.stderr
+  before = _files(out)
+  again = run_cli(tmp_path, *args, f"--out={out}")
+  assert again.returncode == 0 and "kept the complete result" in again.stderr, again.stderr
+  assert again.stdout == first.stdout and _files(out) == before
+  assert_usage_error(
+    run_cli(tmp_path, *args, "--seed=1", f"--out={out}"),
+    "summary.json holds a complete result of another evaluation",
+    "settings.seed: 0 there, 1 now",
+    "--overwrite",
+  )
+  assert _files(out) == before
+  proc = run_cli(tmp_path, *args, "--seed=1", "--overwrite", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["settings"]["seed"] == 1 and summary["identity"]["settings"]["seed"] == 1
+  assert sorted(_files(out)) == sorted(before)

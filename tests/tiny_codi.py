@@ -85,3 +85,21 @@ def final_params(workdir) -> dict:
 
   state = nnx.state(final.load_final(str(workdir)).codi, nnx.Param)
   return {str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
+
+
+def write_finished(workdir, config=None) -> str:
+  """A finished run in `workdir` without training (untrained weights, saved as training saves
+  them): for what reads final/ (export, evaluate). Returns the workdir."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from codi_jax import final  # pylint: disable=import-outside-toplevel
+  from codi_jax import workdir as wd  # pylint: disable=import-outside-toplevel
+  from codi_jax.codi import build  # pylint: disable=import-outside-toplevel
+  from codi_jax.data import sources  # pylint: disable=import-outside-toplevel
+
+  c = config or get_config()
+  recs, _, _ = sources.load_records(c)
+  codi, tok, special = build.build_model(c, build.build_tokenizer(c, recs))
+  with wd.claim(str(workdir)) as path:
+    final.save_final(path, nnx.state(codi, nnx.Param), c, tok, special, {"steps": 0})
+  return str(workdir)

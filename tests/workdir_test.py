@@ -176,6 +176,25 @@ def test_creates_a_missing_workdir(tmp_path):
     assert os.path.isdir(run)
 
 
+def test_a_refused_claim_removes_only_the_empty_directories_it_created(tmp_path, holder):
+  """A block that raises: the workdir and parents created for it go while empty; what existed,
+  or holds a file, stays. A claim refused for a lock held elsewhere touches nothing."""
+  with pytest.raises(ValueError), wd.claim(str(tmp_path / "a" / "b" / "run")):
+    raise ValueError("refused")
+  assert sorted(os.listdir(tmp_path)) == ["run"]  # the holder's
+  with pytest.raises(ValueError), wd.claim(str(tmp_path / "c" / "run")) as path:
+    open(os.path.join(os.path.dirname(path), "note"), "w").close()  # noqa: SIM115
+    raise ValueError("refused")
+  assert os.listdir(tmp_path / "c") == ["note"]
+  with wd.claim(str(tmp_path / "d" / "run")):
+    pass
+  assert os.path.isdir(tmp_path / "d" / "run")  # a claim that ended normally keeps its workdir
+  before = sorted(os.listdir(tmp_path / "run"))
+  cli_util.raises_one_line(lambda: wd.claim(str(tmp_path / "run")).__enter__(), "in use")
+  assert sorted(os.listdir(tmp_path / "run")) == before
+  assert wd.missing_dirs("gs://bucket/run") == []
+
+
 @pytest.mark.parametrize(
   "path,needles",
   [

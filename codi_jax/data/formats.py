@@ -153,6 +153,8 @@ def _lines(path: str) -> list[str]:
       return f.read().split("\n")
   except FileNotFoundError:
     raise InputError(f"{path}: no such file") from None
+  except IsADirectoryError:
+    raise readers.directory_error(path) from None
   except (OSError, UnicodeDecodeError) as e:
     raise InputError(f"{path}: cannot read ({e})") from None
 

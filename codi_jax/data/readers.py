@@ -90,12 +90,22 @@ def read_rows(
       yield from _hub_rows(os.fspath(s), config, splits)
 
 
+_DATA_FILE = "a JSON/JSONL file or `question||cot #### answer` lines"
+
+
+def directory_error(path: str, why: str = "") -> InputError:
+  """A directory given where a data file was expected: one line saying so (`why`: what was tried)."""
+  return InputError(f"{path}: a directory, not a data file{why}; pass {_DATA_FILE}")
+
+
 def _file_rows(path: str) -> Iterator[Row]:
   try:
     with open(path, encoding="utf-8") as f:
       text = f.read()
   except FileNotFoundError:
     raise InputError(f"{path}: no such file") from None
+  except IsADirectoryError:
+    raise directory_error(path) from None
   except (OSError, UnicodeDecodeError) as e:
     raise InputError(f"{path}: cannot read ({e})") from None
   start = _WS.match(text).end()
@@ -153,9 +163,14 @@ def _json_list_rows(path: str, text: str, start: int) -> Iterator[Row]:
 
 
 def _hub_rows(hub_id: str, config: str | None, splits: Sequence[str]) -> Iterator[Row]:
+  folder = os.path.isdir(hub_id)  # a local dataset folder, also read by `datasets.load_dataset`
   try:
     import datasets  # Optional and heavy: only hub reading needs it.
   except ImportError:
+    if folder:
+      raise directory_error(
+        hub_id, " (a dataset folder needs the `datasets` package: pip install -e .[hub])"
+      ) from None
     raise InputError(
       f"{hub_id}: reading from the HF hub needs the `datasets` package (pip install -e .[hub]); "
       "or pass a local file (JSON/JSONL, or `question||cot #### answer` lines)"
@@ -164,6 +179,10 @@ def _hub_rows(hub_id: str, config: str | None, splits: Sequence[str]) -> Iterato
     ds = datasets.load_dataset(hub_id, config) if config else datasets.load_dataset(hub_id)
   except Exception as e:  # Offline, unknown id, bad config: datasets raises many types.
     reason = " ".join(str(e).split())
+    if folder:
+      raise directory_error(
+        hub_id, f" `datasets.load_dataset` can read ({type(e).__name__}: {reason})"
+      ) from None
     raise InputError(
       f"{hub_id}: cannot load from the HF hub ({type(e).__name__}: {reason}); "
       "offline? pass a local .json/.jsonl file"

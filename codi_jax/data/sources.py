@@ -60,6 +60,8 @@ def _first_line(path: str) -> tuple[int, str]:
           return n, line.strip()
   except FileNotFoundError:
     raise InputError(f"{path}: no such file") from None
+  except IsADirectoryError:
+    raise readers.directory_error(path) from None
   except (OSError, UnicodeDecodeError) as e:
     raise InputError(f"{path}: cannot read ({e})") from None
   raise InputError(f"{path}: empty file")
@@ -321,6 +323,8 @@ def load_eval_records(
       raise InputError(f"{name}: pass a data_dir holding {rel}, or the file's path")
     path = os.path.join(data_dir, rel)
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise readers.directory_error(path, f" (evaluation set {key}; a --data_dir holds {rel})")
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such file (evaluation set {key}, expected layout {rel})")
   records, report = formats.read_eval_rows(kind, path)

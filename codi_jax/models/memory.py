@@ -251,15 +251,33 @@ def check_positions(
   *,
   allow_extrapolation: bool = False,
   what: str = "--max_new_tokens",
+  prompt: str = "",
+  fix: str = "shorten the prompt",
 ) -> None:
   """InputError unless the longest prompt plus the new tokens fit the model's positions. RoPE
-  models may go past them when the user allows it; GPT-2's learned table never."""
+  models may go past them when the user allows it; GPT-2's learned table never.
+
+  A prompt that alone fills the positions is blamed on itself, not on `what`: `prompt` says what
+  its positions hold (default "a <n>-token prompt") and `fix` what to change."""
   need = prompt_len + new_tokens
   if need <= cfg.max_positions:
     return
+  learned = cfg.arch == "gpt2"
+  extrapolate = (
+    ""
+    if learned
+    else ", or pass --allow_extrapolation (RoPE positions past the context: quality degrades)"
+  )
+  if prompt_len >= cfg.max_positions and (learned or not allow_extrapolation):
+    has = "learned positions" if learned else "positions of context"
+    raise InputError(
+      f"{prompt or f'a {prompt_len:,}-token prompt'} uses {prompt_len:,} positions; the model "
+      f"({cfg.arch}) has {cfg.max_positions:,} {has}, none left for the {new_tokens:,} new "
+      f"tokens of {what}; {fix}{extrapolate}"
+    )
   head = (
-    f"{what}: got {new_tokens}; a {prompt_len}-token prompt + {new_tokens} new tokens need "
-    f"{need:,} positions"
+    f"{what}: got {new_tokens}; {prompt or f'a {prompt_len}-token prompt'} + {new_tokens} new "
+    f"tokens need {need:,} positions"
   )
   if cfg.arch == "gpt2":
     raise InputError(
