@@ -4,10 +4,13 @@ r"""One-command accelerator benchmark: CODI training, greedy and soft decoding a
   python benchmarks/accelerator.py --smoke       # tiny shapes, same code path (CPU, ~1 minute)
   python benchmarks/accelerator.py --cpu_small   # 2 layers, the real vocabularies (CPU sanity run)
   python benchmarks/accelerator.py --flops_only  # compile the train steps only: XLA FLOPs / formula
+  python benchmarks/accelerator.py --attention_impl=cudnn   # cuDNN's fused attention (a GPU)
 
 Runs on `jax.devices()[0]` and prints one table. Models have random weights, GPT-2-small and
 Llama-3.2-1B shapes (vocabularies + 3 rows for pad/bot/eot), bf16 weights and compute. Order:
-decoding, training, then the probes, with the elapsed time of each section as it ends.
+decoding, training, then the probes, with the elapsed time of each section as it ends. Attention
+runs `--attention_impl` (`layers.attention`), except GPT-2's training, whose attention dropout only
+the einsum path has.
 
 - Train: one CODI step (`train_step.make_train_step`: loss + backward + clipping + AdamW), LoRA
   r=128 alpha 32 on every linear layer + the projection trainable (the reference's setting;
@@ -40,14 +43,15 @@ same train step without running it and prints, per model and term, the formula n
 count. The thought scan is corrected by two more compiles: per thought = XLA(N=2) - XLA(N=1), and
 corrected = XLA(N) + (N - 2) per thought (`flops_row`). Per term, the dots of the compiled HLO with
 each loop's trip count, attributed by source function (`dot_flops`); non-dot = corrected - dots.
-Prints numbers; never asserts a speed. One file on purpose (~1000 lines): one command, and one place
-for the shapes, the formula and the model construction the timed and compile-only runs share.
+The formula lives in `codi_jax.flops` and the HLO readers in `codi_jax.hlo` (shared with
+`codi_jax.compile`). Prints numbers; never asserts a speed. One file on purpose (~1000 lines): one
+command, and one place for the shapes and the model construction the timed and compile-only runs
+share.
 """
 # pylint: disable=invalid-name
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import gc
@@ -56,11 +60,11 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 import types
+import typing
 import warnings
 
 import jax
@@ -74,12 +78,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 # Only modules that need nothing beyond jax/flax/optax/numpy/absl (no grain, ml_collections,
 # tokenizers): the accelerator machine may have just those.
-from codi_jax import train_step
+from codi_jax import flops, train_step
 from codi_jax.batching import left_pad
 from codi_jax.codi.model import Codi, CodiOptions
 from codi_jax.decoding import Generator, prefill
+from codi_jax.hlo import cost_flops, dot_flops, xla_bytes
 from codi_jax.models import memory, transformer
-from codi_jax.models.config import LoRAConfig, ModelConfig, RopeScaling, tiny
+from codi_jax.models.config import AttentionImpl, LoRAConfig, ModelConfig, RopeScaling, tiny
 from codi_jax.models.params import split_trainable
 from soft_jax.decode import SoftDecoder
 from soft_jax.sampling import SamplerParams
@@ -105,6 +110,13 @@ def _define_flags():
   flags.DEFINE_integer("runs", None, "timed decode calls per setting (default: the preset's)")
   flags.DEFINE_string("out", "", "also write the table and its inputs as JSON here")
   flags.DEFINE_integer("seed", 0, "weights, batches and prompts")
+  flags.DEFINE_enum(
+    "attention_impl",
+    "xla",
+    typing.get_args(AttentionImpl),
+    "every model's attention kernel (layers.attention; cudnn: a GPU, the einsum path under "
+    "attention dropout)",
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,44 +344,16 @@ def special_ids(cfg: ModelConfig) -> tuple[int, int, int, int]:
 # FLOPs and bytes
 
 
-def block_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
-  """(in, out) of every linear layer of one block."""
-  D, F, H, K, Dh = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  if cfg.arch == "gpt2":
-    return [(D, 3 * D), (D, D), (D, F), (F, D)]
-  return [(D, H * Dh), (D, K * Dh), (D, K * Dh), (H * Dh, D), (D, F), (D, F), (F, D)]
-
-
 def train_flops(cfg: ModelConfig, shape: TrainShape, lora_rank: int, full_ft: bool) -> dict:
-  """Model FLOPs of one CODI train step by the module docstring's formula, per term."""
-  n = shape.lengths()
-  Lt, Lq, La, Lw, N, B = (
-    n["teacher"],
-    n["question"],
-    n["decoder"],
-    n["teacher_span"],
-    shape.thoughts,
-    shape.batch,
+  """Model FLOPs of one CODI train step by the module docstring's formula (`codi_jax.flops`)."""
+  return flops.train_flops(
+    cfg,
+    shape.lengths(),
+    batch=shape.batch,
+    thoughts=shape.thoughts,
+    lora_rank=lora_rank,
+    full_ft=full_ft,
   )
-  L, D, V = cfg.num_layers, cfg.d_model, cfg.vocab_size
-  lin = block_linears(cfg)
-  p_dense = L * sum(i * o for i, o in lin)
-  p_lora = 0 if full_ft else L * sum(lora_rank * (i + o) for i, o in lin)
-  k = 6 if full_ft else 4
-  keys = (
-    Lt * (Lt + 1) // 2
-    + Lq * (Lq + 1) // 2
-    + sum(Lq + j for j in range(1, N + 1))
-    + sum(Lq + N + j for j in range(1, La + 1))
-  )
-  terms = {
-    "dense": B * shape.tokens_per_row() * (k * p_dense + 6 * p_lora),
-    "head": B * (Lw + La) * k * V * D,
-    "attention": 12 * cfg.num_heads * cfg.head_dim * L * keys * B,
-    "prj": 6 * B * N * 2 * D * D,
-  }
-  terms["total"] = sum(terms.values())
-  return terms
 
 
 def weight_bytes(model: transformer.Transformer) -> int:
@@ -431,103 +415,6 @@ def median_time(fn, n: int) -> tuple[float, list[float]]:
     fn()
     times.append(time.perf_counter() - t0)
   return (statistics.median(times) if times else float("nan")), times
-
-
-def cost_flops(compiled) -> float:
-  """XLA's FLOP count of a compiled program (nan if not reported)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return float("nan")
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  return float(cost.get("flops", float("nan")))
-
-
-def xla_bytes(compiled) -> float:
-  """Arguments + outputs - aliased + temporaries of a compiled program (nan if not reported)."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    m = None
-  if m is None:
-    return float("nan")
-  return float(
-    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-  )
-
-
-DOT_TERMS = {  # innermost source function of a dot -> formula term
-  "Linear.__call__": "dense",
-  "Embed.attend": "head",
-  "Transformer.head": "head",
-  "attention": "attention",
-  "Projection.__call__": "prj",
-}
-_INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (?:\w+\[([\d,]*)\]\S*|\(.*?\)) ([\w\-]+)\(")
-
-
-def dot_flops(hlo: str) -> dict[str, float]:
-  """FLOPs of the dots of an optimized HLO module (`compiled.as_text()`) by formula term, every
-  while body times its known trip count: 2 x output size x contracted size. The term is the dot's
-  innermost source function (the module's stack-frame table, DOT_TERMS); a dot without one (XLA
-  dropped its metadata) is "other". A loop without a known trip count is counted once. Dots as
-  XLA:CPU keeps them; a backend that rewrites them into library calls leaves them in non-dot."""
-  sec, funcs, locs, frames = None, {}, {}, {}
-  comps, cur, entry = {}, None, None
-  for line in hlo.split("\n"):
-    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
-      sec = line
-    elif sec and line[:1].isdigit():
-      i, rest = line.split(" ", 1)
-      ids = dict(re.findall(r"(\w+)=(\d+)", rest))
-      if sec == "FunctionNames":
-        funcs[i] = rest.strip('"')
-      elif sec == "FileLocations":
-        locs[i] = ids["function_name_id"]
-      elif sec == "StackFrames":
-        frames[i] = ids["file_location_id"]
-    elif line and not line[0].isspace() and line.endswith("{"):
-      sec, is_entry = None, line.startswith("ENTRY ")
-      cur = line.removeprefix("ENTRY ").split(" ", 1)[0].lstrip("%")
-      comps[cur] = []
-      entry = cur if is_entry else entry
-    elif line == "}":
-      cur = None
-    elif cur is not None and (m := _INSTR.match(line)):
-      comps[cur].append((m.group(1), m.group(2), m.group(3), line))
-  shapes = {
-    name: [int(d) for d in dims.split(",") if d]
-    for body in comps.values()
-    for name, dims, _, _ in body
-    if dims is not None
-  }
-  memo: dict[str, collections.Counter] = {}
-
-  def total(comp: str) -> collections.Counter:
-    if comp in memo:
-      return memo[comp]
-    out = collections.Counter()
-    for _, dims, op, line in comps.get(comp, ()):
-      if op == "dot":
-        lhs = shapes[re.search(r"dot\(%?([\w.\-]+)", line).group(1)]
-        contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
-        k = math.prod(lhs[int(d)] for d in contracted.split(",") if d)
-        frame = re.search(r"stack_frame_id=(\d+)", line)
-        fn = funcs.get(locs.get(frames.get(frame.group(1)))) if frame else None
-        out[DOT_TERMS.get(fn, "other")] += 2 * math.prod(int(d) for d in dims.split(",") if d) * k
-      trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line) if op == "while" else None
-      branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-      callees = re.findall(r"(calls|to_apply|body)=%?([\w.\-]+)", line) + [
-        ("branch", c) for c in re.findall(r"%?([\w.\-]+)", branches.group(1) if branches else "")
-      ]
-      for attr, callee in callees:
-        n = int(trip.group(1)) if attr == "body" and trip else 1
-        for term, f in total(callee).items():
-          out[term] += n * f
-    memo[comp] = out
-    return out
-
-  return {term: float(f) for term, f in total(entry).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -950,6 +837,15 @@ def main(argv):
     raise app.UsageError(f"--models: unknown {bad!r}; choose from {','.join(MODELS)}")
   for bad in set(workloads) - set(WORKLOADS):
     raise app.UsageError(f"--workloads: unknown {bad!r}; choose from {','.join(WORKLOADS)}")
+  impl = FLAGS.attention_impl
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise app.UsageError(
+      f"--attention_impl=cudnn needs a GPU; jax's backend is {jax.default_backend()}"
+    )
+  models_cfg = {
+    k: (label, cfg.replace(attention_impl=impl)) for k, (label, cfg) in p.models.items()
+  }
+  p = dataclasses.replace(p, models=models_cfg)
 
   dev = jax.devices()[0]
   load0 = os.getloadavg()
@@ -966,11 +862,13 @@ def main(argv):
     python=platform.python_version(),
     load_avg_start=load0,
     mode="full fine-tuning (f32 master weights)" if FLAGS.full_ft else f"LoRA r{p.lora_rank}",
+    attention_impl=impl,
   )
   print(
     f"accelerator benchmark ({name}) | {header['date']} | device {header['device']} "
     f"(x{header['device_count']}, first used) | jax {header['jax']} jaxlib {header['jaxlib']} "
-    f"flax {header['flax']} optax {header['optax']} | python {header['python']} | load average "
+    f"flax {header['flax']} optax {header['optax']} | python {header['python']} | attention "
+    f"{impl} | load average "
     f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}",
     flush=True,
   )

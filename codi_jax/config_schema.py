@@ -301,6 +301,7 @@ TRAIN: dict[str, Rule] = {
   "model.attention_impl": Enum(
     _literal("codi_jax.models.config", "AttentionImpl"), doc="attention kernel"
   ),
+  "model.scan_layers": Bool(doc="one lax.scan over stacked layers (False: unrolled)"),
   "model.lora_rank": Int(0, doc="0 = full fine-tuning"),
   "model.lora_alpha": Num(gt=0, doc="LoRA scale alpha / rank"),
   "model.lora_dropout": Num(**_DROPOUT, doc="LoRA input dropout"),
@@ -332,6 +333,7 @@ TRAIN: dict[str, Rule] = {
     _literal("codi_jax.models.layers", "RematPolicy"), doc="what remat keeps"
   ),
   "codi.train_special_embeddings": Bool(doc="train the pad/bot/eot rows under LoRA"),
+  "codi.ce_chunk_logits": Int(0, INT32_MAX, doc="logits per fused LM-head + CE chunk; 0 = whole"),
   "codi.c_thought": Int(1, doc="Coconut: thoughts per replaced step"),
   "codi.max_latent_stage": Int(0, doc="Coconut: stages replacing steps one by one"),
   "codi.epochs_per_stage": Int(0, doc="Coconut: stage length in epochs"),
@@ -383,6 +385,9 @@ TRAIN: dict[str, Rule] = {
   "data.max_token_num": Int(1, doc="longest example kept, in tokens"),
   "data.batch_size": Int(1, doc="global training batch"),
   "data.buckets": Int(1, doc="length bucket granularity (tokens)"),
+  "data.max_padding": Num(
+    ge=0, lt=1, f32=False, doc="training segment padding bound (fraction); 0: multiples of buckets"
+  ),
   # Optimizer.
   "optim.lr": Num(gt=0, doc="peak learning rate"),
   "optim.warmup_ratio": Num(ge=0, lt=1, f32=False, doc="warm-up share of the steps"),
@@ -432,10 +437,11 @@ class Cross:
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """What a config is checked against: the devices and processes of this job."""
+  """What a config is checked against: the devices, processes and backend of this job."""
 
   devices: int = 1
   processes: int = 1
+  platform: str = "cpu"  # jax.default_backend()
 
 
 def fail(path: str, value, allowed: str, prefix: str = "--config."):
@@ -527,10 +533,28 @@ def _inference_thoughts(codi) -> int:
 
 
 def _scratch_positions(c, ctx: Context):
-  m, e = c["model"], c["eval"]
+  m, e, codi = c["model"], c["eval"], c["codi"]
   if m["spec"]:
     return
-  room = m["max_positions"] - _inference_thoughts(c["codi"]) - 3  # a question token, bot, eot
+  thoughts = _inference_thoughts(codi)
+  room = m["max_positions"] - thoughts - 3  # a question token, bot, eot
+  fits = (
+    "a question token, <bot>, the thoughts, <eot> and an answer token must fit "
+    f"model.max_positions={m['max_positions']} (or raise it)"
+  )
+  if room < 1 and thoughts and m["max_positions"] >= 5:  # the thoughts leave no room at all
+    most = m["max_positions"] - 4
+    if codi["num_latent_infer"] >= 0:
+      fail("codi.num_latent_infer", thoughts, f"<= {most}: {fits}")
+    if codi["method"] == "coconut":
+      fail(
+        "codi.max_latent_stage",
+        codi["max_latent_stage"],
+        f"max_latent_stage x c_thought ({thoughts} thoughts) <= {most}: {fits}",
+      )
+    fail("codi.num_latent", thoughts, f"<= {most}: {fits}")
+  if room < 1:
+    fail("model.max_positions", m["max_positions"], f">= {thoughts + 4}: {fits}")
   if e["max_new_tokens"] > room:
     fail(
       "eval.max_new_tokens",
@@ -547,6 +571,20 @@ def _thoughtless(c, ctx: Context):
       "codi.num_latent_infer",
       codi["num_latent_infer"],
       f"-1 or 0: method {codi['method']} decodes without continuous thoughts",
+    )
+
+
+def _cudnn_attention(c, ctx: Context):
+  m = c["model"]
+  if m["attention_impl"] != "cudnn":
+    return
+  if m["dtype"] not in ("bfloat16", "float16"):
+    fail("model.dtype", m["dtype"], "bfloat16 or float16 with model.attention_impl=cudnn")
+  if ctx.platform != "gpu":
+    fail(
+      "model.attention_impl",
+      "cudnn",
+      f"xla or dot_product on this {ctx.platform} backend (cudnn needs a GPU)",
     )
 
 
@@ -647,6 +685,12 @@ CROSS_TRAIN: tuple[Cross, ...] = (
     ("codi.method", "codi.num_latent_infer"),
     _thoughtless,
     "cot_sft, no_cot_sft and icot_si take num_latent_infer -1 or 0",
+  ),
+  Cross(
+    "cudnn_attention",
+    ("model.attention_impl", "model.dtype"),
+    _cudnn_attention,
+    "attention_impl=cudnn: a GPU backend and bf16/fp16 compute (cuDNN's fused attention)",
   ),
   Cross(
     "coconut_stages",
@@ -751,21 +795,27 @@ def check_values(values: Mapping[str, Any], rules: Mapping[str, Rule], *, prefix
 
 
 def validate_train(
-  config, *, sections=None, devices: int | None = None, processes: int | None = None
+  config,
+  *,
+  sections=None,
+  devices: int | None = None,
+  processes: int | None = None,
+  platform: str | None = None,
 ) -> None:
   """Checks a training config before any work: keys, fields, then `CROSS_TRAIN`.
 
   sections: top-level names whose values and cross rules apply (None: all), e.g. the `data`,
-  `eval` and `seed` a `codi_jax.evaluate --config` override replaces. devices / processes
-  default to this job's.
+  `eval` and `seed` a `codi_jax.evaluate --config` override replaces. devices / processes /
+  platform default to this job's.
   """
   check_tree(config, TRAIN, prefix="--config.", only=sections)
-  if devices is None or processes is None:
+  if devices is None or processes is None or platform is None:
     import jax  # pylint: disable=import-outside-toplevel
 
     devices = jax.device_count() if devices is None else devices
     processes = jax.process_count() if processes is None else processes
-  ctx = Context(devices, processes)
+    platform = jax.default_backend() if platform is None else platform
+  ctx = Context(devices, processes, platform)
   for rule in CROSS_TRAIN:
     if sections is None or all(f.split(".")[0] in sections for f in rule.fields):
       rule.check(config, ctx)
@@ -802,6 +852,7 @@ EVAL: dict[str, Rule] = {
   "latency_calls": Int(1, doc="timed calls per latency figure"),
   "progress": Bool(doc="progress bars"),
   "allow_extrapolation": Bool(doc="decode past a RoPE model's positions"),
+  "overwrite": Bool(doc="replace results already in --out"),
 }
 
 
@@ -870,6 +921,7 @@ SOFT_FLAGS: dict[str, Rule] = {
   "batch_size": Int(1, **_INT32, doc="rows per decoder call"),
   "judge": Enum(_ref("soft_jax.math_answers", "JUDGES"), doc="answer checker"),
   "out": Str(nonempty=True, doc="output directory"),
+  "overwrite": Bool(doc="replace results already in --out"),
   "progress": Bool(doc="progress bar"),
 }
 

@@ -134,6 +134,20 @@ class Segmented:
     self._resume = jm.jit(resume_fn, static_argnames=static, name=f"{name}_resume", carry=True)
     self.last_capacity = None  # the largest bucket the last call reached
 
+  def lower(
+    self, capacity: int, args: Sequence[Any], *, state=None, start_static: dict | None = None
+  ):
+    """`start` in one `capacity`-slot bucket run to the end (the fixed-capacity program of that
+    bucket): a function of the static arguments giving the lowered program, for ahead-of-time
+    compilation. args (and state) may be ShapeDtypeStructs."""
+
+    def lowered(**static):
+      return self._start.lower(
+        *args, state=state, capacity=capacity, last=True, **(start_static or {}), **static
+      )
+
+    return lowered
+
   def __call__(
     self,
     capacities: Sequence[int],

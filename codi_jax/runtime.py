@@ -8,13 +8,17 @@ from absl import logging
 
 
 def setup_cli():
-  """Quiet absl INFO logs (unless -v was given) and persist compiled programs across runs.
+  """Quiet absl INFO logs (unless -v was given), keep an installed libtpu out of CPU-only hosts
+  (`tpu.quiet_cpu_backend`) and persist compiled programs across runs.
 
   The XLA compilation cache lives in $CODI_JAX_CACHE (default ~/.cache/codi_jax/xla); set it to
   an empty string to disable.
   """
   if logging.get_verbosity() <= logging.INFO and not os.environ.get("CODI_JAX_VERBOSE"):
     logging.set_verbosity(logging.WARNING)
+  from codi_jax import tpu  # pylint: disable=import-outside-toplevel
+
+  tpu.quiet_cpu_backend()  # before any backend starts: libtpu without chips prints warnings
   import jax  # pylint: disable=import-outside-toplevel
 
   cache = os.environ.get("CODI_JAX_CACHE", os.path.expanduser("~/.cache/codi_jax/xla"))
@@ -36,6 +40,10 @@ def flags_parser(prog: str):
     except flags.Error as e:
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
       message = lines[0] if len(lines) < 2 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+      # config_flags wraps a TypeError/ValueError of get_config with its traceback
+      head, found, _ = lines[0].partition(": Error whilst parsing config file")
+      if found:
+        message = f"{head.removeprefix('flag ')}: {lines[-1]}"
     except Exception as e:  # noqa: BLE001  (code in a config file: what it raises is input)
       given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
       detail = " ".join(str(e).strip('"').split())
@@ -55,11 +63,15 @@ def flags_parser(prog: str):
 def config_value(holder, prog: str):
   """The value of a `config_flags` holder (loaded lazily, on first access); a missing config file
   or an error inside it is one line on stderr and exit 2."""
+  import re  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
 
   try:
-    return holder.value
+    value = holder.value
+    hasattr(value, "lock")  # a file that failed to load (missing) raises at the first attribute
+    return value
   except OSError as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    print(f"{prog}: error: --config: {lines[-1] if lines else e}", file=sys.stderr)
+    last = re.sub(r"^\[Errno \d+\] ", "", lines[-1]) if lines else str(e)
+    print(f"{prog}: error: --config: {last}", file=sys.stderr)
     sys.exit(2)

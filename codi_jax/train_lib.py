@@ -9,10 +9,13 @@ The baselines (config.codi.method coconut | icot_si) train through the same loop
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
+import itertools
 import json
 import math
 import os
+import signal
 import time
 
 import jax
@@ -22,7 +25,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from codi_jax import checkpoint, config_schema, files, final, sharding, train_step
+from codi_jax import checkpoint, config_schema, files, final, sharding, train_state, train_step
 from codi_jax import metrics as metrics_lib
 from codi_jax import workdir as workdir_lib
 from codi_jax.batching import bucket_size
@@ -37,7 +40,6 @@ from codi_jax.errors import InputError
 from codi_jax.metrics import MetricWriter
 from codi_jax.models import memory
 from codi_jax.models.jitted import JittedModel
-from codi_jax.models.params import split_trainable
 
 
 class Validator:
@@ -80,19 +82,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
   `config.mesh` and `config.logical_axis_rules`. On SIGTERM it checkpoints and returns early with
   summary["preempted"] = True; a non-finite loss raises FloatingPointError without saving anything
   after the last good checkpoint. The config is validated first (`config_schema.validate_train`).
+  Nothing already in `workdir` changes until the whole set-up has succeeded (data, tokenizer,
+  model, state and, for a fresh start, the first step's compile and memory check); then
+  `config.overwrite` moves the previous run aside (`_set_aside`). A refused start removes the
+  directories it created (`workdir.claim`, and checkpoints/ here).
   """
   config_schema.validate_train(config)
   with workdir_lib.claim(workdir) as path:
     ckpt_dir = _prepare_workdir(path, config)
+    had_ckpt_dir = files.as_path(ckpt_dir).exists()
     mesh = sharding.make_mesh(config.mesh)
     with sharding.use_mesh(mesh, sharding.rules_from_config(config.logical_axis_rules)):
-      return Trainer(config, path, ckpt_dir).run()
+      trainer = None
+      try:
+        trainer = Trainer(config, path, ckpt_dir)
+        if config.overwrite or not (config.resume and trainer.ckpts.steps()):
+          trainer._step_fn(1)  # pylint: disable=protected-access  (compiled: its memory check)
+      except BaseException:
+        if trainer is not None:
+          trainer.ckpts.close()
+        if not had_ckpt_dir and jax.process_index() == 0:
+          workdir_lib.remove_empty([ckpt_dir])
+        raise
+      if config.overwrite:
+        _set_aside(path, trainer)
+      if not config.optim.num_steps and jax.process_index() == 0:
+        print(
+          f"steps: optim.num_steps=0, so optim.epochs={config.optim.epochs:g} epochs = "
+          f"{trainer.num_steps:,} steps; set --config.optim.num_steps for a fixed count",
+          flush=True,
+        )
+      return trainer.run()
 
 
 def _prepare_workdir(workdir: str, config) -> str:
   """The checkpoint directory; refuses a finished workdir and unasked-for restarts over
-  checkpoints, and clears old checkpoints and metrics when asked to start over. Local or gs://:
-  every access goes through etils.epath."""
+  checkpoints. Changes nothing (`_set_aside` moves a previous run once the set-up succeeded).
+  Local or gs://: every access goes through etils.epath."""
   final_dir = files.as_path(workdir) / "final"
   # On an object store final/ is written in place, run.json last (final.py): that marks it done.
   done = final_dir / "run.json" if files.is_url(final_dir) else final_dir
@@ -110,12 +136,61 @@ def _prepare_workdir(workdir: str, config) -> str:
       f"{ckpt_dir}: holds checkpoints (steps {steps[0]}..{steps[-1]}); resume with "
       "--config.resume=True, or start over with --config.overwrite=True"
     )
-  if config.overwrite:
-    if jax.process_index() == 0 and ckpt_dir.is_dir():
-      ckpt_dir.rmtree()
-    metrics_lib.truncate(workdir, 0)
-    multihost_utils.sync_global_devices("codi_jax:overwrite")
   return str(ckpt_dir)
+
+
+# What a run writes into its workdir (codi_jax.evaluate: eval/), moved aside by an overwrite.
+RUN_ARTEFACTS = (
+  "final",
+  "final.tmp",
+  "eval",
+  "metrics.jsonl",
+  "tb",
+  "checkpoints",
+  "checkpoints.corrupt",
+)
+
+
+def move_previous_run(workdir) -> str | None:
+  """Renames the RUN_ARTEFACTS present in `workdir` into a new `<workdir>/previous-<UTC time>/`
+  and returns it (None if there were none). Nothing is deleted: that folder is kept until the
+  user removes it. Each rename is atomic locally; on an object store a rename is a copy and a
+  delete. Anything else in the workdir stays."""
+  root = files.as_path(workdir)
+  present = [root / name for name in RUN_ARTEFACTS if (root / name).exists()]
+  if not present:
+    return None
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+  for n in itertools.count():
+    dest = root / (f"previous-{stamp}" + (f"-{n}" if n else ""))
+    if dest.exists():
+      continue
+    try:
+      dest.mkdir()
+      break
+    except FileExistsError:  # another start took it meanwhile
+      continue
+  for path in present:
+    path.rename(dest / path.name)
+  return str(dest)
+
+
+def _set_aside(workdir: str, trainer: Trainer) -> None:
+  """config.overwrite, once the set-up has succeeded: the previous run's artefacts go to
+  `<workdir>/previous-<UTC time>/` (`move_previous_run`; kept, never deleted), and the trainer's
+  checkpoint manager, opened on the old checkpoints, is reopened on the empty directory."""
+  trainer.ckpts.close()
+  if jax.process_index() == 0:
+    moved = move_previous_run(workdir)
+    if moved:
+      print(
+        f"overwrite: moved the previous run "
+        f"({', '.join(sorted(p.name for p in files.as_path(moved).iterdir()))}) to {moved}; "
+        "it is kept: delete it when no longer needed",
+        flush=True,
+      )
+  multihost_utils.sync_global_devices("codi_jax:overwrite")
+  trainer._init_checkpoints()  # pylint: disable=protected-access
 
 
 class Trainer:
@@ -166,6 +241,7 @@ class Trainer:
       batch_size=config.data.batch_size,
       seed=config.seed,
       buckets=config.data.buckets,
+      max_padding=config.data.max_padding,
       distill_offset=offset,
       max_token_num=config.data.max_token_num,
     )
@@ -200,23 +276,15 @@ class Trainer:
       )
 
   def _init_state(self, codi: Codi):
-    """Trainable/frozen split, optimizer, shardings and the step's compile inputs (compiled ahead
-    of its first use, once per static option set: `_step_fn`)."""
+    """Trainable/frozen split, optimizer, shardings and the step's compile inputs
+    (`train_state`, shared with `codi_jax.compile`; compiled ahead of its first use, once per
+    static option set: `_step_fn`)."""
     config = self.config
-    if config.model.lora_rank == 0 or not config.model.spec:  # full fine-tuning: frozen is empty
-      self.graphdef, self.train_state, self.frozen = nnx.split(codi, nnx.Param, ...)
-    else:
-      extra = ("prj", "special") if config.codi.train_special_embeddings else ("prj",)
-      self.graphdef, self.train_state, self.frozen = split_trainable(codi, extra=extra)
-    self.train_sh = sharding.state_shardings(self.train_state)
-    frozen_sh = sharding.state_shardings(self.frozen)
-    self.tx, self.sched = train_step.make_optimizer(
-      config, self.num_steps
-    )  # MultiSteps: once per step
-    self.opt_sh = sharding.optimizer_shardings(self.tx, self.train_state, self.train_sh)
+    s = train_state.split(codi, config, self.num_steps)
+    self.graphdef, self.train_state, self.frozen = s.graphdef, s.train_state, s.frozen
+    self.train_sh, self.tx, self.sched, self.opt_sh = s.train_sh, s.tx, s.sched, s.opt_sh
     self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.train_state)
-    n_train = sum(x.size for x in jax.tree.leaves(self.train_state))
-    n_all = n_train + sum(x.size for x in jax.tree.leaves(self.frozen))
+    n_train, n_all = s.num_params
     if self.main:
       m = codi.backbone.cfg
       print(
@@ -229,23 +297,16 @@ class Trainer:
     start = self.it.get_state()
     example = sharding.global_batch(self.curriculum.batch(next(self.it), 1))
     self.it.set_state(start)  # that batch only gave the shapes
-    self.shardings = (
-      self.train_sh,
-      self.opt_sh,
-      frozen_sh,
-      {k: v.sharding for k, v in example.items()},
-    )
-    self.step_args = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      (self.train_state, self.opt_state, self.frozen, example),
-    ) + (jax.ShapeDtypeStruct((), jnp.int32),)  # abstract: the live state is donated
+    self.shardings, self.step_args = train_state.step_args(s, self.opt_state, example)
     self.traces, self.step_fns = [], {}
     self.key = jax.random.key(config.seed)
     self.dropout = train_step.dropout_on(codi, config)
     self.restart = train_step.make_restart(self.tx, self.opt_sh)
 
-  def _step_fn(self, step: int):
-    """The compiled step for `step`'s options (Coconut: the stage's thought count)."""
+  def _step_fn(self, step: int, preemption: checkpoint.Preemption | None = None):
+    """The compiled step for `step`'s options (Coconut: the stage's thought count). A signal
+    during its compile raises checkpoint.Interrupted (`Preemption.wait`); without `preemption`
+    (set-up, before `run`: nothing to save yet) this call installs its own handlers."""
     opts = self.opts
     n = self.curriculum.num_latent(step)
     if n is not None:
@@ -260,7 +321,25 @@ class Trainer:
         self.traces,
         shardings=self.shardings,
       )
-      compiled = train_step.compile_ahead(fn, self.step_args)
+      own = preemption is None
+      preemption = preemption or checkpoint.Preemption()
+      try:
+        compiled = train_step.compile_ahead(fn, self.step_args, preemption.wait)
+        if own and preemption.signum is not None:  # came just after the compile
+          raise checkpoint.Interrupted("", 128 + preemption.signum)
+      except checkpoint.Interrupted as e:
+        if not own:
+          raise
+        name = signal.Signals(e.code - 128).name
+        raise checkpoint.Interrupted(
+          f"{name} while compiling the train step: nothing to save yet; rerun the same command "
+          "to start",
+          e.code,
+          e.abandoned,
+        ) from None
+      finally:
+        if own:
+          preemption.close()
       self.step_fns[opts] = memory.check_compiled(compiled, "--config: the train step")
     return self.step_fns[opts]
 
@@ -355,7 +434,21 @@ class Trainer:
     t_loop = time.time()
     try:
       for step in range(start + 1, self.num_steps + 1):
-        step_fn = self._step_fn(step)
+        try:
+          step_fn = self._step_fn(step, preemption)
+        except checkpoint.Interrupted as e:  # the steps since the last checkpoint are kept
+          if pending is not None:
+            self._report(pending, bar)
+            self.save(step - 1)
+          kept = f"checkpoint {os.path.join(self.ckpt_dir, str(step - 1))} written"
+          if pending is None:
+            kept = "nothing new to save" if step - 1 > start else "nothing to save yet"
+          self.writer.close()
+          raise checkpoint.Interrupted(
+            f"{e.message} for step {step}: {kept}; rerun the same command to resume",
+            e.code,
+            e.abandoned,
+          ) from None
         if self.curriculum.reset_before(step):
           self.opt_state = self.restart(self.opt_state, self.train_state)
         for micro in range(self.micro):
@@ -390,7 +483,7 @@ class Trainer:
       "resumed_from": resumed,
     }
     if stop_step is not None:
-      return self._preempted(summary, stop_step)
+      return self._preempted(summary, stop_step, preemption.signum)
     if not last_eval:  # resumed at the last step: its evaluation was not recorded in this session
       last_eval = self.evaluate(self.num_steps)
     summary.update(last_eval)
@@ -407,9 +500,15 @@ class Trainer:
       print("validation accuracy: " + ", ".join(accs) + (f" ({note})" if note else ""), flush=True)
     return summary
 
-  def _preempted(self, summary: dict, step: int) -> dict:
+  def _preempted(self, summary: dict, step: int, signum: int | None) -> dict:
+    """SIGTERM (or the preemption service): the summary; SIGINT (Ctrl-C): checkpoint.Interrupted."""
     self.writer.close()
     ckpt = os.path.join(self.ckpt_dir, str(step))
+    if signum == signal.SIGINT:
+      raise checkpoint.Interrupted(
+        f"interrupted at step {step}: checkpoint {ckpt} written; rerun the same command to resume",
+        128 + signum,
+      )
     summary.update(preempted=True, stopped_at=step, checkpoint=ckpt)
     if self.main:
       print(

@@ -15,6 +15,7 @@ LOGICAL_AXIS_RULES = (
   ("kv", ("tensor",)),  # key/value heads (GQA)
   ("mlp", ("tensor",)),  # MLP width: column-parallel up, row-parallel down (Megatron)
   ("vocab", ("tensor",)),  # embedding rows / LM-head columns
+  ("layers", ()),  # the leading axis of stacked blocks (model.scan_layers): never split
   # Activations.
   ("batch", ("data", "fsdp")),  # the batch is split over both data-parallel axes
   ("act_heads", ("tensor",)),  # attention inside a tensor-parallel group
@@ -30,7 +31,9 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 11  # the reference's seed
   config.workdir = ""  # --workdir wins
-  config.overwrite = False  # refuse to reuse a workdir that holds a finished run
+  # refuse to reuse a workdir that holds a finished run; True: once the set-up succeeded, the old
+  # run (checkpoints, metrics, final, ...) moves to <workdir>/previous-<UTC time>/, kept
+  config.overwrite = False
 
   config.model = ml_collections.ConfigDict()
   config.model.spec = ""  # HF dir | hub id | .gguf | alias; "" = from scratch with the sizes below
@@ -47,8 +50,12 @@ def get_config():
   )
   config.model.dtype = "float32"  # compute dtype; "bfloat16" for the reference's autocast
   config.model.param_dtype = "float32"  # base weights; the reference keeps them in bf16
-  # xla (our einsum attention) | dot_product (jax.nn.dot_product_attention; same results)
+  # xla (our einsum attention) | dot_product (jax.nn.dot_product_attention; same results) |
+  # cudnn (its cuDNN kernel: a GPU and bf16/fp16 compute; shapes it refuses run as dot_product)
   config.model.attention_impl = "xla"
+  # One lax.scan over layers with stacked block weights (MaxText's default): the compile time of
+  # every pass stays flat in depth; False unrolls every layer (docs/scale.md: both measured).
+  config.model.scan_layers = True
   config.model.lora_rank = 128  # 0 = full fine-tuning
   config.model.lora_alpha = 32.0  # scale alpha / r = 0.25
   config.model.lora_dropout = 0.1
@@ -78,6 +85,10 @@ def get_config():
       # what remat keeps: nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
       remat_policy="nothing_saveable",
       train_special_embeddings=False,  # reference: pad/bot/eot rows stay frozen under LoRA
+      # The training CE runs the LM head fused with it over chunks of this many logits (16 MiB
+      # f32, under glibc's 32 MiB mmap limit: reused, not page-faulted in per step), its gradient
+      # made in the forward pass (codi_jax/models/head_ce.py); 0 = whole [B, N, V] logits.
+      ce_chunk_logits=1 << 22,
       # Coconut (method=coconut; values of the reference's args/gsm_coconut.yaml). Stage k =
       # (step - 1) // stage_steps replaces the first k CoT steps by k * c_thought thoughts.
       c_thought=2,  # continuous thoughts per replaced reasoning step
@@ -132,7 +143,11 @@ def get_config():
   config.data.keep_non_digit_answers = False  # reference: drop answers not starting with a digit
   config.data.max_token_num = 1000
   config.data.batch_size = 128
-  config.data.buckets = 32
+  config.data.buckets = 32  # length multiple (training: the largest one of a segment)
+  # Each training segment's multiple is the largest power of 2 <= max_padding * its length (within
+  # 1..buckets): padding stays under 1/8 (65/94/7 tokens -> 72/96/7, not 96/96/32, which cost
+  # 20-43% of a CPU step). 0: every segment a multiple of `buckets` (the earlier rule).
+  config.data.max_padding = 0.125
 
   config.optim = ml_collections.ConfigDict(
     dict(
@@ -144,7 +159,7 @@ def get_config():
       eps=1e-8,
       clip=2.0,
       grad_accum=1,
-      num_steps=0,
+      num_steps=0,  # 0: `epochs` epochs, the step count they make printed at the start
       epochs=40.0,
     )
   )  # num_steps > 0 overrides epochs
@@ -184,6 +199,8 @@ def variants(arg, allowed) -> set:
   """The comma-separated variants of `--config=file.py:a,b`, checked against `allowed`."""
   chosen = {v for v in (arg or "").split(",") if v}
   unknown = sorted(chosen - set(allowed))
+  if unknown and not allowed:
+    raise ValueError(f"unknown variant(s) {unknown}: this config takes no variants (drop ':{arg}')")
   if unknown:
     raise ValueError(f"unknown variant(s) {unknown} (choose from {', '.join(sorted(allowed))})")
   return chosen

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax import sharding
 from codi_jax.batching import bucket_size, left_pad
 from codi_jax.decoding import DEFAULT_MIN_CAPACITY, Segmented, prefill, resume, run_segment
 from codi_jax.errors import InputError
@@ -445,6 +446,34 @@ class SoftDecoder:
       params,
     )
     return self._run(caps, (ids, mask, *consts), consts, max_new=max_new_tokens, record=record)
+
+  def lower(self, batch: int, width: int, *, max_new_tokens: int, record: bool = False):
+    """(lowered program, cache capacities) of one [batch, width] prompt batch in its last capacity
+    bucket (that bucket's fixed-capacity program), for ahead-of-time compilation
+    (`codi_jax.compile`); every argument is a shape, nothing is allocated."""
+    caps = kvc.capacities(width, width + max_new_tokens, self.min_capacity, self.chunk)
+
+    def inputs():
+      end = -1 if self.think_end_id is None else int(self.think_end_id)
+      return (
+        jnp.zeros((batch, width), jnp.int32),
+        jnp.zeros((batch, width), bool),
+        jnp.asarray(self.eos_ids, jnp.int32),
+        jnp.asarray(end, jnp.int32),
+        jax.random.key(0),
+        jnp.arange(batch, dtype=jnp.int32),
+        self.params,
+      )
+
+    with self.model.context():
+      shapes = jax.eval_shape(inputs)
+      shardings = (sharding.batch_sharding((batch, width)),) * 2 + (sharding.replicated(),) * 5
+      args = [
+        jax.tree.map(lambda x, sh=sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), a)
+        for a, sh in zip(shapes, shardings)
+      ]
+    lowered = self._run.lower(caps[-1], args)
+    return lowered(max_new=max_new_tokens, record=record), caps
 
   def __call__(
     self,

@@ -82,7 +82,9 @@ def test_smoke_run_table_json_and_imports(tmp_path):
   assert proc.returncode == 0, proc.stderr[-4000:]
   stdout = proc.stdout
   first = stdout.splitlines()[0]
-  for needle in ("accelerator benchmark (smoke)", "device cpu", "jax ", "jaxlib ", "load average"):
+  needles = ("accelerator benchmark (smoke)", "device cpu", "jax ", "jaxlib ", "attention xla")
+  needles += ("load average",)
+  for needle in needles:
     assert needle in first, first
   for section in ("decode GPT-2 tiny", "decode Llama tiny", "train GPT-2 tiny", "probes"):
     assert section in stdout, stdout
@@ -121,6 +123,14 @@ def test_smoke_run_table_json_and_imports(tmp_path):
       assert math.isfinite(r[f]) and r[f] > 0, (r["model"], r["workload"], f, r[f])
     if train:
       assert all(math.isfinite(x) for x in r["losses"])
+
+
+def test_cudnn_attention_is_refused_off_gpu(tmp_path):
+  proc = _run_script(tmp_path, "--smoke", "--attention_impl=cudnn")
+  assert proc.returncode != 0 and "--attention_impl=cudnn needs a GPU; jax's backend is cpu" in (
+    proc.stderr
+  ), proc.stderr[-2000:]
+  assert "accelerator benchmark" not in proc.stdout
 
 
 def test_numpy_batch_matches_the_pipeline_collate():

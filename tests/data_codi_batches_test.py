@@ -129,6 +129,30 @@ def test_long_examples_are_counted(tok, records):
     cb.tokenize_records([records[0], {"question": "q", "answer": "1"}], tok, **IDS)
 
 
+def test_per_segment_buckets(tok, records):
+  """max_padding: each segment's multiple is the largest power of 2 <= max_padding * length, at
+  most `buckets`; padding stays under that fraction, and a few-token decoder is not padded."""
+  assert [cb.bucket_size(n, 32, 0.125) for n in (7, 30, 65, 94, 300, 1000)] == [
+    7, 30, 72, 96, 320, 1024,
+  ]  # fmt: skip
+  assert cb.bucket_size(65, 32) == cb.bucket_size(65, 32, 0.0) == 96  # the earlier rule
+  for n in range(1, 3000):
+    size = cb.bucket_size(n, 32, 0.125)
+    multiple = min(32, 1 << max(0, int(n / 8).bit_length() - 1))
+    assert size % multiple == 0 and n <= size < n + max(1, n / 8)
+  # Few shapes: 1..15 tokens exact, then at most 8 sizes per octave until the multiple reaches 32.
+  assert len({cb.bucket_size(n, 32, 0.125) for n in range(1, 257)}) == 15 + 8 * 4 + 1
+  with pytest.raises(InputError, match="max_padding"):
+    cb.bucket_size(10, 32, -0.5)
+  examples, _ = cb.tokenize_records(records, tok, **IDS)
+  shapes, lengths = cb.fit_shapes(examples, 32, 0.125), examples.lengths()
+  for key in ("question", "teacher", "decoder", "teacher_span"):
+    longest = int(lengths[key].max())
+    assert getattr(shapes, key) == cb.bucket_size(longest, 32, 0.125)
+  assert shapes.decoder == int(lengths["decoder"].max())  # under 16 tokens: exact
+  cb.check_fits(examples, shapes)
+
+
 def test_buckets_and_shapes(tok, records):
   assert cb.bucket_size(17, 16) == 32 and cb.bucket_size(16, 16) == 16
   assert cb.bucket_size(40, [128, 32, 64]) == 64

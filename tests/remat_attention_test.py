@@ -158,6 +158,78 @@ def test_codi_loss_equal_between_attention_impls(arch, padding_mode):
     _close(y, x, ATTN_TOL * max(1.0, float(jnp.max(jnp.abs(x)))))
 
 
+def _fake_cudnn(monkeypatch) -> list[tuple[int, int]]:
+  """A "gpu" backend whose cuDNN kernel is jax's XLA attention, refusing what cuDNN refuses under a
+  mask in training (odd lengths) or at all (f32, a head size not a multiple of 8); returns the
+  (L, T) of every call that reaches it."""
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def fake(q, k, v, *, mask, implementation):
+    if implementation == "cudnn":
+      assert q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0, (q.shape, k.shape)
+      assert q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0, q
+      calls.append((q.shape[1], k.shape[1]))
+      implementation = "xla"
+    return real(q, k, v, mask=mask, implementation=implementation)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  return calls
+
+
+def _out_and_grads(impl, q, k, v, allowed, cot):
+  out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, allowed, impl=impl), q, k, v)
+  return [np.asarray(x, np.float32) for x in (out, *vjp(cot))]
+
+
+@pytest.mark.parametrize("L, T", [(1, 7), (5, 7), (6, 8), (1, 16)])
+def test_cudnn_pads_odd_lengths_and_equals_dot_product(monkeypatch, L, T):
+  """bf16, fully masked rows included: outputs and gradients as dot_product's (bf16 rounding)."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(3, L, 4, 8)), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.normal(size=(3, T, 2, 8)), jnp.bfloat16) for _ in range(2))
+  cot = jnp.asarray(rng.normal(size=(3, L, 32)), jnp.bfloat16)
+  allowed = rng.random((3, L, T)) < 0.5
+  allowed[0, 0] = False  # a fully masked query row
+  allowed[2] = False  # a row whose every query is fully masked
+  args = (q, k, v, jnp.asarray(allowed), cot)
+  ref = _out_and_grads("dot_product", *args)
+  assert [x.shape for x in _out_and_grads("cudnn", *args)] == [x.shape for x in ref]  # cpu
+  calls = _fake_cudnn(monkeypatch)
+  got = _out_and_grads("cudnn", *args)
+  assert calls == [(L + L % 2, T + T % 2)]
+  for a, b in zip(got, ref):
+    _close(a, b, 2e-2 * max(1.0, float(np.max(np.abs(b)))))
+
+
+def test_cudnn_runs_as_dot_product_where_cudnn_does_not_fit(monkeypatch):
+  calls = _fake_cudnn(monkeypatch)
+  rng = np.random.default_rng(1)
+  for dtype, Dh in ((jnp.float32, 8), (jnp.bfloat16, 12)):
+    q = jnp.asarray(rng.normal(size=(2, 4, 2, Dh)), dtype)
+    k = v = jnp.asarray(rng.normal(size=(2, 4, 2, Dh)), dtype)
+    allowed = jnp.asarray(np.tril(np.ones((4, 4), bool))[None].repeat(2, 0))
+    got = attention(q, k, v, allowed, impl="cudnn")
+    _close(got.astype(jnp.float32), attention(q, k, v, allowed, impl="dot_product"), 0)
+  assert calls == []
+
+
+def test_cudnn_model_forward_matches_dot_product(monkeypatch):
+  """A bf16 Llama through the fake kernel: every layer's attention goes to cuDNN (padded)."""
+  ids, mask, pos = _left_padded(np.random.default_rng(6), L=11, lens=(11, 7, 3))
+
+  def forward(impl):
+    model = _model("llama", impl, dtype="bfloat16")
+    return jax.jit(lambda i: model(i, positions=pos, mask=mask).logits)(ids)
+
+  ref = forward("dot_product")
+  calls = _fake_cudnn(monkeypatch)
+  got = forward("cudnn")
+  assert calls and set(calls) == {(12, 12)}, calls
+  _close(got.astype(jnp.float32), ref.astype(jnp.float32), 0.05 * float(jnp.max(jnp.abs(ref))))
+
+
 # ---------------------------------------------------------------------------------------------
 # Remat
 
@@ -258,7 +330,7 @@ def test_config_reaches_the_model_and_the_options(tmp_path):
   assert scratch_config(old, Tok()).attention_impl == "xla"
   loaded = loader.load(tiny_hf.write(str(tmp_path / "m")), attention_impl="dot_product")
   assert loaded.model.cfg.attention_impl == "dot_product"
-  assert all(blk.cfg.attention_impl == "dot_product" for blk in loaded.model.blocks)
+  assert loaded.model.blocks.cfg.attention_impl == "dot_product"  # the stacked block's config
 
 
 @pytest.mark.parametrize(
@@ -275,6 +347,19 @@ def test_bad_values_are_refused(path, value):
   c[group][field] = value
   with pytest.raises(InputError, match=f"^--config.{path}: got {value!r}; expected "):
     cs.validate_train(c)
+
+
+def test_cudnn_config_needs_bf16_and_a_gpu():
+  c = tiny_codi.get_config()
+  c.model.attention_impl = "cudnn"
+  with pytest.raises(InputError, match="^--config.model.dtype: got 'float32'; expected bfloat16"):
+    cs.validate_train(c, platform="gpu")
+  c.model.dtype = "bfloat16"
+  with pytest.raises(
+    InputError, match="^--config.model.attention_impl: got 'cudnn'; expected xla or dot_product "
+  ):
+    cs.validate_train(c, platform="cpu")
+  cs.validate_train(c, platform="gpu")
 
 
 def test_model_and_remat_refuse_unknown_names():

@@ -23,35 +23,34 @@ from codi_jax.codi.model import (
   Codi,
   CodiOptions,
   Stream,
-  masked_ce,
+  next_token_ce,
   student_forward,
-  teacher_label_window,
-  token_ce,
+  teacher_ce,
 )
 from codi_jax.models.layers import fold
 
 
 def coconut_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
   """(loss, metrics): CE of the answer pass after `opts.num_latent` unprojected thoughts."""
-  out = student_forward(codi, batch, opts, fold(rng, Stream.STUDENT), hidden_states=False)
-  ce = masked_ce(out.logits, batch["decoder_labels"])
+  out = student_forward(
+    codi, batch, opts, fold(rng, Stream.STUDENT), hidden_states=False, logits="none"
+  )
+  ce = next_token_ce(codi.backbone, out.hidden, batch["decoder_labels"], opts.ce_chunk_logits)
   return ce, {"ce_student": ce, "loss": ce}
 
 
 def icot_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
   """(loss, metrics): CE of the shortened teacher sequence at the batch's positions."""
-  window = teacher_label_window(batch)  # logits at the labelled positions only, if batched
-  ids_BxL, labels_BxL = batch["teacher_ids"], batch["teacher_labels"]
   out = codi.backbone(
-    ids_BxL,
+    batch["teacher_ids"],
     positions=batch["teacher_positions"],
     mask=batch["teacher_mask"],
-    logits="all" if window is None else window[0],
+    logits="none",
     rng=fold(rng, Stream.TEACHER),
     remat=opts.remat_teacher,
     remat_policy=opts.remat_policy,
   )
-  ce = masked_ce(out.logits, labels_BxL) if window is None else token_ce(out.logits, window[1])
+  ce = teacher_ce(codi.backbone, out.hidden, batch, opts.ce_chunk_logits)
   return ce, {"ce_teacher": ce, "loss": ce}
 
 

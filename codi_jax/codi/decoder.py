@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from codi_jax import sharding
 from codi_jax.batching import bucket_size, fixed_batches, left_pad
 from codi_jax.codi import efficiency, inference, probe
 from codi_jax.codi.model import Codi, CodiOptions
@@ -114,7 +115,31 @@ class CodiDecoder:
       st = run(caps, (ids, mask), state=state, start_static=start_static, max_new=max_new)
       return st[0], st[2]
 
+    def lower(ids, mask, state=None, *, max_new, num_latent=None):
+      """(program, capacities): the run's last bucket as one fixed-capacity program."""
+      if student:
+        caps = inference.student_capacities(ids.shape[1], num_latent, max_new, self.min_capacity)
+      else:
+        caps = inference.teacher_capacities(ids.shape[1], max_new, self.min_capacity)
+      start_static = {"num_latent": num_latent} if student else None
+      lowered = run.lower(caps[-1], (ids, mask), state=state, start_static=start_static)
+      return lowered(max_new=max_new), caps
+
+    call.lower = lower
     return call
+
+  def lower(self, mode: str, batch: int, width: int, num_latent: int | None = None):
+    """(lowered program, cache capacities) of decoding a [batch, width] question batch in `mode`
+    (`width` with [bot] for the student) in its last capacity bucket, for ahead-of-time
+    compilation (`codi_jax.compile`); nothing is allocated."""
+    ids = jax.ShapeDtypeStruct((batch, width), np.int32)
+    mask = jax.ShapeDtypeStruct((batch, width), np.bool_)
+    with self.model.context():
+      ids, mask = (
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(x.shape))
+        for x in (ids, mask)
+      )
+    return self._fns[mode].lower(ids, mask, **self._static(mode, num_latent))
 
   @property
   def compiles(self) -> int:
@@ -134,7 +159,7 @@ class CodiDecoder:
     width = width or bucket_size(max(len(s) for s in seqs), self.buckets)
     return left_pad(seqs, self.special.pad, width)
 
-  def _bucket(self, mode: str, questions: Sequence[Sequence[int]] = ()):
+  def bucket(self, mode: str, questions: Sequence[Sequence[int]] = ()):
     """Row -> padded width. Official padding modes batch in input order at one width, as the
     reference's test.py batches (each batch acts as padded to its own longest question: slots
     before it do not exist in those modes), so the numbers are the reference's with one compile."""
@@ -146,7 +171,7 @@ class CodiDecoder:
 
   def widths(self, questions: Sequence[Sequence[int]], mode: str) -> list[int]:
     """The padded widths (compiled shapes) decoding `questions` in `mode` uses."""
-    bucket = self._bucket(mode, questions)
+    bucket = self.bucket(mode, questions)
     return sorted({bucket(q) for q in questions})
 
   def generate(
@@ -162,20 +187,32 @@ class CodiDecoder:
     """Greedy continuation of every question (token ids with the tokenizer's own specials)."""
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    fn, static = self._fns[mode], self._static(mode, num_latent)
-    bucket = self._bucket(mode, questions)
+    bucket = self.bucket(mode, questions)
     self.check_memory(questions, mode, batch_size, num_latent)
 
     def run(rows):
-      ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, mode, bucket(rows[0])))
-      toks, lens = jax.device_get(fn(ids, mask, state=state, **static))
-      out = []
-      for j in range(len(rows)):
-        t = toks[j, : lens[j]].tolist()
-        out.append(Decoded(t, len(t) == self.max_new_tokens and t[-1] not in self.eos_ids))
-      return out
+      return self.decode_rows(rows, mode, bucket(rows[0]), num_latent=num_latent, state=state)
 
     return fixed_batches(questions, batch_size, run, bucket=bucket, progress=progress)
+
+  def decode_rows(
+    self,
+    rows: Sequence[Sequence[int]],
+    mode: str,
+    width: int,
+    *,
+    num_latent: int | None = None,
+    state=None,
+  ) -> list[Decoded]:
+    """One fixed-shape batch of `generate`: `rows` left-padded to `width` (their `bucket`)."""
+    fn, static = self._fns[mode], self._static(mode, num_latent)
+    ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, mode, width))
+    toks, lens = jax.device_get(fn(ids, mask, state=state, **static))
+    out = []
+    for j in range(len(rows)):
+      t = toks[j, : lens[j]].tolist()
+      out.append(Decoded(t, len(t) == self.max_new_tokens and t[-1] not in self.eos_ids))
+    return out
 
   def check_memory(
     self,
@@ -211,16 +248,32 @@ class CodiDecoder:
     state=None,
   ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per question: (probs [M, k], token ids [M, k]) of every probed thought vector."""
-    fn = self._fns["probe"]
-    n = self.opts.num_latent if num_latent is None else num_latent
-    bucket = self._bucket("student", questions)
+    bucket = self.bucket("student", questions)
 
     def run(rows):
-      ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, "student", bucket(rows[0])))
-      probs, top = jax.device_get(fn(ids, mask, state=state, num_latent=n, k=k, source=source))
-      return list(zip(probs, top))
+      return self.probe_rows(
+        rows, bucket(rows[0]), k=k, source=source, num_latent=num_latent, state=state
+      )
 
     return fixed_batches(questions, batch_size, run, bucket=bucket)
+
+  def probe_rows(
+    self,
+    rows: Sequence[Sequence[int]],
+    width: int,
+    *,
+    k: int,
+    source: str,
+    num_latent: int | None = None,
+    state=None,
+  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row of one fixed-shape batch (left-padded to `width`, the student's `bucket`): (probs
+    [M, k], token ids [M, k]) of every probed thought vector."""
+    n = self.opts.num_latent if num_latent is None else num_latent
+    ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, "student", width))
+    fn = self._fns["probe"]
+    probs, top = jax.device_get(fn(ids, mask, state=state, num_latent=n, k=k, source=source))
+    return list(zip(probs, top))
 
   def latency(
     self,
@@ -232,7 +285,7 @@ class CodiDecoder:
     num_latent: int | None = None,
   ) -> dict:
     """Per-problem latency at batch 1 and at `batch_size` on the most common length bucket."""
-    sizes = [self._bucket(mode)(q) for q in questions]
+    sizes = [self.bucket(mode)(q) for q in questions]
     common = max(set(sizes), key=sizes.count)
     pool = [q for q, size in zip(questions, sizes) if size == common]
     fn, static = self._fns[mode], self._static(mode, num_latent)

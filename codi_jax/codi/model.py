@@ -25,6 +25,7 @@ from flax import nnx
 
 from codi_jax.errors import InputError
 from codi_jax.models import cache as kvc
+from codi_jax.models import head_ce
 from codi_jax.models.layers import LayerNorm, RematPolicy, dropout, fold, param
 from codi_jax.models.positions import PaddingMode, first_column, positions
 from codi_jax.models.step import Carry, scan_steps
@@ -50,6 +51,9 @@ class CodiOptions:
   remat_thoughts / remat_teacher: recompute the thought scan's / the teacher pass's activations in
     the backward pass (memory options; the teacher per block), keeping what `remat_policy` saves.
   use_prj: feed thoughts through the projection (if the module has one); Coconut: never.
+  ce_chunk_logits: the training CE runs the LM head fused with it, this many logits at a time
+    (`models.head_ce`: no whole [B, N, V] logits, their gradient made in the forward pass); 0:
+    whole logits (same values up to float rounding).
   """
 
   method: Literal["codi", "cot_sft", "no_cot_sft", "coconut", "icot_si"] = "codi"
@@ -66,6 +70,7 @@ class CodiOptions:
   remat_teacher: bool = False
   remat_policy: RematPolicy = "nothing_saveable"
   use_prj: bool = True
+  ce_chunk_logits: int = head_ce.CHUNK_LOGITS
 
   @classmethod
   def from_config(cls, codi_config, *, inference: bool = False) -> CodiOptions:
@@ -204,6 +209,22 @@ def teacher_label_window(batch):
   return jnp.minimum(pos, Lt - 1), jnp.where(nxt < Lt, lb, -100)
 
 
+def next_token_ce(backbone, hidden_BxLxD, labels_BxL, chunk_logits: int):
+  """`masked_ce` of the LM head over `hidden` (fused, `models.head_ce`); the last position, which
+  has no next label, gets no logits."""
+  return head_ce.head_token_ce(backbone, hidden_BxLxD[:, :-1], labels_BxL[:, 1:], chunk_logits)
+
+
+def teacher_ce(backbone, hidden_BxLxD, batch, chunk_logits: int):
+  """CE of a teacher-layout pass: the LM head at the labelled window only if the batch has one
+  (`teacher_label_window`), else at every position (`next_token_ce`)."""
+  window = teacher_label_window(batch)
+  if window is None:
+    return next_token_ce(backbone, hidden_BxLxD, batch["teacher_labels"], chunk_logits)
+  h_BxWxD = jnp.take_along_axis(hidden_BxLxD, window[0][..., None], axis=1)
+  return head_ce.head_token_ce(backbone, h_BxWxD, window[1], chunk_logits)
+
+
 def distill_terms(student, teacher, kind: str, div_std: bool):
   """Per-entry losses l_j [J]: reference order (SmoothL1 on raw activations, then / std(teacher))."""
   out = []
@@ -316,9 +337,9 @@ def encode_and_think(
 
 
 def student_forward(
-  codi: Codi, batch, opts: CodiOptions, rng=None, enc_embeds=None, hidden_states=True
+  codi: Codi, batch, opts: CodiOptions, rng=None, enc_embeds=None, hidden_states=True, logits="all"
 ):
-  """Encoder -> N thoughts -> teacher-forced [eot][answer] on the cache.
+  """Encoder -> N thoughts -> teacher-forced [eot][answer] on the cache (logits as `Transformer`).
 
   A batch with `num_thoughts` [B] runs that many thoughts per row (see `encode_and_think`).
   """
@@ -343,6 +364,7 @@ def student_forward(
     mask=dec_mask,
     cache=cache,
     hidden_states=hidden_states,
+    logits=logits,
     rng=fold(rng, Stream.ANSWER),
   )
 
@@ -390,26 +412,21 @@ def codi_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
   metrics = {}
   loss = 0.0
   if opts.method in ("codi", "cot_sft"):
-    window = teacher_label_window(batch)  # logits at the labelled positions only, if batched
     tea = teacher_forward(
       codi,
       batch,
       fold(rng, Stream.TEACHER),
       hidden_states=opts.method == "codi",
-      logits="all" if window is None else window[0],
+      logits="none",
       remat=opts.remat_teacher,
       remat_policy=opts.remat_policy,
     )
-    ce_t = (
-      masked_ce(tea.logits, batch["teacher_labels"])
-      if window is None
-      else token_ce(tea.logits, window[1])
-    )
+    ce_t = teacher_ce(codi.backbone, tea.hidden, batch, opts.ce_chunk_logits)
     metrics["ce_teacher"] = ce_t
     loss = loss + (opts.gamma if opts.method == "codi" else 1.0) * ce_t
   if opts.method in ("codi", "no_cot_sft"):
-    stu = student_forward(codi, batch, opts, fold(rng, Stream.STUDENT))
-    ce_s = masked_ce(stu.logits, batch["decoder_labels"])
+    stu = student_forward(codi, batch, opts, fold(rng, Stream.STUDENT), logits="none")
+    ce_s = next_token_ce(codi.backbone, stu.hidden, batch["decoder_labels"], opts.ce_chunk_logits)
     metrics["ce_student"] = ce_s
     loss = loss + (opts.alpha if opts.method == "codi" else 1.0) * ce_s
   if opts.method == "codi":

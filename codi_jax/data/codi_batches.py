@@ -269,9 +269,17 @@ def teacher_span(question_len, teacher_len):
   return teacher_len - np.maximum(question_len, 1)
 
 
-def fit_shapes(examples: CodiExamples, buckets: int | Sequence[int] = 32) -> Shapes:
-  """The bucketed max lengths of `examples`: one shape for every batch, so one compilation."""
-  sizes = {k: bucket_size(int(v.max()), buckets) for k, v in examples.lengths().items()}
+def fit_shapes(
+  examples: CodiExamples, buckets: int | Sequence[int] = 32, max_padding: float = 0.0
+) -> Shapes:
+  """The bucketed max lengths of `examples`: one shape for every batch, so one compilation.
+
+  Each segment is bucketed on its own (`bucket_size`; with `max_padding` > 0 its multiple follows
+  its length, so the few-token decoder is not padded to the question's bucket).
+  """
+  sizes = {
+    k: bucket_size(int(v.max()), buckets, max_padding) for k, v in examples.lengths().items()
+  }
   sizes["teacher_span"] = min(sizes["teacher_span"], sizes["teacher"])  # never wider than Lt
   return Shapes(**sizes)
 

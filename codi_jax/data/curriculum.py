@@ -167,12 +167,16 @@ class CoconutShapes:
   steps: int
 
 
-def fit_coconut_shapes(examples: StepExamples, buckets: int | Sequence[int]) -> CoconutShapes:
-  """The bucketed maxima of `examples`: one shape for every batch and stage."""
+def fit_coconut_shapes(
+  examples: StepExamples, buckets: int | Sequence[int], max_padding: float = 0.0
+) -> CoconutShapes:
+  """The bucketed maxima of `examples` (each segment on its own, `bucket_size`): one shape for
+  every batch and stage."""
   lengths = examples.base.lengths()
+  decoder = int((lengths["decoder"] + cot_lengths(examples.base)).max())
   return CoconutShapes(
-    question=bucket_size(int(lengths["question"].max()), buckets),
-    decoder=bucket_size(int((lengths["decoder"] + cot_lengths(examples.base)).max()), buckets),
+    question=bucket_size(int(lengths["question"].max()), buckets, max_padding),
+    decoder=bucket_size(decoder, buckets, max_padding),
     steps=max(1, int(examples.num_steps().max())),
   )
 
@@ -516,6 +520,7 @@ def train_data(
   batch_size: int,
   seed: int = 0,
   buckets: int | Sequence[int] = 32,
+  max_padding: float = pipeline.MAX_PADDING,
   prefetch: int = 8,
   **tokenize_kwargs: Any,
 ) -> pipeline.TrainData:
@@ -531,11 +536,11 @@ def train_data(
     examples = tokenize_steps(
       examples, records, tokenizer, max_piece_tokens=cap, strip_piece_bos=strip
     )
-    shapes = fit_coconut_shapes(examples, buckets)
+    shapes = fit_coconut_shapes(examples, buckets, max_padding)
     pad = functools.partial(coconut_example, shapes=shapes, ids=examples.ids)
     report["coconut_steps"] = {"max": shapes.steps, "mean": float(examples.num_steps().mean())}
   else:
-    shapes = codi_batches.fit_shapes(examples, buckets)
+    shapes = codi_batches.fit_shapes(examples, buckets, max_padding)
     pad = functools.partial(icot_example, shapes=shapes, ids=examples.ids)
   ds = curriculum_dataset(examples, pad, batch_size=batch_size, seed=seed, prefetch=prefetch)
   return pipeline.TrainData(ds, examples, shapes, report, len(examples) // batch_size)

@@ -32,6 +32,21 @@ def _signature(args, static) -> tuple:
   return (str(treedef), tuple(leaf(x) for x in leaves), tuple(sorted(static.items())))
 
 
+def _place(state):
+  """The state on the active mesh; an abstract one (`nnx.eval_shape`) stays shapes, each with its
+  sharding, so its programs can be lowered and compiled for another topology without weights."""
+  leaves = jax.tree.leaves(state)
+  if leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    if sharding.current()[0] is None:
+      return state
+    return jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+      state,
+      sharding.state_shardings(state),
+    )
+  return sharding.shard_state(state)
+
+
 class JittedModel:
   """A model split once; `jit(fn)` gives pure jitted functions of its (sharded) weights.
 
@@ -45,7 +60,7 @@ class JittedModel:
     self.graphdef = graphdef
     self.mesh, self.rules = sharding.current()
     with self.context():
-      self.state = sharding.shard_state(state)
+      self.state = _place(state)
     self.traces: collections.Counter = collections.Counter()  # (fn name, signature) -> traces
 
   def context(self):

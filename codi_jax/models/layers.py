@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from codi_jax.models import random_bits
 from codi_jax.models.config import AttentionImpl, LoRAConfig, RopeScaling
 
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -25,14 +26,17 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 RematPolicy = Literal["nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 
 
-def checkpoint(fn, policy: RematPolicy = "nothing_saveable"):
+def checkpoint(fn, policy: RematPolicy = "nothing_saveable", prevent_cse: bool = True):
   """jax.checkpoint (remat) of fn under a named policy: its activations are recomputed in the
-  backward pass, except what the policy saves."""
+  backward pass, except what the policy saves. prevent_cse=False inside scan/while bodies (the
+  loop already keeps the recomputation apart; jax.checkpoint's documentation)."""
   if policy not in typing.get_args(RematPolicy):
     raise ValueError(
       f"unknown remat policy {policy!r}; supported: {', '.join(typing.get_args(RematPolicy))}"
     )
-  return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
+  return jax.checkpoint(
+    fn, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=prevent_cse
+  )
 
 
 def param(value, axes, kind=nnx.Param):
@@ -41,10 +45,11 @@ def param(value, axes, kind=nnx.Param):
 
 
 def dropout(x, rate: float, rng: jax.Array | None):
-  """Inverted dropout; a no-op when rng is None (deterministic) or rate is 0."""
+  """Inverted dropout; a no-op when rng is None (deterministic) or rate is 0. The mask comes from
+  16-bit draws (`random_bits.keep_mask`: a quarter of bernoulli's threefry hashes)."""
   if rng is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  keep = random_bits.keep_mask(rng, rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
@@ -220,6 +225,25 @@ def rope(x_BxLxHxDh, cos_sin):
   return x_BxLxHxDh * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
+def cudnn_fits(q_BxLxHxDh) -> bool:
+  """Whether cuDNN's fused attention takes this query: a GPU backend, bf16/fp16, a head size that is
+  a multiple of 8 up to 128 (jax's limit before Hopper; Hopper takes 256)."""
+  Dh = q_BxLxHxDh.shape[-1]
+  return (
+    jax.default_backend() == "gpu"
+    and q_BxLxHxDh.dtype in (jnp.bfloat16, jnp.float16)
+    and Dh % 8 == 0
+    and Dh <= 128
+  )
+
+
+def _pad_even(x, axis: int):
+  """x with one zero (False) row appended on `axis` if its length there is odd."""
+  if x.shape[axis] % 2 == 0:
+    return x
+  return jnp.pad(x, [(0, int(i == axis)) for i in range(x.ndim)])
+
+
 def attention(
   q_BxLxHxDh,
   k_BxTxKxDh,
@@ -235,20 +259,26 @@ def attention(
   Fully masked query rows (padding) get a uniform, finite distribution instead of NaN.
   impl "dot_product" calls jax.nn.dot_product_attention (implementation=None: jax picks the kernel;
   jax 0.10.2 picks XLA), except under attention dropout, which it lacks (the einsum path runs).
+  impl "cudnn" asks it for cuDNN's fused kernel where `cudnn_fits`, else runs as "dot_product".
   """
   B, L, H, Dh = q_BxLxHxDh.shape
   T, K = k_BxTxKxDh.shape[1:3]
   G = H // K
-  if impl == "dot_product" and (attn_dropout == 0.0 or rng is None):
+  if impl != "xla" and (attn_dropout == 0.0 or rng is None):
     # A fully masked row attends uniformly over all T keys, as below: its query is zeroed (equal
     # scores) and every key unmasked, so no kernel sees an all-masked row.
     no_key_BxL = ~jnp.any(allowed_BxLxT, axis=-1)
     q_BxLxHxDh = jnp.where(no_key_BxL[:, :, None, None], 0, q_BxLxHxDh).astype(k_BxTxKxDh.dtype)
-    mask_Bx1xLxT = (allowed_BxLxT | no_key_BxL[:, :, None])[:, None]
+    allowed_BxLxT = allowed_BxLxT | no_key_BxL[:, :, None]
+    kernel = "cudnn" if impl == "cudnn" and cudnn_fits(q_BxLxHxDh) else None
+    if kernel:  # cuDNN's masked backward takes even lengths: one more (fully masked) query / key
+      q_BxLxHxDh = _pad_even(q_BxLxHxDh, 1)
+      k_BxTxKxDh, v_BxTxKxDh = _pad_even(k_BxTxKxDh, 1), _pad_even(v_BxTxKxDh, 1)
+      allowed_BxLxT = _pad_even(_pad_even(allowed_BxLxT, 1), 2)
     o_BxLxHxDh = jax.nn.dot_product_attention(
-      q_BxLxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=mask_Bx1xLxT, implementation=None
+      q_BxLxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=allowed_BxLxT[:, None], implementation=kernel
     )
-    return o_BxLxHxDh.reshape(B, L, H * Dh)
+    return o_BxLxHxDh[:, :L].reshape(B, L, H * Dh)
   if L == 1:  # decoding: leave the cache in place (a transpose would copy it every step)
     q = q_BxLxHxDh.reshape(B, L, K, G, Dh)
     s_BxKxGxLxT = jnp.einsum("blkgd,btkd->bkglt", q, k_BxTxKxDh, preferred_element_type=jnp.float32)
