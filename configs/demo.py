@@ -65,7 +65,7 @@ def get_config(arg=None):
   config.codi.gamma = 1.0
   # The baselines' curricula in steps (their references pace them in epochs of GSM8k-Aug; an
   # epoch here is 625 steps, more than a third of the run). docs/baselines.md section 4.
-  config.codi.stage_steps = 160  # Coconut: stages 0-3 then all 3 steps latent from step 641
+  config.codi.stage_steps = 160  # Coconut: stage k from step 160k+1; all 3 steps latent from 481
   config.codi.remove_per_epoch = 25.0  # iCoT-SI: a token every 25 steps, all ~25 by step ~650
 
   config.optim.lr = 3e-3  # the reference GPT-2 LR; stable here with warmup + clipping

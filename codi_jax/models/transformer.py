@@ -272,11 +272,12 @@ class Transformer(nnx.Module):
     T = key_valid_BxT.shape[1]
     slot_T = jnp.arange(T)
     allowed_BxLxT = key_valid_BxT[:, None, :] & (slot_T[None, None, :] <= q_slot[None, :, None])
-    # A query with no visible key (a left pad) attends uniformly to every key that exists in this
-    # call, as HF's eager attention does (its additive mask makes all scores equal): the cache's
-    # real keys and the whole block from its first real column on (earlier bucket slots are wider
-    # than the batch and do not exist). Only pad rows change; real rows never see them unless the
-    # reference's unmasked passes are asked for (CODI's official padding modes).
+    # A query with no visible key (a left pad) attends with its real scores to every key that
+    # exists in this call, as PyTorch's SDPA does on CUDA (where the reference's runs were made;
+    # eager attention would make it uniform): the cache's real keys and the whole block from its
+    # first real column on (earlier bucket slots are wider than the batch and do not exist). Only
+    # pad rows change; real rows never see them unless the reference's unmasked passes are asked
+    # for (CODI's official padding modes; docs/codi.md section 10.1).
     start = (0 if end is None else end) + jnp.argmax(jnp.any(mask_BxL, axis=0))
     block_T = (slot_T >= start) & (slot_T < (0 if end is None else end) + L)
     exists_BxT = key_valid_BxT | block_T[None]
