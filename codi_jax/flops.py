@@ -1,7 +1,8 @@
 """Model FLOPs of one CODI train step by formula, for every method (MFU's numerator).
 
 With B rows and, per row, Lt teacher tokens, Lq encoder tokens ([question][bot]), N thoughts, La
-decoder tokens and Lw teacher logit rows (the labelled window; all Lt without one):
+decoder tokens and Lw teacher logit rows (the labelled window; without one, Lt - 1: the last
+position has no next label, as the decoder's; logit rows = Lw + La - 1):
   dense     = B x positions x (k P_dense + 6 P_lora), k = 4 under LoRA (forward 2 + input
               gradient 2; frozen weights get no weight gradient), 6 in full fine-tuning
   head      = B (logit rows) k V D  (the LM head at the positions the losses read)
@@ -72,12 +73,12 @@ def train_flops(
   k = 6 if full_ft else 4
   Lt, student = _passes(lengths, thoughts, method)
   logit_rows, keys, N = 0, 0, 0
-  if Lt:
-    logit_rows += lengths.get("teacher_span") or Lt
+  if Lt:  # the labelled window, else every position but the last (it has no next label)
+    logit_rows += lengths.get("teacher_span") or Lt - 1
     keys += Lt * (Lt + 1) // 2
   if student:
     Lq, N, La = student
-    logit_rows += La
+    logit_rows += La - 1  # the decoder's last position has no next label: no logits
     keys += Lq * (Lq + 1) // 2 + sum(Lq + j for j in range(1, N + 1))
     keys += sum(Lq + N + j for j in range(1, La + 1))
   attn = cfg.num_heads * cfg.head_dim * L * B
