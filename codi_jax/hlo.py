@@ -94,26 +94,80 @@ def _parse(hlo: str):
 
 
 def _cond_trips(comps) -> dict[str, int]:
-  """{condition computation: N} for loop conditions `i < N` with N a constant (the form of
-  `lax.scan` / `fori_loop` counters from 0), for HLO without known_trip_count (libtpu's)."""
-  out = {}
-  for name, body in comps.items():
-    consts = {
-      i: int(m.group(1)) for i, _, op, line in body if (m := re.search(r"constant\((\d+)\)", line))
+  """{while instruction: trip count} for loops whose HLO states none (libtpu's): a counter (tuple
+  element k) compared `i < N` to a constant N in the condition, from a constant start (else 0),
+  stepped by a constant in the body (else 1): ceil((N - start) / step). lax.scan and fori_loop
+  counters step by 1; TPU collective-matmul windows step by 2."""
+  instrs = {c: {i: (op, line) for i, _, op, line in body} for c, body in comps.items()}
+
+  def operands(line: str, op: str) -> list[str]:
+    m = re.search(rf" {re.escape(op)}\(([^)]*)\)", line)
+    return re.findall(r"%?([\w.\-]+)", m.group(1)) if m else []
+
+  def const(comp: str, name: str | None) -> int | None:
+    """The value of an integer constant (through copies), else None."""
+    op, line = instrs[comp].get(name, ("", ""))
+    if op == "copy":
+      return const(comp, next(iter(operands(line, op)), None))
+    m = re.search(r"constant\((-?\d+)\)", line) if op == "constant" else None
+    return int(m.group(1)) if m else None
+
+  def less_than(comp: str, op: str, line: str) -> list[str]:
+    """(a, b) of `a < b`: a compare, or a fusion of one compare of its two parameters in order."""
+    if op == "compare":
+      return operands(line, op) if "direction=LT" in line else []
+    fused = re.search(r"calls=%?([\w.\-]+)", line) if op == "fusion" else None
+    body = comps.get(fused.group(1) if fused else "", [])
+    if not body or not body[-1][3].lstrip().startswith("ROOT") or body[-1][2] != "compare":
+      return []
+    order = {
+      i: int(m.group(1)) for i, _, o, ln in body if (m := re.search(r"parameter\((\d+)\)", ln))
     }
-    for _, _, op, line in body:
-      m = re.search(r"compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT", line)
-      if op == "compare" and m and m.group(1) in consts:
-        out[name] = consts[m.group(1)]
+    args = less_than(comp, "compare", body[-1][3])
+    return operands(line, op) if [order.get(x) for x in args] == [0, 1] else []
+
+  def element(comp: str, tup: str | None, k: int) -> str | None:
+    """Operand k of the tuple instruction `tup` of `comp`."""
+    op, line = instrs[comp].get(tup, ("", ""))
+    args = operands(line, "tuple") if op == "tuple" else []
+    return args[k] if k < len(args) else None
+
+  def step(body: str, k: int) -> int:
+    root = next((i for i, _, _, line in comps[body] if line.lstrip().startswith("ROOT")), None)
+    op, line = instrs[body].get(element(body, root, k), ("", ""))
+    if op == "add" or (op == "fusion" and re.search(r"calls=%?[\w.\-]*add", line)):
+      return next((c for x in operands(line, op) if (c := const(body, x))), 1)
+    return 1
+
+  out = {}
+  for comp, body in comps.items():
+    for name, _, op, line in body:
+      cond = re.search(r"condition=%?([\w.\-]+)", line) if op == "while" else None
+      if not cond or cond.group(1) not in instrs:
+        continue
+      loop_body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+      for cop, cline in instrs[cond.group(1)].values():
+        args = less_than(cond.group(1), cop, cline)
+        n = const(cond.group(1), args[1]) if len(args) == 2 else None
+        if n is None:
+          continue
+        gop, gline = instrs[cond.group(1)].get(args[0], ("", ""))
+        k = re.search(r"index=(\d+)", gline) if gop == "get-tuple-element" else None
+        if not k or loop_body not in instrs:
+          out[name] = n
+          continue
+        k = int(k.group(1))
+        first = const(comp, element(comp, next(iter(operands(line, "while")), None), k)) or 0
+        out[name] = max(0, -(-(n - first) // step(loop_body, k)))
   return out
 
 
 def _trip(line: str, conds: dict[str, int], open_trips: int | None = None) -> int | None:
-  """The trip count of a while instruction: known, or read off its `i < N` condition; else
-  open_trips (the caller's count for an open-ended loop, e.g. a decode loop at its full budget)."""
+  """The trip count of a while instruction: known, or read off its condition (`_cond_trips`);
+  else open_trips (the caller's count for an open-ended loop, e.g. a decode at its full budget)."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-  cond = re.search(r"condition=%?([\w.\-]+)", line)
-  n = int(known.group(1)) if known else conds.get(cond.group(1) if cond else "")
+  name = _INSTR.match(line)
+  n = int(known.group(1)) if known else conds.get(name.group(1) if name else "")
   return n or open_trips
 
 
@@ -182,13 +236,18 @@ def _xla_cost_fn() -> Callable[[str], dict[str, float] | None] | None:
   return cost
 
 
-def loop_costs(hlo: str, open_trips: int | None = None) -> tuple[dict[str, float], int] | None:
+def loop_costs(
+  hlo: str, open_trips: int | None = None, backend: dict | None = None
+) -> tuple[dict[str, float], int] | None:
   """(what XLA's cost analysis leaves out of an optimized HLO module, {COST_KEYS: amount}; the
   number of while loops still counted once). XLA counts every while body once; this adds, for
   each loop of known trip count n, n - 1 more times its body, nested loops weighted the same way:
   extra(C) = sum over C's loops of (n - 1) (cost(body) + extra(body)) + extra(body). A body's cost
-  is XLA's own analysis of the body as a module of its own (`_xla_cost_fn`: within 0.3% of a TPU
-  program's own analysis). A loop whose HLO states no trip count runs open_trips times (None: once).
+  is XLA's generic analysis of the body as a module of its own (`_xla_cost_fn`; on a TPU program
+  its FLOPs agree with the TPU's own analysis within 0.1%). A loop whose HLO states no trip count
+  runs open_trips times (None: once). backend: the backend's own analysis of the whole program
+  (`cost(compiled)`); each amount is then scaled by its ratio to the generic analysis of the whole
+  program (the TPU's counts the bytes of padded tiles: 1.2x the generic count on GPT-2's step).
   None where jaxlib does not expose the analysis."""
   analyse = _xla_cost_fn()
   if analyse is None:
@@ -232,7 +291,12 @@ def loop_costs(hlo: str, open_trips: int | None = None) -> tuple[dict[str, float
     return out
 
   total = extra(entry)
-  return {k: float(total[k]) for k in COST_KEYS}, once
+  whole = analyse(_as_module(head, texts, entry)) if backend and entry else None
+  scale = {
+    k: backend[k] / whole[k] if whole and whole.get(k) and backend.get(k) else 1.0
+    for k in COST_KEYS
+  }
+  return {k: float(total[k]) * scale[k] for k in COST_KEYS}, once
 
 
 def _totals(comps, entry, count: Callable, open_trips: int | None = None) -> dict[str, float]:

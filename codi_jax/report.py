@@ -53,7 +53,7 @@ def compile_program(p, chip, n_chips: int) -> dict:
   )
   cost = hlo.cost(compiled)
   # What XLA's analysis leaves out: loop bodies beyond their first trip.
-  loops = hlo.loop_costs(text, p.open_trips)
+  loops = hlo.loop_costs(text, p.open_trips, cost)
   extra, once = loops if loops else ({}, len(hlo.loop_trips(text, p.open_trips)))
   xla_flops = float(cost.get("flops", float("nan"))) + extra.get("flops", 0.0)
   xla_bytes = float(cost.get("bytes accessed", 0)) + extra.get("bytes accessed", 0.0)
@@ -76,6 +76,7 @@ def compile_program(p, chip, n_chips: int) -> dict:
     cost_model_s=step_s,
     xla_flops=xla_flops,
     xla_bytes=xla_bytes,
+    xla_once={k: float(cost.get(k, 0.0)) for k in hlo.COST_KEYS},  # XLA's own: loop bodies once
     model_flops=p.model_flops,
     mfu=per_chip / step_s / chip.bf16_flops if train and per_chip and ok else None,
     tokens_s_chip=p.tokens / n_chips / step_s if train and ok else None,

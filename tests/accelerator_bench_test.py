@@ -158,12 +158,13 @@ def test_flop_formula_terms():
   lora = acc.train_flops(cfg, shape, lora_rank=128, full_ft=False)
   full = acc.train_flops(cfg, shape, lora_rank=128, full_ft=True)
   p_dense = 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)  # 84.9M: GPT-2's block matmuls
-  # Lt = 2, Lq = 2, La = 2: 6 positions; head at Lw + La = 1 + 2 positions.
+  # Lt = 2, Lq = 2, La = 2: 6 positions; head at Lw + La - 1 = 1 + 1 positions (the decoder's
+  # last position has no next label, so the fused CE computes no logits there).
   assert full["dense"] == 6 * 6 * p_dense
-  assert full["head"] == 3 * 6 * 50260 * 768
+  assert full["head"] == 2 * 6 * 50260 * 768
   p_lora = 12 * 128 * (768 + 2304 + 768 + 768 + 768 + 3072 + 3072 + 768)
   assert lora["dense"] == 6 * (4 * p_dense + 6 * p_lora)
-  assert lora["head"] == 3 * 4 * 50260 * 768
+  assert lora["head"] == 2 * 4 * 50260 * 768
   # visible keys: teacher 1 + 2, encoder 1 + 2, decoder 3 + 4
   assert lora["attention"] == 12 * 12 * 64 * 12 * (3 + 3 + 7)
   assert lora["total"] == sum(v for k, v in lora.items() if k != "total")

@@ -2,6 +2,8 @@
 trip count times, so a scanned-layer program's cost model counts what the unrolled one's does.
 CPU compiles, counts only."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -45,6 +47,33 @@ def test_nested_scans_count_every_trip():
   assert once == 0 and sorted(hlo.loop_trips(compiled.as_text())) == [STEPS, LAYERS]
   assert raw < matmuls / (STEPS * LAYERS) * 1.1  # XLA's own count: one matmul
   assert matmuls <= corrected <= matmuls * 1.01, (corrected, matmuls)  # + a few adds
+  # A backend that counts twice the bytes of the generic analysis (TPU: padded tiles) gets its
+  # loop bodies scaled the same way.
+  text, own = compiled.as_text(), hlo.cost(compiled)
+  extra, _ = hlo.loop_costs(text)
+  scaled, _ = hlo.loop_costs(text, backend={**own, "bytes accessed": 2 * own["bytes accessed"]})
+  assert scaled["bytes accessed"] == pytest.approx(2 * extra["bytes accessed"], rel=1e-6)
+  assert scaled["flops"] == pytest.approx(extra["flops"], rel=1e-6)
+
+
+def test_trip_count_read_off_a_condition_with_a_step():
+  """libtpu's HLO states no trip counts (and its collective-matmul windows step by 2): without
+  XLA:CPU's known_trip_count, `i < 8` from 0 by 2 is read as 4 trips and costed so."""
+  D, B = 64, 8
+
+  def f(w_DxD, h_BxD):
+    def body(c):
+      i, h = c
+      return i + 2, jnp.tanh(h @ w_DxD)
+
+    return jax.lax.while_loop(lambda c: c[0] < 8, body, (0, h_BxD))[1]
+
+  text = jax.jit(f).lower(jnp.ones((D, D)), jnp.ones((B, D))).compile().as_text()
+  assert '"known_trip_count":{"n":"4"}' in text
+  text = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
+  assert hlo.loop_trips(text) == [4]
+  extra, once = hlo.loop_costs(text)
+  assert once == 0 and extra["flops"] == pytest.approx(3 * 2 * B * D * D, rel=1e-3)
 
 
 def _grad_program(scan_layers: bool):
