@@ -26,8 +26,10 @@ lint: install-test
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 
+# One worker per core (pytest-xdist); a file's tests stay on one worker and share its fixtures.
+TEST_WORKERS ?= auto
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install-test
 	$(PY) benchmarks/greedy_speed.py

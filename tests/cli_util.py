@@ -15,10 +15,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(tmp_path, extra_env=None) -> dict:
-  """CPU only, offline hub, XLA cache under tmp_path."""
+  """CPU only, offline hub, the session's XLA cache for this worker (conftest), else tmp_path's."""
+  cache = os.environ.get("CODI_JAX_TEST_CACHE_ROOT")
+  cache = os.path.join(cache, os.environ.get("PYTEST_XDIST_WORKER", "main")) if cache else None
   return dict(
     os.environ,
-    CODI_JAX_CACHE=str(tmp_path / "xla"),
+    CODI_JAX_CACHE=cache or str(tmp_path / "xla"),
     JAX_PLATFORMS="cpu",
     HF_HUB_OFFLINE="1",
     HF_HUB_CACHE=str(tmp_path / "hub"),
@@ -37,7 +39,7 @@ _RO_MOUNTS = (
 def run_module(
   prog: str, tmp_path, *args, timeout=600, extra_env=None, read_only=()
 ) -> subprocess.CompletedProcess:
-  """`python -m prog args...` from the repo root: CPU only, offline hub, XLA cache under tmp_path.
+  """`python -m prog args...` from the repo root: CPU only, offline hub, the session's XLA cache.
 
   `read_only`: directories the program finds read-only: mode bits, or for root (whom they do not
   stop) a read-only bind mount in a private mount namespace (`unshare -m`; skips without one).
