@@ -14,6 +14,11 @@ from codi_jax.errors import InputError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def find_tool(name: str) -> str | None:
+  """The program `name` beside this interpreter (a venv's bin/, not always on PATH), else on PATH."""
+  return shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+
+
 def _env(tmp_path, extra_env=None) -> dict:
   """CPU only, offline hub, the session's XLA cache for this worker (conftest), else tmp_path's."""
   cache = os.environ.get("CODI_JAX_TEST_CACHE_ROOT")
@@ -49,9 +54,10 @@ def run_module(
   modes = {d: os.stat(d).st_mode for d in read_only}
   root = bool(read_only) and os.geteuid() == 0
   if root:
-    if not shutil.which("unshare"):
+    unshare = find_tool("unshare")
+    if not unshare:
       pytest.skip("read-only directory as root: needs unshare(1)")
-    cmd = ["unshare", "-m", "sh", "-c", _RO_MOUNTS, "sh", str(len(read_only)), *read_only, *cmd]
+    cmd = [unshare, "-m", "sh", "-c", _RO_MOUNTS, "sh", str(len(read_only)), *read_only, *cmd]
   try:
     for d in read_only if not root else ():
       os.chmod(d, 0o555)

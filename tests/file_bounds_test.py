@@ -1,40 +1,124 @@
 """Files from strangers stay bounded: malformed safetensors and GGUF headers are refused with a
-one-line InputError, quickly and without allocating what the header claims."""
+one-line InputError, reading little, calling little and without allocating what the header claims."""
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
-import time
+import sys
 import tracemalloc
+import types
 
+import gguf
 import numpy as np
 import pytest
 
+import codi_jax
 from codi_jax.errors import InputError
 from codi_jax.models import gguf_io, weights_io
 
-MAX_SECONDS = 1.0
+# Work is counted, not timed (a loaded machine slows a refusal, it does not make it do more).
+MAX_READ_BYTES = 2**20  # the largest header refused here is 400 KB (deep JSON); claims reach 2**62
+MAX_CALLS = 1_000  # Python calls in codi_jax and gguf (70 at most here); claimed counts reach 2**60
 MAX_PEAK_BYTES = 50 * 2**20
 
 
+class _TooMuchWork(BaseException):
+  """Stops a reader past MAX_CALLS (a BaseException: no `except Exception` turns it into a
+  refusal)."""
+
+
+class _Work:
+  """Counts what a reader does with a file: the bytes it reads (file reads, memory-map slices and
+  struct unpacks; a file handed to GGUFReader counts whole) and its Python calls."""
+
+  def __init__(self):
+    self.bytes_read, self.calls = 0, 0
+    self._roots = tuple(os.path.dirname(m.__file__) + os.sep for m in (codi_jax, gguf))
+    work = self
+
+    class CountingFile:
+      def __init__(self, f):
+        self._f = f
+
+      def read(self, *args):
+        out = self._f.read(*args)
+        work.bytes_read += len(out)
+        return out
+
+      def readinto(self, b):
+        n = self._f.readinto(b)
+        work.bytes_read += n or 0
+        return n
+
+      def __getattr__(self, name):  # fileno, seek, close...: not reads
+        if name in ("readline", "readlines", "readinto1", "read1", "__iter__", "__next__"):
+          raise AssertionError(f"uncounted read: {name}")
+        return getattr(self._f, name)
+
+      def __enter__(self):
+        return self
+
+      def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+    class CountingMap(mmap.mmap):
+      def __getitem__(self, key):
+        out = super().__getitem__(key)
+        work.bytes_read += len(out) if isinstance(out, bytes) else 1
+        return out
+
+    def unpack_from(fmt, buffer, offset=0):
+      work.bytes_read += struct.calcsize(fmt)
+      return struct.unpack_from(fmt, buffer, offset)
+
+    def reader(path, *args, **kwargs):
+      work.bytes_read += os.path.getsize(path)  # it maps the file and may touch any of it
+      return gguf.GGUFReader(path, *args, **kwargs)
+
+    self.open = lambda *args, **kwargs: CountingFile(open(*args, **kwargs))
+    self.mmap_module = types.SimpleNamespace(**{**vars(mmap), "mmap": CountingMap})
+    self.struct_module = types.SimpleNamespace(**{**vars(struct), "unpack_from": unpack_from})
+    self.reader = reader
+
+  def profile(self, frame, event, arg):
+    del arg
+    if event == "call" and frame.f_code.co_filename.startswith(self._roots):
+      self.calls += 1
+      if self.calls > MAX_CALLS:
+        raise _TooMuchWork(f"over {MAX_CALLS} calls, in {frame.f_code.co_name}")
+
+
 def _refused(fn, path, *needles) -> str:
-  """Asserts fn(path) raises a one-line InputError naming the file and every needle, in under a
-  second and with a Python-heap peak under 50 MB."""
-  tracemalloc.start()
-  start = time.perf_counter()
-  try:
-    with pytest.raises(InputError) as info:
-      fn(str(path))
-    elapsed = time.perf_counter() - start
-    _, peak = tracemalloc.get_traced_memory()
-  finally:
-    tracemalloc.stop()
+  """Asserts fn(path) raises a one-line InputError naming the file and every needle, reading at
+  most 1 MiB of files in at most 1000 calls, with a Python-heap peak under 50 MB."""
+  work = _Work()
+  with pytest.MonkeyPatch.context() as mp:
+    for module in (weights_io, gguf_io):
+      mp.setattr(module, "open", work.open, raising=False)
+    mp.setattr(gguf_io, "mmap", work.mmap_module)
+    mp.setattr(gguf_io, "struct", work.struct_module)
+    mp.setattr(gguf, "GGUFReader", work.reader)
+    tracemalloc.start()
+    old_profile = sys.getprofile()
+    try:
+      with pytest.raises(InputError) as info:
+        sys.setprofile(work.profile)
+        try:
+          fn(str(path))
+        finally:
+          sys.setprofile(old_profile)
+      _, peak = tracemalloc.get_traced_memory()
+    finally:
+      tracemalloc.stop()
   msg = str(info.value)
   assert "\n" not in msg, msg
   for needle in (str(path), *needles):
     assert needle in msg, msg
-  assert elapsed < MAX_SECONDS, f"{elapsed:.2f}s: {msg}"
+  assert work.bytes_read <= MAX_READ_BYTES, f"{work.bytes_read} bytes read: {msg}"
+  assert work.calls <= MAX_CALLS, f"{work.calls} calls: {msg}"
   assert peak < MAX_PEAK_BYTES, f"peak {peak / 2**20:.1f} MB: {msg}"
   return msg
 

