@@ -70,15 +70,17 @@ def get_config(arg=None):
 
   config.optim.lr = 3e-3  # the reference GPT-2 LR; stable here with warmup + clipping
   config.optim.weight_decay = 0.1
-  # 800 steps at ~0.27 s/step on 2 cores: 3m55s in all from an empty compile cache (README). The
-  # comparison table (experiments/toy_table.py) trains every method with this same budget.
+  # 800 steps at ~0.27 s/step on 2 cores: 3m55s in all from an empty compile cache
+  # (docs/results.md). The comparison table (experiments/toy_table.py) trains every method with
+  # this same budget.
   config.optim.num_steps = 800
   config.optim.warmup_ratio = 0.03
 
   config.eval.every_steps = 400
   config.eval.max_new_tokens = 48  # teacher: CoT (~25 tokens) + "The answer is: N"
   config.eval.batch_size = 128
-  # What the thoughts buy: the same task and budget without them (README, "The paper's comparison").
+  # What the thoughts buy: the same task and budget without them (docs/results.md, "The paper's
+  # comparison").
   config.eval.baseline_note = (
     "No-CoT-SFT, same task and 800 steps: 10.2% on the test split, experiments/toy_table.py seed 11"
   )

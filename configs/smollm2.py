@@ -34,7 +34,7 @@ def get_config(arg=None):
   config.data.source = "gsm8k-aug"
   config.data.path = ""  # GSM8k train.jsonl (required offline; "" = the hub's zen-E/GSM8k-Aug)
   config.data.max_token_num = 200  # the reference's Llama script
-  config.data.batch_size = 4  # the CPU budget measured in the README (60 x 4 examples)
+  config.data.batch_size = 4  # the CPU budget measured in docs/results.md (60 x 4 examples)
   config.data.buckets = 16
 
   # SmolLM2's tokenizer splits numbers into digits after a lone " " (as Llama-3's): the distilled
@@ -43,7 +43,7 @@ def get_config(arg=None):
   config.codi.beta = 20.0  # the reference's Llama value (Table A4)
   config.codi.gamma = 1.0
   config.optim.lr = 8e-4  # the reference's Llama learning rate
-  config.optim.num_steps = 60  # ~1 h of a 2-core CPU for CODI; README "Real data" has the minutes
+  config.optim.num_steps = 60  # ~1 h of a 2-core CPU for CODI: minutes in docs/results.md
   config.optim.warmup_ratio = 0.03
 
   config.eval.every_steps = 60

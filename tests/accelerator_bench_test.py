@@ -205,7 +205,8 @@ def test_flops_only_table_and_the_thought_loop_correction(tmp_path):
     assert _number(terms["head"]["XLA / formula"]) == 1.0, terms["head"]
     assert 0.8 <= _number(terms["dense"]["XLA / formula"]) <= 1.0, terms["dense"]
     assert 1.0 <= _number(terms["attention"]["XLA / formula"]) <= 2.5, terms["attention"]
-    # Tiny dimensions: norms, softmax, dropout and AdamW are a large share (real shapes: README).
+    # Tiny dimensions: norms, softmax, dropout and AdamW are a large share (real shapes:
+    # docs/results.md).
     total = _number(terms["total"]["XLA / formula"])
     assert 1.0 < total < 2.5, terms["total"]
     assert total > _number(terms["total, loops once"]["XLA / formula"]), terms
