@@ -1,5 +1,8 @@
 """CODI training: data, model, optimizer, one jitted step, metrics, periodic validation, final save.
 
+(Over 400 lines: one sectioned run, `train_and_evaluate` with its `Trainer` and `Validator`, read
+top to bottom in one file as the style guide's train loop; the step itself is train_step.py.)
+
 `train_and_evaluate(config, workdir)` is the whole run; `python -m codi_jax.train` only parses flags.
 The baselines (config.codi.method coconut | icot_si) train through the same loop: their curriculum
 (`data.curriculum.Curriculum`) rewrites each batch on the host, picks the stage's compiled step
@@ -261,6 +264,7 @@ class Trainer:
       config.codi,
       steps_per_epoch=per_epoch,
       longest_cot=curriculum.longest_cot(self.data.examples) if method == "icot_si" else 0,
+      cot_steps=self.data.examples.num_steps() if method == "coconut" else None,
       seed=config.seed,
       pad_id=special.pad,
       first_row=jax.process_index() * local,

@@ -187,6 +187,38 @@ def test_coconut_optimizer_restarts_per_stage_or_per_epoch():
   assert not any(cur.Curriculum("coconut", cfg).reset_before(t) for t in range(1, 12))
 
 
+def test_coconut_stage_boundaries_for_three_step_cots():
+  """The demo's schedule (stage k from step 160k + 1, max_latent_stage 3, c 2) on CoTs of exactly
+  3 steps: the thoughts grow at 161, 321 and 481, after which every step is latent; stage 4 (641)
+  trains as stage 3, so the optimizer restarts at 161, 321 and 481 only. A 4-step CoT in the set
+  (stage 4 removes its last step) or unpadded thoughts on a 2-step CoT (6 -> 4) restart at 641."""
+  cfg = codi_config(stage_steps=160, max_latent_stage=3, c_thought=2)
+  ex = examples()[0]
+  three = {k: v[2:] for k, v in local_batch(ex).items()}  # the 3-step example
+  c = cur.Curriculum("coconut", cfg, pad_id=IDS.pad, cot_steps=three["num_steps"])
+  steps = range(1, 801)
+
+  def trained(t):  # what step t trains on: compiled thoughts, the row's thoughts and tokens
+    b = c.batch(three, t)
+    return c.num_latent(t), b["num_thoughts"].tolist(), b["decoder_ids"].tolist()
+
+  seen = [trained(t) for t in steps]
+  assert [t for t in steps[1:] if seen[t - 1] != seen[t - 2]] == [161, 321, 481]
+  assert [s[:2] for s in seen[480::160]] == [(6, [6]), (6, [6])]  # steps 481 and 641
+  assert [t for t in steps if c.reset_before(t)] == [161, 321, 481]
+  assert [c.coconut.stage(t) for t in (480, 481, 640, 641)] == [2, 3, 3, 4]
+  with_four = cur.Curriculum("coconut", cfg, cot_steps=[3, 4, 3])
+  assert [t for t in steps if with_four.reset_before(t)] == [161, 321, 481, 641]
+  unpadded = codi_config(stage_steps=160, max_latent_stage=3, c_thought=2, pad_latent_to_max=False)
+  short = cur.Curriculum("coconut", unpadded, cot_steps=[2, 3])
+  assert [t for t in steps if short.reset_before(t)] == [161, 321, 481, 641]
+  unknown = cur.Curriculum("coconut", cfg)  # step counts not given: every stage switch restarts
+  assert [t for t in steps if unknown.reset_before(t)] == [161, 321, 481, 641]
+  cfg.reset_optimizer = "epoch"  # the reference: every epoch, stage boundaries or not
+  ref = cur.Curriculum("coconut", cfg, steps_per_epoch=200, cot_steps=[3])
+  assert [t for t in steps if ref.reset_before(t)] == [201, 401, 601]
+
+
 def _run_config():
   c = tiny_codi.get_config("coconut")
   c.codi.stage_steps, c.codi.max_latent_stage, c.codi.c_thought = 1, 1, 1

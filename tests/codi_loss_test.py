@@ -29,7 +29,9 @@ transformers = pytest.importorskip("transformers")
 V, N = 80, 3
 
 
-def hf_model(arch):
+def hf_model(arch, init=0.02):
+  """A tiny random HF model with eager attention; `init`: the weights' std (larger: sharper
+  attention, so a padded row's real scores differ from uniform)."""
   torch.manual_seed(0)
   if arch == "gpt2":
     c = transformers.GPT2Config(
@@ -41,10 +43,15 @@ def hf_model(arch):
       embd_pdrop=0.0,
       attn_pdrop=0.0,
       resid_pdrop=0.0,
+      initializer_range=init,
     )
   else:
     c = transformers.LlamaConfig(
-      vocab_size=V, num_hidden_layers=2, max_position_embeddings=64, **tiny_hf.HF_SIZES
+      vocab_size=V,
+      num_hidden_layers=2,
+      max_position_embeddings=64,
+      initializer_range=init,
+      **tiny_hf.HF_SIZES,
     )
   c._attn_implementation = "eager"  # pylint: disable=protected-access
   return transformers.AutoModelForCausalLM.from_config(c).eval()
@@ -56,12 +63,27 @@ def make_batch(rng):
   return tiny_codi.loss_batch(rng, V, [6, 6, 6], [14, 10, 12], [11, 8, 9])
 
 
-def torch_student(model, prj, b):
+def cuda_encoder_bias(mask_BxL):
+  """The encoder pass's attention bias [B, 1, L, L] (0: attend, float32 min: masked) as PyTorch
+  SDPA applies it on CUDA (transformers' `_unmask_unattended`): causal and padding, except that a
+  query that sees no key (a left pad) is un-masked and attends to every key with its real scores.
+  Eager attention (the model's own from the 2D mask) instead swamps that row's scores with the
+  min, so the pad attends uniformly."""
+  m = torch.tensor(mask_BxL, dtype=torch.bool)
+  L = m.shape[1]
+  allowed = torch.tril(torch.ones(L, L, dtype=torch.bool))[None] & m[:, None, :]
+  allowed = allowed | ~allowed.any(-1, keepdim=True)
+  return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
+def torch_student(model, prj, b, pads="cuda"):
   """The reference student path: encode the question, N thoughts through `prj` on the cache, then
-  the teacher-forced decoder; returns the decoder's output (with hidden states)."""
+  the teacher-forced decoder; returns the decoder's output (with hidden states). `pads`: how a
+  fully padded query row attends in the encoder pass, as on CUDA (`cuda_encoder_bias`) or eager."""
+  mask = b["encoder_mask"]
   out = model(
     input_ids=torch.tensor(b["encoder_ids"]),
-    attention_mask=torch.tensor(b["encoder_mask"]).long(),
+    attention_mask=cuda_encoder_bias(mask) if pads == "cuda" else torch.tensor(mask).long(),
     use_cache=True,
     output_hidden_states=True,
   )
@@ -78,10 +100,11 @@ def torch_student(model, prj, b):
   )
 
 
-def torch_reference(model, prj, b, beta, gamma):
-  """The official CODI forward (zhenyi4/codi src/model.py), re-written from the spec in PyTorch."""
+def torch_reference(model, prj, b, beta, gamma, pads="cuda"):
+  """The official CODI forward (zhenyi4/codi src/model.py), re-written from the spec in PyTorch,
+  with fully padded query rows as on CUDA (or `pads="eager"`; see `torch_student`)."""
   T = lambda k: torch.tensor(b[k])  # noqa: E731
-  dec = torch_student(model, prj, b)
+  dec = torch_student(model, prj, b, pads)
   ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
   ce_s = ce(dec.logits[:, :-1].reshape(-1, V), T("decoder_labels")[:, 1:].reshape(-1))
   tea = model(
@@ -114,12 +137,12 @@ def torch_prj(codi):
   return seq
 
 
-def assert_matches_reference(m, ref, codi, b):
-  """Our loss terms `m` equal the PyTorch reference's on batch `b`, within 1e-4."""
+def assert_matches_reference(m, ref, codi, b, atol=1e-4):
+  """Our loss terms `m` equal the PyTorch reference's (CUDA's padded rows) on batch `b`."""
   with torch.no_grad():
     ce_s, ce_t, kd, total = torch_reference(ref, torch_prj(codi), b, beta=2.0, gamma=0.5)
   for key, theirs in [("ce_student", ce_s), ("ce_teacher", ce_t), ("distill", kd), ("loss", total)]:
-    np.testing.assert_allclose(float(m[key]), float(theirs), atol=1e-4, rtol=0, err_msg=key)
+    np.testing.assert_allclose(float(m[key]), float(theirs), atol=atol, rtol=0, err_msg=key)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -135,21 +158,21 @@ def test_loss_matches_pytorch_reference(arch, padding_mode):
   assert_matches_reference(m, ref, codi, b)
 
 
-def padded_batch(rng, width):
-  """make_batch with left-padded questions of lengths 6, 4, 5 in a `width`-slot bucket (6 is the
+def padded_batch(rng, width, lens=(6, 4, 5)):
+  """make_batch with left-padded questions of `lens` in a `width`-slot bucket (the longest is the
   batch maximum: the reference collator pads to it; a wider bucket adds slots it never has)."""
   b = make_batch(rng)
-  lens = np.array([6, 4, 5])
-  enc = np.zeros((3, width), np.int64)
-  mask = np.arange(width)[None] >= width - lens[:, None]
+  ids = rng.integers(0, V, (len(lens), max(lens)))
+  enc = np.zeros((len(lens), width), np.int64)
+  mask = np.arange(width)[None] >= width - np.array(lens)[:, None]
   for i, n in enumerate(lens):
-    enc[i, width - n :] = b["encoder_ids"][i, :n]
+    enc[i, width - n :] = ids[i, :n]
   b["encoder_ids"], b["encoder_mask"] = enc, mask
   return b
 
 
-def _ours(arch, padding_mode, batch):
-  ref = hf_model(arch)
+def _ours(arch, padding_mode, batch, init=0.02):
+  ref = hf_model(arch, init)
   cfg = hf.config_from_hf(ref.config.to_dict())
   sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
   codi = Codi(hf.assign(cfg, sd, where=arch), rngs=nnx.Rngs(0))
@@ -159,14 +182,26 @@ def _ours(arch, padding_mode, batch):
   return ref, codi, m
 
 
+# Rows with 10 and 8 left pads, and weights large enough for sharp attention: a fully padded
+# query row's real scores (CUDA SDPA) then differ from uniform (eager) by far more than PADDED_TOL.
+PADDED_LENS, PADDED_INIT, PADDED_TOL = (12, 2, 4), 0.1, 1e-5
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("width", [6, 9])
-def test_padded_official_mode_matches_pytorch_reference(arch, width):
-  """Official mode on left-padded questions equals the reference (eager attention) on the same
-  batch padded to its maximum, also when our bucket is wider than that maximum."""
-  ref, codi, m = _ours(arch, "official", padded_batch(np.random.default_rng(5), width))
-  b = padded_batch(np.random.default_rng(5), 6)  # what the reference collator builds
-  assert_matches_reference(m, ref, codi, b)
+@pytest.mark.parametrize("width", [12, 15])
+def test_padded_official_mode_matches_pytorch_reference_on_cuda(arch, width):
+  """Official mode on left-padded questions equals the reference as it runs on CUDA (a left pad
+  that sees no key attends with its real scores) on the same batch padded to its maximum, also
+  when our bucket is wider than that maximum; the reference under eager attention (such a pad
+  attends uniformly) differs by more than 10x the tolerance, so the test tells them apart."""
+  batch = padded_batch(np.random.default_rng(5), width, PADDED_LENS)
+  ref, codi, m = _ours(arch, "official", batch, PADDED_INIT)
+  b = padded_batch(np.random.default_rng(5), max(PADDED_LENS), PADDED_LENS)  # the collator's
+  assert_matches_reference(m, ref, codi, b, atol=PADDED_TOL)
+  with torch.no_grad():
+    cuda = torch_reference(ref, torch_prj(codi), b, 2.0, 0.5)
+    eager = torch_reference(ref, torch_prj(codi), b, 2.0, 0.5, pads="eager")
+  assert max(abs(float(x) - float(y)) for x, y in zip(cuda, eager)) > 10 * PADDED_TOL
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -265,6 +265,20 @@ class CoconutSchedule:
     """Thoughts at inference after `stage` (the reference's validation, padded to max)."""
     return min(stage, self.max_latent_stage) * self.c_thought
 
+  def trains_alike(self, a: int, b: int, cot_steps) -> bool:
+    """Whether stages a and b train alike on CoTs of these step counts: the same compiled thought
+    count, and per row the same steps replaced and thoughts (e.g. the switch past
+    max_latent_stage when no CoT has more steps than that); no optimizer restart between them."""
+    if self.num_latent(a) != self.num_latent(b):
+      return False
+    if self.uniform_prob >= 1:
+      return True  # every row trains at a drawn stage, whatever the schedule says
+    n = np.asarray(cot_steps, np.int64)
+    at_schedule = np.ones(len(n))  # draws past uniform_prob: the rows that follow the schedule
+    rows_a = self.rows(a, n, at_schedule, at_schedule)
+    rows_b = self.rows(b, n, at_schedule, at_schedule)
+    return all(np.array_equal(x, y) for x, y in zip(rows_a, rows_b))
+
   def rows(self, stage: int, num_steps_B, uniform_B=None, pick_B=None):
     """(steps replaced [B], thoughts [B]) per row; uniform_B, pick_B in [0, 1) draw the rows
     trained at a random stage (needed when uniform_prob > 0)."""
@@ -337,7 +351,8 @@ class Curriculum:
   CODI's methods (`method` not in METHODS) train on the pipeline's batches as they come. This
   process holds rows `first_row`.. of each global batch of `global_rows` (random draws are made
   for the global batch, so any process count draws the same). `steps_per_epoch` counts optimizer
-  steps; `longest_cot` is the training set's (iCoT-SI's restart rule).
+  steps; `longest_cot` (iCoT-SI) and `cot_steps` (Coconut: the CoT step counts, None if unknown)
+  describe the training set for the restart rules.
   """
 
   def __init__(
@@ -347,6 +362,7 @@ class Curriculum:
     *,
     steps_per_epoch: int = 1,
     longest_cot: int = 0,
+    cot_steps: Sequence[int] | None = None,
     seed: int = 0,
     pad_id: int = 0,
     first_row: int = 0,
@@ -356,6 +372,7 @@ class Curriculum:
     self.steps_per_epoch = max(1, steps_per_epoch)
     self.first_row, self.global_rows = first_row, global_rows
     self.longest_cot = longest_cot
+    self.cot_steps = None if cot_steps is None else np.unique(np.asarray(cot_steps, np.int64))
     self.coconut = self.icot = None
     self.reset = "none"
     if method not in METHODS:
@@ -412,7 +429,11 @@ class Curriculum:
     if self.reset == "epoch":
       return (step - 1) % self.steps_per_epoch == 0
     if self.coconut:
-      return self.coconut.phase(step) != self.coconut.phase(step - 1)
+      # Only a switch that changes what is trained restarts (the one past max_latent_stage can
+      # train as the stage before; known from the CoT step counts). `epoch`: the reference's rule.
+      a, b = self.coconut.phase(step - 1), self.coconut.phase(step)
+      alike = self.cot_steps is not None and self.coconut.trains_alike(a, b, self.cot_steps)
+      return a != b and not alike
     before = self.icot.scheduled(step - 1)
     # The reference skips the reset when the previous batch had no CoT left; here: when the
     # schedule alone removed the longest CoT of the training set.
