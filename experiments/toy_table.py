@@ -16,6 +16,12 @@ Tasks: `arith` is the built-in synthetic task of configs/demo.py (3 dependent op
 <= 30); `mult4` is iCoT's 4x4 multiplication, valid/test the released files (located through
 tests/shared_data.py) and training pairs generated disjoint from them, one seed per method.
 
+`--regime=pretrained_lora` runs the paper's regime instead: a base pretrained per seed on 1-2
+operation problems, then CODI and the baselines fine-tuned from it, LoRA on the frozen base where the
+paper uses it (experiments/pretrained_lora.py says what and why):
+
+  python experiments/toy_table.py --regime=pretrained_lora --workers=2 --out=/tmp/toy_lora
+
 A finished run is reused, an interrupted one resumes from its checkpoint, so the script can be
 rerun until the table is complete. Writes <out>/table.md and <out>/results.json.
 """
@@ -35,14 +41,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+import pretrained_lora  # noqa: E402  (beside this file)
+import toy_runs  # noqa: E402
+
 from codi_jax import runtime  # noqa: E402
 from codi_jax.errors import InputError, exit_on_input_error  # noqa: E402
 from codi_jax.files import write_atomic, write_json  # noqa: E402
 
 _TASK = flags.DEFINE_enum("task", "arith", ["arith", "mult4"], "Which task.")
+_REGIME = flags.DEFINE_enum(
+  "regime",
+  "scratch",
+  ["scratch", "pretrained_lora"],
+  "scratch: every weight trained from scratch; pretrained_lora: the paper's regime, a base "
+  "pretrained per seed then LoRA (experiments/pretrained_lora.py; arith only).",
+)
+_BASE_STEPS = flags.DEFINE_integer(
+  "base_steps",
+  None,
+  f"pretrained_lora: steps of each base (default {pretrained_lora.DEFAULT_BASE_STEPS}).",
+)
+_ONE = flags.DEFINE_string(
+  "one", None, "pretrained_lora, internal (what --workers starts): only run NAME:SEED, no table."
+)
 _OUT = flags.DEFINE_string("out", "/tmp/codi_toy", "Directory for the runs and the table.")
 _STEPS = flags.DEFINE_integer(
-  "steps", None, "Training steps of every run (the fixed budget; default: configs/demo.py's)."
+  "steps",
+  None,
+  "Training steps of every run (the fixed budget; default: configs/demo.py's, "
+  f"{pretrained_lora.DEFAULT_STEPS} for pretrained_lora).",
 )
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: 11,12,13 for arith, 11 for mult4).")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (default: every method of the table).")
@@ -108,60 +135,19 @@ def base_config(task: str, steps: int | None):
 
 def train_one(name: str, seed: int, base, out: str) -> tuple[str, dict]:
   """Trains (or resumes, or reuses) one run; returns (workdir, its summary)."""
-  from codi_jax import train_lib  # pylint: disable=import-outside-toplevel
-
   workdir = os.path.join(out, f"{name}_s{seed}")
-  run_json = os.path.join(workdir, "final", "run.json")
-  if os.path.exists(run_json):
-    with open(run_json, encoding="utf-8") as f:
-      return workdir, json.load(f)
   config = base.copy_and_resolve_references()
   config.seed = seed
   for k, v in METHODS[name].items():
     config.codi[k] = v
-  print(f"== {name} seed {seed}: training", flush=True)
-  t0 = time.time()
-  summary = train_lib.train_and_evaluate(config, workdir)
-  summary["wall_seconds"] = round(time.time() - t0, 1)
-  with open(os.path.join(workdir, "wall.json"), "w", encoding="utf-8") as f:
-    json.dump({"wall_seconds": summary["wall_seconds"]}, f)
-  return workdir, summary
+  if not os.path.exists(os.path.join(workdir, "final", "run.json")):
+    print(f"== {name} seed {seed}: training", flush=True)
+  return workdir, toy_runs.train_run(workdir, config)
 
 
 def evaluate_one(name: str, workdir: str, max_new_tokens: int) -> dict:
   """Test accuracy, generated tokens, thoughts and (with thoughts) Table 3 of one finished run."""
-  from codi_jax import eval_lib  # pylint: disable=import-outside-toplevel
-
-  cached = os.path.join(workdir, "toy_eval.json")
-  if os.path.exists(cached):
-    with open(cached, encoding="utf-8") as f:
-      return json.load(f)
-  probe = name in THOUGHTS
-  opts = eval_lib.Options(
-    workdir=workdir, probe=probe, progress=False, max_new_tokens=max_new_tokens
-  )
-  res = eval_lib.evaluate(opts)
-  s = res["results"][0]
-  row = {
-    "accuracy": s["accuracy"],
-    "n": s["n"],
-    "thoughts": s["thoughts"],
-    "generated_tokens": s["mean_generated_tokens"],
-    "eval_seconds": s["eval_seconds"],
-  }
-  if probe:
-    row["table3"] = [st.get("rate") for st in s["probe"]["table3"]["steps"]]
-  write_json(cached, row)
-  return row
-
-
-def _mean_std(values) -> str:
-  values = [v for v in values if v is not None]
-  if not values:
-    return "-"
-  if len(values) == 1:
-    return f"{100 * values[0]:.1f}"
-  return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+  return toy_runs.evaluate_run(workdir, max_new_tokens, probe=name in THOUGHTS)
 
 
 def table(rows: dict) -> str:
@@ -180,13 +166,13 @@ def table(rows: dict) -> str:
     if "table3" in runs[0]:
       # Table 3 counts correctly answered problems only (as the reference): none, no rate.
       t3 = " / ".join(
-        _mean_std([r["table3"][k] if len(r["table3"]) > k else None for r in runs])
+        toy_runs.mean_std([r["table3"][k] if len(r["table3"]) > k else None for r in runs])
         for k in range(3)
       )
     tokens = statistics.fmean(r["generated_tokens"] + r["thoughts"] for r in runs)
     minutes = statistics.fmean(r["wall_seconds"] for r in runs) / 60
     lines.append(
-      f"| {name} | {len(runs)} | {_mean_std([r['accuracy'] for r in runs])} | {tokens:.1f} | "
+      f"| {name} | {len(runs)} | {toy_runs.mean_std([r['accuracy'] for r in runs])} | {tokens:.1f} | "
       f"{thoughts} | {comp} | {t3} | {minutes:.1f} |"
     )
   return "\n".join(lines)
@@ -247,6 +233,18 @@ def main(argv):
   seeds = [int(s) for s in (_SEEDS.value or (["11", "12", "13"] if task == "arith" else ["11"]))]
   names = _METHODS.value or list(METHODS)
   t_start = time.time()
+  if _REGIME.value == "pretrained_lora":
+    with exit_on_input_error("experiments/toy_table.py"):
+      try:
+        run_pretrained_lora(seeds, out, t_start)
+      except KeyboardInterrupt as e:  # the runs checkpoint on the signal
+        print(
+          f"experiments/toy_table.py: {getattr(e, 'message', '') or 'interrupted'}; every "
+          "finished run is kept: rerun the same command to resume",
+          file=sys.stderr,
+        )
+        sys.exit(getattr(e, "code", 130))
+    return
   with exit_on_input_error("experiments/toy_table.py"):
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -261,20 +259,60 @@ def main(argv):
     plan = [(n, s) for s in seeds for n in names if s in sweep or n not in SWEEP]
     for name, seed in plan:
       workdir, summary = train_one(name, seed, base, out)
-      wall = summary.get("wall_seconds")
-      if wall is None and os.path.exists(os.path.join(workdir, "wall.json")):
-        with open(os.path.join(workdir, "wall.json"), encoding="utf-8") as f:
-          wall = json.load(f)["wall_seconds"]
       row = {
         **evaluate_one(name, workdir, base.eval.max_new_tokens),
         "seed": seed,
-        "wall_seconds": wall or 0.0,
+        "wall_seconds": summary.get("wall_seconds") or 0.0,
       }
       row["train_seconds"] = summary.get("train_seconds", 0.0)
       rows.setdefault(name, []).append(row)
       print(f"== {name} seed {seed}: {json.dumps(row)}", flush=True)
       write_table(task, base, seeds, rows, out, t_start)
   write_table(task, base, seeds, rows, out, t_start, final=True)
+
+
+def run_pretrained_lora(seeds: list[int], out: str, t_start: float) -> None:
+  """--regime=pretrained_lora: bases, then every arm on them (experiments/pretrained_lora.py)."""
+  pl = pretrained_lora
+  names = _METHODS.value or list(pl.ARMS)
+  unknown = [m for m in names if m not in pl.ARMS]
+  if unknown:
+    raise InputError(f"--methods: unknown {unknown}; choose from {sorted(pl.ARMS)}")
+  if _TASK.value != "arith" or _SWEEP_SEEDS.value is not None:
+    raise InputError("--regime=pretrained_lora: the arith task only, without --sweep_seeds")
+  steps = _STEPS.value or pl.DEFAULT_STEPS
+  base_steps = _BASE_STEPS.value or pl.DEFAULT_BASE_STEPS
+  scratch = base_config("arith", steps)
+  name, _, seed = (_ONE.value or "").partition(":")
+  if _ONE.value and (name != "base" and name not in pl.ARMS or not seed.isdigit()):
+    raise InputError(f"--one={_ONE.value}: expected NAME:SEED, NAME base or an arm")
+  os.makedirs(out, exist_ok=True)
+  if _ONE.value:
+    if name == "base":
+      pl.ensure_base(int(seed), out, base_steps)
+    else:
+      pl.run_one(name, int(seed), scratch, out, base_steps)
+    return
+  if _WORKERS.value > 1:
+    passed = [f"--regime={_REGIME.value}", f"--out={out}", f"--steps={steps}"]
+    passed.append(f"--base_steps={base_steps}")
+    pl.run_parallel(
+      pl.tasks_of(names, seeds),
+      lambda t: pl.is_done(t, out),
+      _WORKERS.value,
+      lambda t: [sys.executable, os.path.abspath(__file__), *passed, f"--one={t[0]}:{t[1]}"],
+      out,
+    )  # then the loop below only reads the finished runs
+  rows, bases = {}, {}
+  for seed in seeds:  # seed-major: an interrupted table already holds the first seeds
+    b = pl.ensure_base(seed, out, base_steps)
+    bases[seed] = {k: v for k, v in b.items() if k.startswith("valid/") or k == "wall_seconds"}
+    for name in names:
+      row = pl.run_one(name, seed, scratch, out, base_steps)
+      rows.setdefault(name, []).append(row)
+      print(f"== {name} seed {seed}: test {100 * row['accuracy']:.1f}%", flush=True)
+      pl.write_table(scratch, seeds, rows, bases, out, t_start)
+  pl.write_table(scratch, seeds, rows, bases, out, t_start, final=True)
 
 
 def write_table(task, cfg, seeds, rows, out, t_start, final=False):
