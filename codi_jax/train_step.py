@@ -14,7 +14,8 @@ import optax
 from flax import nnx
 
 from codi_jax import sharding
-from codi_jax.codi.model import Codi, CodiOptions, codi_loss
+from codi_jax.codi import losses
+from codi_jax.codi.model import Codi, CodiOptions
 
 
 def make_optimizer(config, num_steps: int):
@@ -75,7 +76,7 @@ def make_train_step(
   shardings=None,
 ):
   """The jitted training step `(train_state, opt_state, frozen, batch, step) -> (train_state,
-  opt_state, metrics)`: `codi_loss` + gradients + `tx` update, metrics with the gradient norm.
+  opt_state, metrics)`: `losses.loss` + gradients + `tx` update, metrics with the gradient norm.
 
   Dropout keys are `fold_in(key, step)` when `dropout_on`; train and opt states are donated. Each
   trace appends to `traces` (if given), so callers can check the step compiles once. `shardings`
@@ -88,7 +89,7 @@ def make_train_step(
     rng = jax.random.fold_in(key, step) if dropout_on else None
 
     def loss_fn(ts):
-      return codi_loss(nnx.merge(graphdef, ts, frozen), batch, opts, rng)
+      return losses.loss(nnx.merge(graphdef, ts, frozen), batch, opts, rng)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_state)
     updates, opt_state = tx.update(grads, opt_state, train_state)

@@ -246,7 +246,7 @@ def make_mesh(text: str | None):
 
 def check_flags(values: dict[str, Any]) -> None:
   """Every flag value against its rule (`config_schema.soft_flag_rules`); None = not given."""
-  from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
+  from codi_jax import config_rules, config_schema  # pylint: disable=import-outside-toplevel
 
   rules = config_schema.soft_flag_rules()
   for name, v in values.items():
@@ -256,15 +256,15 @@ def check_flags(values: dict[str, Any]) -> None:
       continue
     rule = rules[name]
     if not rule.ok(v):
-      config_schema.fail(name, v, rule.allowed(), prefix="--")
+      config_rules.fail(name, v, rule.allowed(), prefix="--")
 
 
 def check_preset(cfg, spec: str) -> None:
   """A preset's fields against `config_schema.SOFT`: unknown fields, types and ranges."""
-  from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
+  from codi_jax import config_rules, config_schema  # pylint: disable=import-outside-toplevel
 
   if cfg is not None:
-    config_schema.check_tree(cfg, config_schema.SOFT, prefix=f"--config={spec}: ", complete=False)
+    config_rules.check_tree(cfg, config_schema.SOFT, prefix=f"--config={spec}: ", complete=False)
 
 
 def flag_values() -> tuple[dict[str, Any], set[str]]:
@@ -278,7 +278,7 @@ def flag_values() -> tuple[dict[str, Any], set[str]]:
 def resolve(values: dict[str, Any], present=(), default_mode: str = "greedy") -> Settings:
   """The validation pass of a soft CLI, before any model is loaded: every flag (`check_flags`),
   the --config preset's fields (`check_preset`), then the merged settings and sampler."""
-  from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
+  from codi_jax import config_rules, config_schema  # pylint: disable=import-outside-toplevel
 
   check_flags(values)
   spec = values.get("config")
@@ -293,7 +293,7 @@ def resolve(values: dict[str, Any], present=(), default_mode: str = "greedy") ->
   params = sampler_params(mode, cfg, {k: values.get(k) for k in SAMPLER_FLAGS})
   rules = cfg.get("logical_axis_rules") if cfg is not None else None
   merged = {k: get(k) for k in ("model", "max_new_tokens", "dtype", "length_bucket")}
-  config_schema.check_values(merged, config_schema.SOFT, prefix="--")  # flag, else preset
+  config_rules.check_values(merged, config_schema.SOFT, prefix="--")  # flag, else preset
   return Settings(
     **merged,
     mode=mode,

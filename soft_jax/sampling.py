@@ -95,9 +95,9 @@ class SamplerParams:
     Each field against its rule in `codi_jax.config_schema.SAMPLER`, then K against top-k and
     the vocabulary.
     """
-    from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
+    from codi_jax import config_rules, config_schema  # pylint: disable=import-outside-toplevel
 
-    config_schema.check_values(self.to_dict(), config_schema.SAMPLER, prefix=prefix)
+    config_rules.check_values(self.to_dict(), config_schema.SAMPLER, prefix=prefix)
     if self.top_k and self.max_topk > self.top_k:
       raise InputError(
         f"{prefix}max_topk: K={self.max_topk} exceeds top_k={self.top_k} (the concept token is "

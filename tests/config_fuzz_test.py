@@ -23,6 +23,7 @@ import tiny_hf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from codi_jax import config_cross, config_rules
 from codi_jax import config_schema as cs
 from codi_jax.errors import InputError
 from codi_jax.eval_lib import Options
@@ -45,7 +46,7 @@ WRONG += [0.5, -0.5, 1.5, 1e-300, 1e308, math.nan, INF, -INF]
 # Values
 
 
-def boundary_values(rule: cs.Rule) -> list:
+def boundary_values(rule: config_rules.Rule) -> list:
   """Values at and just past a rule's bounds and choices."""
   out = []
   if rule.kind in ("int", "num"):
@@ -68,7 +69,7 @@ def boundary_values(rule: cs.Rule) -> list:
   return out
 
 
-def values_for(rule: cs.Rule):
+def values_for(rule: config_rules.Rule):
   kinds = {
     "int": st.integers(-3, 10**6),
     "num": st.floats(allow_nan=True, allow_infinity=True),
@@ -177,7 +178,7 @@ def related(field: str, paths) -> bool:
   """Whether the error's field is one of the mutated paths or shares a cross rule with one."""
   if any(p == field or p.startswith(field + ".") for p in paths):
     return True
-  for rule in cs.CROSS_TRAIN:
+  for rule in config_cross.CROSS_TRAIN:
     hit = any(field == f or field.startswith(f + ".") for f in rule.fields)
     if hit and any(p == f or p.startswith(f + ".") for p in paths for f in rule.fields):
       return True
@@ -211,7 +212,7 @@ def test_fuzz_train_config(mutations):
 )
 def test_fuzz_unknown_keys(group, name):
   path = group + name
-  if path in cs.TRAIN or path in cs._groups(cs.TRAIN):
+  if path in cs.TRAIN or path in config_rules.group_paths(cs.TRAIN):
     return
   config = copy.deepcopy(DEFAULTS)
   assign(config, path, 1)

@@ -13,6 +13,7 @@ import ml_collections
 import pytest
 import tiny_codi
 
+from codi_jax import config_rules
 from codi_jax import config_schema as cs
 from codi_jax.errors import InputError
 from codi_jax.eval_lib import Options
@@ -165,7 +166,7 @@ def test_soft_presets_validate(model, variant):
 def test_bad_field(path, value, needle):
   config = tiny_codi.get_config().to_dict()
   group, _, key = path.rpartition(".")
-  (cs._get(config, group) if group else config)[key] = value
+  (config_rules.at_path(config, group) if group else config)[key] = value
   message = error(validate, config)
   assert message.startswith(f"--config.{path}: got {value!r}; expected "), message
   assert needle in message
@@ -204,7 +205,7 @@ def mutate(**changes):
   config = tiny_codi.get_config()
   for path, value in changes.items():
     group, _, key = path.replace("__", ".").rpartition(".")
-    (cs._get(config, group) if group else config)[key] = value
+    (config_rules.at_path(config, group) if group else config)[key] = value
   return config
 
 

@@ -10,7 +10,8 @@ from tokenizers import processors
 from codi_jax.data import codi_batches as cb
 from codi_jax.data import readers, synthetic
 from codi_jax.errors import InputError
-from codi_jax.models import tokenizer as tok_lib
+from codi_jax.models import tokenizer_bpe
+from codi_jax.models.tokenizer import Tokenizer
 
 V = 50257
 PAD, BOT, EOT = V, V + 1, V + 2
@@ -19,7 +20,7 @@ IDS = dict(pad_id=PAD, bot_id=BOT, eot_id=EOT)
 
 @pytest.fixture(scope="module")
 def tok():
-  return tok_lib.gpt2_default()
+  return tokenizer_bpe.gpt2_default()
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_bos_kept_on_question_only(tok):
   backend.post_processor = processors.TemplateProcessing(
     single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.eos_id)]
   )
-  bos_tok = tok_lib.Tokenizer(backend, bos_id=tok.eos_id, eos_id=tok.eos_id)
+  bos_tok = Tokenizer(backend, bos_id=tok.eos_id, eos_id=tok.eos_id)
   records = [{"question": "Q?", "cot": "<<1+1=2>>", "answer": "2"}]
   examples, _ = cb.tokenize_records(records, bos_tok, **IDS)
   ex = examples[0]

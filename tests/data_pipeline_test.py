@@ -7,7 +7,7 @@ import pytest
 
 from codi_jax.data import codi_batches, pipeline, readers, synthetic
 from codi_jax.errors import InputError
-from codi_jax.models import tokenizer as tok_lib
+from codi_jax.models import tokenizer_bpe
 
 V = 50257
 IDS = dict(pad_id=V, bot_id=V + 1, eot_id=V + 2)
@@ -17,7 +17,7 @@ N, B = 70, 8
 @pytest.fixture(scope="module")
 def data():
   records, _ = readers.prepare_train_records(synthetic.generate("train", N, seed=0))
-  return pipeline.train_data(records, tok_lib.gpt2_default(), batch_size=B, seed=1, **IDS)
+  return pipeline.train_data(records, tokenizer_bpe.gpt2_default(), batch_size=B, seed=1, **IDS)
 
 
 def _take(it, n):
@@ -69,7 +69,9 @@ def test_per_segment_shapes_and_one_compile_per_run(data):
     step(batch)
   assert len(traces) == 1
   records, _ = readers.prepare_train_records(synthetic.generate("train", 16, seed=0))
-  old = pipeline.train_data(records, tok_lib.gpt2_default(), batch_size=4, max_padding=0, **IDS)
+  old = pipeline.train_data(
+    records, tokenizer_bpe.gpt2_default(), batch_size=4, max_padding=0, **IDS
+  )
   assert all(getattr(old.shapes, k) % 32 == 0 for k in ("question", "teacher", "decoder"))
 
 
@@ -102,7 +104,7 @@ def test_process_shares(data):
 
 def test_shapes_override(data):
   records, _ = readers.prepare_train_records(synthetic.generate("train", 16, seed=0))
-  tok = tok_lib.gpt2_default()
+  tok = tokenizer_bpe.gpt2_default()
   wide = pipeline.train_data(records, tok, batch_size=4, shapes=data.shapes, prefetch=0, **IDS)
   assert next(iter(wide.dataset))["teacher_ids"].shape == (4, data.shapes.teacher)
   small = codi_batches.Shapes(question=8, teacher=8, decoder=8)

@@ -14,7 +14,7 @@ from codi_jax.data import (
   tfds_gsm8k_aug,  # noqa: E402
 )
 from codi_jax.errors import InputError
-from codi_jax.models import tokenizer as tok_lib
+from codi_jax.models import tokenizer_bpe
 from configs import base
 
 V = 50257
@@ -39,7 +39,9 @@ def _config(**data):
 
 
 def _batches(train, n):
-  data = pipeline.train_data(train, tok_lib.gpt2_default(), batch_size=B, seed=3, prefetch=2, **IDS)
+  data = pipeline.train_data(
+    train, tokenizer_bpe.gpt2_default(), batch_size=B, seed=3, prefetch=2, **IDS
+  )
   it = iter(data.dataset)
   return data, it, [next(it) for _ in range(n)]
 

@@ -24,7 +24,7 @@ from etils.epath import backend as backend_lib
 from etils.epath import gpath
 from flax import nnx
 
-from codi_jax import checkpoint, eval_lib, files, final, metrics, results, train_lib
+from codi_jax import checkpoint, eval_lib, eval_runner, files, final, metrics, results, train_lib
 from codi_jax import workdir as wd
 from codi_jax.codi import build
 from codi_jax.data import sources
@@ -157,7 +157,7 @@ def gcs(tmp_path, monkeypatch):
   monkeypatch.setattr(wd, "_SETTLE_S", 0.0)
   fake.bypasses = forbid_os(
     monkeypatch,
-    (wd, files, metrics, final, checkpoint, train_lib, eval_lib, results),
+    (wd, files, metrics, final, checkpoint, train_lib, eval_lib, eval_runner, results),
     "gs:",
     fake.root,
   )
@@ -376,7 +376,9 @@ def test_tiny_run_resume_and_evaluate_on_an_epath_workdir(tmp_path, monkeypatch)
   so workdir.py is not in the ban here; its object-store path is, above)."""
   run = epath.Path(tmp_path) / "run"
   bypasses = forbid_os(
-    monkeypatch, (files, metrics, final, checkpoint, train_lib, eval_lib, results), str(run)
+    monkeypatch,
+    (files, metrics, final, checkpoint, train_lib, eval_lib, eval_runner, results),
+    str(run),
   )
   c = tiny_codi.get_config()
   c.optim.num_steps, c.eval.every_steps, c.checkpoint.every_steps = 4, 4, 2

@@ -11,7 +11,7 @@ from flax import nnx
 from train_test import tiny_config
 
 from codi_jax import eval_lib as ev
-from codi_jax import final, results
+from codi_jax import eval_runner, final, results
 from codi_jax.codi import build
 from codi_jax.data import eval_sets, sources
 from codi_jax.errors import InputError
@@ -120,7 +120,7 @@ def test_cli_end_to_end_with_efficiency_and_probe(runs, tmp_path):
 @pytest.mark.parametrize("method,mode", [("codi", "student"), ("cot_sft", "teacher")])
 def test_batched_equals_batch_one(finals, method, mode):
   data = eval_sets.load_eval_data("test", finals[method].config, limit=6)
-  runner = ev.Runner(finals[method], mode, max_new_tokens=6)
+  runner = eval_runner.Runner(finals[method], mode, max_new_tokens=6)
   _, batched, _ = runner.run(data, 4, progress=False)
   _, single, _ = runner.run(data, 1, progress=False)
   assert [e["tokens"] for e in batched] == [e["tokens"] for e in single]
@@ -142,7 +142,7 @@ def test_one_compile_per_bucket(finals):
     [None] * 5,
     {"source": "test"},
   )
-  runner = ev.Runner(run, "student", max_new_tokens=4)
+  runner = eval_runner.Runner(run, "student", max_new_tokens=4)
   summary, examples, _ = runner.run(data, 2, progress=False)
   assert len(summary["buckets"]) == 2 and summary["compiles"] == 2
   assert [e["index"] for e in examples] == [0, 1, 2, 3, 4]
@@ -217,7 +217,7 @@ def test_scoring_report_counts_non_integer_golds_and_near_misses():
     {"correct": False, "extracted": 5.4},
     {"correct": False, "extracted": None},  # no number in the answer
   ]
-  rep = ev._scoring_report(examples, golds)  # pylint: disable=protected-access
+  rep = eval_runner._scoring_report(examples, golds)  # pylint: disable=protected-access
   assert (rep["non_integer_golds"], rep["near_misses"]) == (2, 1)
   assert rep["scoring"].startswith("exact float equality")
 
@@ -392,7 +392,7 @@ def test_rerun_keeps_a_complete_result_and_replaces_it_only_with_overwrite(
   first = ev.evaluate(_opts(runs, out))["results"]
   before = _files(out)
   with monkeypatch.context() as m:
-    m.setattr(ev.Runner, "run", _unused)  # nothing is decoded below
+    m.setattr(eval_runner.Runner, "run", _unused)  # nothing is decoded below
     assert ev.evaluate(_opts(runs, out))["results"] == first  # the same command: kept
     cli_util.raises_one_line(
       lambda: ev.evaluate(_opts(runs, out, max_new_tokens=5)),

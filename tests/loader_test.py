@@ -299,12 +299,12 @@ def test_export_tensors_roundtrip(tiny, tmp_path, arch):
 
 
 def test_gpt2_tokenizer_json(tiny, tmp_path):
-  tok_lib = pytest.importorskip("codi_jax.models.tokenizer")
+  tokenizer_bpe = pytest.importorskip("codi_jax.models.tokenizer_bpe")
   path = _copy_dir(tiny["gpt2"][0], tmp_path / "m")
   for name in ("tokenizer.json", "tokenizer_config.json"):
     os.remove(os.path.join(path, name))
   try:
-    gpt2 = tok_lib.gpt2_default()
+    gpt2 = tokenizer_bpe.gpt2_default()
   except InputError as e:
     pytest.skip(str(e))
   gpt2.backend.save(os.path.join(path, "tokenizer.json"))

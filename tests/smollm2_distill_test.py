@@ -9,13 +9,12 @@ import pytest
 import shared_data
 
 from codi_jax.data import codi_batches, sources
-from codi_jax.models import loader
-from codi_jax.models import tokenizer as tok_lib
+from codi_jax.models import loader, tokenizer_gguf
 
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-  return tok_lib.from_gguf(loader.resolve("smollm2")[1])
+  return tokenizer_gguf.from_gguf(loader.resolve("smollm2")[1])
 
 
 def test_smollm2_distills_at_the_lone_space(smol_tokenizer):

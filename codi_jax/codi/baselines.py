@@ -52,9 +52,3 @@ def icot_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
   )
   ce = teacher_ce(codi.backbone, out.hidden, batch, opts.ce_chunk_logits)
   return ce, {"ce_teacher": ce, "loss": ce}
-
-
-def loss(codi: Codi, batch, opts: CodiOptions, rng=None):
-  """The loss of `opts.method` (coconut | icot_si)."""
-  fn = {"coconut": coconut_loss, "icot_si": icot_loss}[opts.method]
-  return fn(codi, batch, opts, rng)

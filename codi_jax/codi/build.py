@@ -12,14 +12,13 @@ import types
 import jax
 from flax import nnx
 
-from codi_jax import config_schema, sharding
+from codi_jax import config_cross, sharding
 from codi_jax.codi.model import Codi
 from codi_jax.data import answers
 from codi_jax.data.codi_batches import SpecialIds
 from codi_jax.errors import InputError
 from codi_jax.models import config as mcfg
-from codi_jax.models import loader, transformer
-from codi_jax.models import tokenizer as tokmod
+from codi_jax.models import loader, tokenizer_bpe, transformer
 from codi_jax.models.transformer import Transformer
 
 SPECIAL_TOKENS = ("[PAD]", "<bot>", "<eot>")
@@ -28,13 +27,13 @@ SPECIAL_TOKENS = ("[PAD]", "<bot>", "<eot>")
 def build_tokenizer(config, train_records):
   spec = config.tokenizer
   if spec == "gpt2":
-    return tokmod.gpt2_default()
-  bpe = config_schema.train_bpe_spec(spec)
+    return tokenizer_bpe.gpt2_default()
+  bpe = config_cross.train_bpe_spec(spec)
   if bpe is not None:
     texts = [
       f"{r['question']} {r['cot']} {answers.ANSWER_PROMPT} {r['answer']}" for r in train_records
     ]
-    return tokmod.train_bpe(texts, bpe[0], split_digits=bpe[1])
+    return tokenizer_bpe.train_bpe(texts, bpe[0], split_digits=bpe[1])
   if spec != "model":
     raise InputError(
       f"--config.tokenizer: unknown tokenizer {spec!r} (model | gpt2 | train_bpe:<vocab>[:numbers])"
@@ -132,7 +131,7 @@ def model_config(config, config_json: str = "") -> tuple[mcfg.ModelConfig, Speci
       scan_layers=_scan_layers(config),
     )
   else:
-    bpe = config_schema.train_bpe_spec(config.tokenizer)
+    bpe = config_cross.train_bpe_spec(config.tokenizer)
     tokenizer = types.SimpleNamespace(vocab_size=bpe[0]) if bpe else build_tokenizer(config, [])
     cfg, eos = _scratch_config(config, tokenizer), None
   V = cfg.vocab_size

@@ -27,9 +27,9 @@ from flax import nnx
 from codi_jax.codi.model import Codi
 from codi_jax.data.codi_batches import SpecialIds
 from codi_jax.errors import InputError
-from codi_jax.models import hf, layout, loader, weights_io
-from codi_jax.models import tokenizer as tokmod
+from codi_jax.models import hf, layout, loader, tokenizer_hf, weights_io
 from codi_jax.models.config import LoRAConfig, ModelConfig
+from codi_jax.models.tokenizer import Tokenizer
 
 _PREFIX = "codi.base_model.model."  # peft-wrapped backbone (every reference script uses LoRA)
 _PLAIN = "codi."  # a backbone saved without peft
@@ -208,7 +208,7 @@ class Official:
   """An official-layout checkpoint loaded on its base model, with the settings that were used."""
 
   codi: Codi
-  tokenizer: tokmod.Tokenizer
+  tokenizer: Tokenizer
   special: SpecialIds
   settings: dict  # lora_rank, lora_alpha, use_prj, prj_dim, prj_layernorm, base_vocab_size, ...
 
@@ -273,7 +273,7 @@ def load_official(
   }
   codi = _import(sd, cfg, path, options)
 
-  tokenizer = tokmod.from_hf_dir(resolved)
+  tokenizer = tokenizer_hf.from_hf_dir(resolved)
   if tokenizer.eos_id is None:
     raise InputError(f"{resolved}: the tokenizer has no eos token (tokenizer_config.json)")
   if tokenizer.pad_id is None:  # the reference: [PAD], and pad_token_id = V

@@ -1,5 +1,8 @@
 """CODI: one backbone as teacher (explicit CoT) and student (continuous thoughts), self-distilled.
 
+(Over 400 lines: the options, the student and teacher passes and the loss aligning them are one
+algorithm, read together; the baselines reuse its passes and CE helpers.)
+
 The student encodes [question][bot], runs N continuous thoughts through the shared scan
 (last hidden state -> projection -> next input embedding, cache carried), then teacher-forces
 [eot][answer] on the cache. The teacher runs [question][CoT][answer]. Hidden states are aligned at
@@ -32,7 +35,7 @@ from codi_jax.models.step import Carry, scan_steps
 from codi_jax.models.transformer import Transformer
 
 METHODS = ("codi", "cot_sft", "no_cot_sft", "coconut", "icot_si")
-BASELINES = ("coconut", "icot_si")  # losses in codi_jax/codi/baselines.py
+BASELINES = ("coconut", "icot_si")  # losses in codi_jax/codi/baselines.py (losses.py picks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +146,7 @@ class Projection(nnx.Module):
 
 
 class Codi(nnx.Module):
-  """The backbone plus the projection (weights only); the loss is `codi_loss` below.
+  """The backbone plus the projection (weights only); the loss is `codi_jax.codi.losses.loss`.
 
   train_special_embeddings: reference (False): under LoRA the embedding table is frozen, so
   pad/bot/eot keep their random rows although the paper calls them learnable. True: the table's
@@ -403,12 +406,11 @@ def _gather(h_BxLxD, idx_B):
 def codi_loss(codi: Codi, batch, opts: CodiOptions, rng=None):
   """(loss, metrics): alpha * CE_student + beta * L_KD + gamma * CE_teacher (per method).
 
-  Coconut and iCoT-SI have their own losses (codi_jax/codi/baselines.py).
+  Coconut and iCoT-SI have their own losses (codi_jax/codi/baselines.py); `losses.loss` picks
+  each method's.
   """
   if opts.method in BASELINES:
-    from codi_jax.codi import baselines  # pylint: disable=import-outside-toplevel  (imports us)
-
-    return baselines.loss(codi, batch, opts, rng)
+    raise ValueError(f"codi_loss: {opts.method} has its own loss (codi_jax.codi.losses.loss)")
   metrics = {}
   loss = 0.0
   if opts.method in ("codi", "cot_sft"):

@@ -1,5 +1,8 @@
 """Readers of CODI's training and evaluation sets: local JSON/JSONL files or HF hub datasets.
 
+(Over 400 lines: the file and hub row readers, the training cleaners and the evaluation cleaner
+share one row type, one field check and one drop report.)
+
 Training sets get the official filtering and templating (docs/codi.md 6.2) and a report counting every
 dropped example by reason; evaluation sets get the official question cleaning and gold parsing
 (docs/codi.md 7.3). Bad input raises InputError naming the file, the line (1-based) and the field.

