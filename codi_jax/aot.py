@@ -123,7 +123,7 @@ def example_batch(config, method: str, lengths: Mapping[str, int], ids: SpecialI
 def _last_stage_step(cur: curriculum.Curriculum) -> int:
   """A step in the curriculum's last stage (Coconut: the most thoughts; iCoT-SI: all removed)."""
   if cur.coconut:
-    return cur.coconut.stage_steps * (cur.coconut.max_latent_stage + 1) + 1
+    return cur.coconut.first_step(cur.coconut.max_latent_stage + 1)
   return 10**6
 
 

@@ -154,6 +154,9 @@ def _coconut_stages(c, ctx: Context):
   codi = c["codi"]
   if codi["method"] == "coconut" and codi["stage_steps"] < 1 and codi["epochs_per_stage"] < 1:
     fail("codi.stage_steps", codi["stage_steps"], ">= 1 (or codi.epochs_per_stage >= 1)")
+  if codi["coconut_start_stage"] > codi["max_latent_stage"]:
+    top = codi["max_latent_stage"]
+    fail("codi.coconut_start_stage", codi["coconut_start_stage"], f"<= max_latent_stage={top}")
 
 
 def _synthetic_ranges(c, ctx: Context):
@@ -256,9 +259,15 @@ CROSS_TRAIN: tuple[Cross, ...] = (
   ),
   Cross(
     "coconut_stages",
-    ("codi.method", "codi.stage_steps", "codi.epochs_per_stage"),
+    (
+      "codi.method",
+      "codi.stage_steps",
+      "codi.epochs_per_stage",
+      "codi.coconut_start_stage",
+      "codi.max_latent_stage",
+    ),
     _coconut_stages,
-    "coconut: a stage lasts at least one step",
+    "coconut: a stage lasts at least one step; the start stage is at most max_latent_stage",
   ),
   Cross(
     "synthetic_ranges",

@@ -159,6 +159,9 @@ TRAIN: dict[str, Rule] = {
   "codi.epochs_per_stage": Int(0, doc="Coconut: stage length in epochs"),
   "codi.stage_steps": Int(0, doc="Coconut: stage length in steps; 0 = epochs_per_stage"),
   "codi.pad_latent_to_max": Bool(doc="Coconut: all thoughts past the last stage"),
+  "codi.coconut_start_stage": Int(
+    0, doc="Coconut: stage at step 1 (<= max_latent_stage); 1 after CoT-SFT"
+  ),
   "codi.uniform_prob": Num(
     ge=0, le=1, f32=False, doc="Coconut: probability of a random earlier stage"
   ),

@@ -97,6 +97,9 @@ def get_config():
       stage_steps=0,  # stage length in optimizer steps; 0 = epochs_per_stage epochs
       pad_latent_to_max=True,  # past the last stage: max_latent_stage * c_thought thoughts always
       uniform_prob=0.0,  # per example: probability of training at a random earlier stage
+      # stage trained at step 1 (0..max_latent_stage): 1 continues from a CoT-SFT model, as the
+      # reference resumes from its stage-0 checkpoint; later stages follow every stage_steps
+      coconut_start_stage=0,
       # iCoT-SI (method=icot_si; values of the published runs). CoT tokens are cut from the front.
       remove_per_epoch=8.0,  # removed tokens grow by 1 every round(steps/epoch / this) steps
       remove_start_from=0,  # tokens removed at step 1

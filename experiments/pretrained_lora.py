@@ -10,7 +10,9 @@ Stage 2, per seed, on that base, with the paper's data rule (data.include_last_c
   trains too): CODI at beta 1 and 0.3, CODI w/o distillation (beta 0), No-CoT-SFT, CoT-SFT;
 - all weights, as their references train: iCoT-SI from the base; Coconut from the CoT-SFT run of the
   same seed (exported with LoRA merged, <out>/cot_sft_s<seed>_hf), as the reference's Coconut loads
-  its CoT stage. Our curriculum has no start stage, so Coconut's stage 0 (CoT) runs once more.
+  its CoT stage: codi.coconut_start_stage=1 (the reference's `resume`), so that CoT-SFT run is its
+  stage 0 and step 1 trains stage 1; the stages keep toy_table's length (a fifth of the steps), so
+  on the task's 3-step CoTs the all-latent stages 3-4 get the last three fifths.
 
 Every CODI run also reports its teacher mode (the same weights given the explicit CoT) on the test
 split and validation, and the per-layer distillation distance (training, last logged step; test:
@@ -98,6 +100,8 @@ def arm_config(scratch, name: str, seed: int, out: str):
   config.model.update(LORA)
   if not arm.lora:
     config.model.lora_rank = 0
+  if arm.init == "cot_sft":
+    config.codi.coconut_start_stage = 1  # that CoT-SFT run was stage 0
   steps = config.optim.num_steps
   config.eval.every_steps = max(1, steps // 5)  # a validation curve: has it stopped rising?
   config.eval.baseline_note = ""  # the demo's from-scratch figure does not apply

@@ -18,6 +18,7 @@ from codi_jax.codi import baselines, build
 from codi_jax.codi.model import Codi, CodiOptions
 from codi_jax.data import curriculum as cur
 from codi_jax.data.codi_batches import CodiExamples, SpecialIds
+from codi_jax.errors import InputError
 from codi_jax.models import config as mcfg
 from codi_jax.models import transformer
 from configs import base
@@ -217,6 +218,31 @@ def test_coconut_stage_boundaries_for_three_step_cots():
   cfg.reset_optimizer = "epoch"  # the reference: every epoch, stage boundaries or not
   ref = cur.Curriculum("coconut", cfg, steps_per_epoch=200, cot_steps=[3])
   assert [t for t in steps if ref.reset_before(t)] == [201, 401, 601]
+
+
+def test_coconut_start_stage_skips_the_trained_stages():
+  """coconut_start_stage=1 (a run from a CoT-SFT model, the reference's `resume`) on the 3-step
+  CoT: step 1 trains what step 161 of a run from stage 0 trains, and so on at the same pace; the
+  optimizer restarts at the two stage switches that change the batch (161, 321), not at 481."""
+  cfg = codi_config(stage_steps=160, max_latent_stage=3, c_thought=2)
+  three = {k: v[2:] for k, v in local_batch(examples()[0]).items()}
+  scratch = cur.Curriculum("coconut", cfg, pad_id=IDS.pad, cot_steps=[3])
+  cfg.coconut_start_stage = 1
+  c = cur.Curriculum("coconut", cfg, pad_id=IDS.pad, cot_steps=[3])
+  assert [c.coconut.stage(t) for t in (1, 160, 161, 320, 321, 480, 481)] == [1, 1, 2, 2, 3, 3, 4]
+  assert c.coconut.first_step(4) == 481 and scratch.coconut.first_step(4) == 641
+  for t in (1, 160, 161, 321, 481, 640):
+    want, got = scratch.batch(three, t + 160), c.batch(three, t)
+    assert want.keys() == got.keys() and c.num_latent(t) == scratch.num_latent(t + 160)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} at step {t}")
+  assert c.batch(three, 1)["num_thoughts"].tolist() == [2] and c.eval_latent(1) == 2
+  assert [t for t in range(1, 801) if c.reset_before(t)] == [161, 321]
+  cfg.coconut_start_stage = 4  # past max_latent_stage: refused in one line
+  with pytest.raises(
+    InputError, match=r"coconut_start_stage: got 4; expected 0..max_latent_stage=3"
+  ):
+    cur.Curriculum("coconut", cfg)
 
 
 def _run_config():

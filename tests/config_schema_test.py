@@ -133,6 +133,7 @@ def test_soft_presets_validate(model, variant):
     ("optim.lr", -1.0, "expected a number > 0"),
     ("codi.num_latent", -3, "expected an integer >= 0"),
     ("codi.num_latent_infer", -2, "expected an integer >= -1"),
+    ("codi.coconut_start_stage", -1, "expected an integer >= 0"),
     ("optim.warmup_ratio", 1.0, "in [0, 1)"),
     ("model.dropout", 1.0, "in [0, 1)"),
     ("model.lora_dropout", -0.1, "in [0, 1)"),
@@ -238,6 +239,7 @@ def mutate(**changes):
       "codi.stage_steps",
       ">= 1",
     ),
+    ({"codi__coconut_start_stage": 4}, 1, 1, "codi.coconut_start_stage", "max_latent_stage=3"),
     ({"data__synthetic__min_steps": 4}, 1, 1, "data.synthetic.min_steps", "<= max_steps=3"),
     ({"data__synthetic__max_operand": 40}, 1, 1, "data.synthetic.max_operand", "max_value=30"),
     (

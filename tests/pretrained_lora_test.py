@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import tiny_codi
+import tiny_hf
 from flax import nnx
 
 from codi_jax import final, sharding, train_lib, train_state
@@ -53,12 +54,8 @@ def test_lora_run_leaves_the_base_bit_identical(runs):
     for k, v in hf.export_tensors(trained.backbone, merge_lora=False).items()
   }
   assert set(frozen) == set(saved)
-  for name, want in saved.items():
-    got = frozen[name]
-    if got.shape != want.shape:  # the embedding: pad/bot/eot rows appended by the fine-tune
-      assert got.shape[1:] == want.shape[1:] and got.shape[0] == want.shape[0] + 3, name
-      got = got[: want.shape[0]]
-    np.testing.assert_array_equal(got, want, err_msg=name)
+  for name, want in saved.items():  # the embedding too: its pad/bot/eot rows are the base's
+    np.testing.assert_array_equal(frozen[name], want, err_msg=name)
   # The run did train: the adapters (B starts at 0) and the projection moved.
   params = nnx.to_flat_state(nnx.state(trained, nnx.Param))
   lora_b = [np.asarray(v.get_value()) for p, v in params if p[-1] == "lora_b"]
@@ -70,6 +67,47 @@ def test_lora_run_leaves_the_base_bit_identical(runs):
   assert final.load_final(run).tokenizer.encode(text) == base_tok.encode(text)
   w1 = np.asarray(fresh.prj.w1.get_value())
   assert not np.array_equal(np.asarray(trained.prj.w1.get_value()), w1)
+
+
+def test_an_export_keeps_its_special_rows(runs):
+  """The base export's tokenizer holds [PAD]/<bot>/<eot> at its table's last rows: an arm on it
+  reuses them (the base run's ids, no new rows, their trained values, also as the trainable copy
+  of train_special_embeddings); the run's saved ids are the same."""
+  out, run = runs
+  base = final.load_final(pl.workdir_of(str(out), "base", SEED))
+  config = arm("codi", out)
+  config.codi.train_special_embeddings = True
+  codi, tok, special = build.build_model(config, None)
+  assert special == base.special == final.load_final(run).special
+  assert [tok.token_to_id(t) for t in build.SPECIAL_TOKENS] == [
+    special.pad,
+    special.bot,
+    special.eot,
+  ]
+  table = np.asarray(base.codi.backbone.embed.embedding.get_value())
+  assert codi.backbone.cfg.vocab_size == special.eot + 1 == table.shape[0]
+  np.testing.assert_array_equal(codi.backbone.embed.embedding.get_value(), table)
+  np.testing.assert_array_equal(codi.backbone.embed.special.get_value(), table[-3:])
+
+
+def test_a_base_without_special_tokens_grows_its_table(tmp_path):
+  """A pretrained model whose tokenizer lacks them (as GPT-2, Llama): 3 fresh rows appended after
+  its table (mean-resized), the pretrained rows untouched, the embedding frozen under LoRA."""
+  spec = tiny_hf.write(str(tmp_path / "llama"))
+  config = arm("codi", tmp_path)
+  config.model.spec = spec
+  codi, tok, special = build.build_model(config, None)
+  V = tiny_hf.V
+  assert [special.pad, special.bot, special.eot] == [V, V + 1, V + 2] and tok.token_to_id(
+    "<bot>"
+  ) == V + 1
+  table = np.asarray(codi.backbone.embed.embedding.get_value())
+  saved = weights_io.read_hf_weights(spec)["model.embed_tokens.weight"]
+  assert table.shape == (V + 3, saved.shape[1])
+  np.testing.assert_array_equal(table[:V], saved)
+  assert np.all(np.isfinite(table[V:])) and not np.array_equal(table[V], table[V + 1])
+  frozen = [p for p, _ in nnx.to_flat_state(split(codi, config).frozen)]
+  assert ("backbone", "embed", "embedding") in frozen
 
 
 def test_only_lora_and_the_projection_train(runs):
@@ -106,7 +144,9 @@ def test_arm_configs():
     assert c.model.lora_rank == (pl.LORA["lora_rank"] if a.lora else 0)
     if a.lora:
       assert c.model.lora_alpha == pl.LORA["lora_alpha"]
-  assert pl.arm_config(scratch, "coconut", SEED, "/o").model.spec == f"/o/cot_sft_s{SEED}_hf"
+  coconut = pl.arm_config(scratch, "coconut", SEED, "/o")
+  assert coconut.model.spec == f"/o/cot_sft_s{SEED}_hf" and coconut.codi.coconut_start_stage == 1
+  assert pl.arm_config(scratch, "icot_si", SEED, "/o").codi.coconut_start_stage == 0
   betas = [pl.arm_config(scratch, n, SEED, "/o").codi.beta for n in pl.CODI_ARMS]
   assert betas == [1.0, 0.3, 0.0]
 

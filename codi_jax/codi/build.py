@@ -89,7 +89,12 @@ def _scratch_config(config, tokenizer) -> mcfg.ModelConfig:
 
 
 def add_special_tokens(tokenizer, base_vocab: int) -> SpecialIds:
-  """Adds pad/bot/eot to the tokenizer; their ids are the 3 rows appended to the embedding table."""
+  """pad/bot/eot: the table's last 3 rows where the tokenizer already holds them there (an export
+  of a CODI run: the same ids, its trained rows, no growth); else added to the tokenizer as the 3
+  rows `_wrap` appends to the embedding table (mean-resized, as the reference)."""
+  last = list(range(base_vocab - 3, base_vocab))
+  if [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == last:
+    return SpecialIds(pad=last[0], bot=last[1], eot=last[2], eos=tokenizer.eos_id)
   ids = tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
   if ids != list(range(base_vocab, base_vocab + 3)):
     # Tokenizers with fewer entries than the embedding table (padded vocabularies): place after the table.
@@ -109,9 +114,11 @@ def module_options(config) -> dict:
   }
 
 
-def _wrap(config, backbone: Transformer) -> Codi:
-  """Grows the vocabulary by pad/bot/eot (mean resizing) and adds the projection."""
-  backbone.resize_vocab(backbone.cfg.vocab_size + 3, jax.random.key(config.seed + 1))
+def _wrap(config, backbone: Transformer, grow: bool = True) -> Codi:
+  """Grows the vocabulary by pad/bot/eot (mean resizing) unless the table holds them (`grow`
+  False: `add_special_tokens` found them) and adds the projection."""
+  if grow:
+    backbone.resize_vocab(backbone.cfg.vocab_size + 3, jax.random.key(config.seed + 1))
   return Codi(backbone, rngs=nnx.Rngs(params=config.seed + 2), **module_options(config))
 
 
@@ -161,7 +168,7 @@ def build_model(config, tokenizer):
   else:
     backbone = transformer.build(_scratch_config(config, tokenizer), seed=config.seed)
   special = add_special_tokens(tokenizer, backbone.cfg.vocab_size)
-  return _wrap(config, backbone), tokenizer, special
+  return _wrap(config, backbone, special.pad >= backbone.cfg.vocab_size), tokenizer, special
 
 
 def init_model(config, tokenizer):

@@ -236,10 +236,12 @@ def drop_tokens(x_BxL, start_B, count_B, fill):
 class CoconutSchedule:
   """Coconut's curriculum (reference `dataset.get_cot_latent_dataset`) in optimizer steps.
 
-  Stage k = (step - 1) // stage_steps replaces the first k reasoning steps by k * c_thought
-  continuous thoughts; past max_latent_stage every step is replaced and the thought count stays at
-  max_latent_stage * c_thought (pad_latent_to_max) or min(steps, max_latent_stage) * c_thought.
-  With probability uniform_prob a row trains at a uniformly drawn stage 0..(its step count).
+  Stage k = start_stage + (step - 1) // stage_steps replaces the first k reasoning steps by
+  k * c_thought continuous thoughts; past max_latent_stage every step is replaced and the thought
+  count stays at max_latent_stage * c_thought (pad_latent_to_max) or min(steps, max_latent_stage)
+  * c_thought. With probability uniform_prob a row trains at a uniformly drawn stage 0..(its step
+  count). start_stage > 0 continues a run whose earlier stages are already trained (the
+  reference's `resume` from its stage-0 checkpoint).
   """
 
   stage_steps: int
@@ -247,9 +249,14 @@ class CoconutSchedule:
   c_thought: int
   pad_latent_to_max: bool = True
   uniform_prob: float = 0.0
+  start_stage: int = 0
 
   def stage(self, step: int) -> int:
-    return (step - 1) // self.stage_steps
+    return self.start_stage + (step - 1) // self.stage_steps
+
+  def first_step(self, stage: int) -> int:
+    """The step at which `stage` (>= start_stage) begins."""
+    return (stage - self.start_stage) * self.stage_steps + 1
 
   def phase(self, step: int) -> int:
     """The stage as far as training differs: stages past max_latent_stage all train alike."""
@@ -385,10 +392,16 @@ class Curriculum:
       )
     if method == "coconut":
       stage_steps = c.stage_steps or c.epochs_per_stage * self.steps_per_epoch
+      start = c.coconut_start_stage
       if stage_steps < 1 or c.max_latent_stage < 0 or c.c_thought < 1:
         raise InputError(
           "--config.codi: coconut needs stage_steps (or epochs_per_stage) >= 1, "
           "max_latent_stage >= 0 and c_thought >= 1"
+        )
+      if not 0 <= start <= c.max_latent_stage:
+        raise InputError(
+          f"--config.codi.coconut_start_stage: got {start}; expected 0..max_latent_stage="
+          f"{c.max_latent_stage}"
         )
       if not 0.0 <= c.uniform_prob <= 1.0:
         raise InputError(f"--config.codi.uniform_prob: {c.uniform_prob} is not in [0, 1]")
@@ -398,6 +411,7 @@ class Curriculum:
         c.c_thought,
         c.pad_latent_to_max,
         float(c.uniform_prob),
+        int(start),
       )
     else:
       if c.remove_per_epoch <= 0 or c.removal_smoothing_lambda < 0 or c.remove_start_from < 0:
