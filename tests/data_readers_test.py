@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from codi_jax.data import formats, readers, sources
+from codi_jax.data import eval_sets, formats, readers, sources
 from codi_jax.errors import InputError
 
 AUG = [
@@ -93,34 +93,39 @@ def test_commonsense_and_strategy(tmp_path):
 
 
 def test_eval_sets(tmp_path):
+  """The hub's field layout (eval_sets._hub_records: file lists and field overrides have no
+  --sets form); a plain file reads through it."""
   gsm = [{"question": " Natalia  sold 48 clips. ", "answer": "She sold... #### 1,072"}]
-  records, report = readers.read_eval_set("gsm8k", _jsonl(tmp_path / "gsm.jsonl", gsm))
+  data = eval_sets.load_eval_data(_jsonl(tmp_path / "gsm.jsonl", gsm))
+  assert (data.questions, data.golds) == (["Natalia sold 48 clips."], [1072.0])
+  assert data.report["kept"] == 1 and data.report["gold_unparsed"] == 0
+  records, report = eval_sets._hub_records("gsm8k", _jsonl(tmp_path / "gsm.jsonl", gsm))
   assert records == [{"question": "Natalia sold 48 clips.", "answer": 1072.0}]
   assert report["kept"] == 1 and report["gold_unparsed"] == 0
 
   train = [{"question_concat": "S1", "Answer": 3.0}, {"question_concat": "S2", "Answer": 4.0}]
   test = [{"question_concat": "S3", "Answer": "5"}]
   paths = [_json(tmp_path / "svamp_train.json", train), _jsonl(tmp_path / "svamp_test.jsonl", test)]
-  records, report = readers.read_eval_set("svamp", paths)
+  records, report = eval_sets._hub_records("svamp", paths)
   assert [r["question"] for r in records] == ["S1", "S2", "S3"]
   assert [r["answer"] for r in records] == [3.0, 4.0, 5.0]
   assert report["source"].endswith("svamp_test.jsonl")
 
   hard = [{"instruction": "H", "response": 123456789.0}, {"instruction": "H2", "response": "x"}]
-  records, report = readers.read_eval_set("gsm-hard", _jsonl(tmp_path / "h.jsonl", hard))
+  records, report = eval_sets._hub_records("gsm-hard", _jsonl(tmp_path / "h.jsonl", hard))
   assert records[0]["answer"] == 123456789.0 and math.isinf(records[1]["answer"])
   assert report["gold_unparsed"] == 1
 
   arith = [{"question": "M", "final_ans": "5"}]
-  records, _ = readers.read_eval_set("multiarith", _jsonl(tmp_path / "m.jsonl", arith))
+  records, _ = eval_sets._hub_records("multiarith", _jsonl(tmp_path / "m.jsonl", arith))
   assert records == [{"question": "M", "answer": 5.0}]
 
   cs = [{"question": "Which? A) a", "cot": "...", "answer": "A"}]
-  records, _ = readers.read_eval_set("commonsense", _jsonl(tmp_path / "cs.jsonl", cs))
+  records, _ = eval_sets._hub_records("commonsense", _jsonl(tmp_path / "cs.jsonl", cs))
   assert records == [{"question": "Which? A) a", "answer": "A"}]
 
   custom = [{"problem": "P", "solution": "7"}]
-  records, _ = readers.read_eval_set(
+  records, _ = eval_sets._hub_records(
     "gsm8k", _jsonl(tmp_path / "c.jsonl", custom), question_field="problem", answer_field="solution"
   )
   assert records == [{"question": "P", "answer": 7.0}]
@@ -164,7 +169,7 @@ def test_errors_name_file_line_field(tmp_path):
 
   gsm = tmp_path / "gsm.jsonl"
   gsm.write_text('{"question": "Q", "answer": null}\n')
-  message = _error(readers.read_eval_set, "gsm8k", str(gsm))
+  message = _error(eval_sets.load_eval_data, str(gsm))
   assert message == (
     f"{gsm}: line 1: field 'answer' must be str or bool or int or float, got NoneType"
   )
@@ -188,7 +193,7 @@ def test_unknown_names():
   with pytest.raises(InputError, match="unknown training set"):
     readers.read_train_set("gsm9k")
   with pytest.raises(InputError, match="unknown evaluation set"):
-    readers.read_eval_set("gsm9k")
+    eval_sets._hub_records("gsm9k")
 
 
 def test_hub_without_datasets(monkeypatch):
@@ -214,11 +219,11 @@ def test_hub_with_fake_datasets(monkeypatch):
     }
 
   monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-  message = _error(readers.read_eval_set, "svamp")
+  message = _error(eval_sets._hub_records, "svamp")
   assert message == "ChilleD/SVAMP [test]: row 2: missing field 'Answer'"
-  records, report = readers.read_eval_set("svamp", limit=2)
+  records, report = eval_sets._hub_records("svamp", limit=2)
   assert [r["question"] for r in records] == ["A", "B"] and report["source"] == "ChilleD/SVAMP"
-  message = _error(readers.read_eval_set, "gsm8k", "other/id")
+  message = _error(eval_sets._hub_records, "gsm8k", "other/id")
   assert message == "other/id: no split 'test' (has validation)"
   assert calls[-1] == ("other/id", "main")
   assert _error(readers.read_train_set, "gsm8k-aug", "offline/x") == (
@@ -238,11 +243,11 @@ def test_a_directory_is_not_a_data_file(tmp_path, monkeypatch, name):
   tail = "pass a JSON/JSONL file or `question||cot #### answer` lines"
   for fn, args in (
     (sources.read_train_source, ("gsm8k-aug", str(folder))),
-    (readers.read_eval_set, ("svamp", str(folder))),
+    (eval_sets._hub_records, ("svamp", str(folder))),
   ):
     message = _error(fn, *args)
     assert message.startswith(want) and message.endswith(tail), message
-  message = _error(sources.load_eval_records, "gsm8k", path=str(folder))
+  message = _error(eval_sets.load_eval_data, "gsm8k", paths={"gsm8k": str(folder)})
   assert message.startswith(want) and "evaluation set gsm8k" in message, message
 
   def load_dataset(hub_id, config=None):
@@ -368,7 +373,8 @@ def test_eval_bad_rows(tmp_path):
     {"Body": "E", "Question": "F", "Answer": True},
   ]
   path = _json(tmp_path / "SVAMP.json", svamp)
-  questions, golds, report = sources.load_eval_set("svamp", path=path)
+  data = eval_sets.load_eval_data("svamp", paths={"svamp": path})
+  questions, golds, report = data.questions, data.golds, data.report
   assert questions == ["A has 3. How many?"] and golds == [3.0]
   assert (report["read"], report["kept"], report["used"]) == (5, 1, 1)
   assert {k: v for k, v in report["dropped"].items() if v} == {
@@ -380,26 +386,31 @@ def test_eval_bad_rows(tmp_path):
 
   hard = [{"input": "H", "target": 1e13 + 0.5}, {"input": "H2", "target": "7"}, {"input": "x"}]
   path = _jsonl(tmp_path / "gsmhardv2.jsonl", hard)
-  _, golds, report = sources.load_eval_set("gsm-hard", path=path)
+  data = eval_sets.load_eval_data("gsm-hard", paths={"gsm_hard": path})
+  golds, report = data.golds, data.report
   assert golds == [1e13 + 0.5, 7.0] and report["dropped"]["missing_field"] == 1
   gsm = [{"question": "G", "answer": "#### 1,024"}, {"question": "G2", "answer": "7"}]
   path = _jsonl(tmp_path / "test.jsonl", gsm)
-  _, golds, report = sources.load_eval_set("gsm8k", path=path)
+  data = eval_sets.load_eval_data("gsm8k", paths={"gsm8k": path})
+  golds, report = data.golds, data.report
   assert golds == [1024.0] and report["bad_rows"] == [
     f"{path}: line 2: no '####' in field 'answer'"
   ]
 
-  assert _error(sources.load_eval_set, "gsm9k").startswith("unknown evaluation set 'gsm9k'")
-  assert _error(sources.load_eval_set, "svamp") == (
+  assert _error(eval_sets.load_eval_data, "gsm9k") == (
+    "--sets=gsm9k: not a .json/.jsonl file, and not one of test, valid, synthetic:valid, "
+    "synthetic:test, gsm8k, svamp, gsm_hard, multiarith, gsm8k_aug_test, commonsense"
+  )
+  assert _error(eval_sets.load_eval_data, "svamp", paths={"svamp": ""}) == (
     "svamp: pass a data_dir holding svamp/SVAMP.json, or the file's path"
   )
-  message = _error(sources.load_eval_set, "multiarith", data_dir=tmp_path)
+  message = _error(eval_sets.load_eval_data, "multiarith", data_dir=str(tmp_path))
   assert message == (
     f"{tmp_path}/multiarith/mawpsmultiarith.jsonl: no such file (evaluation set multiarith, "
     "expected layout multiarith/mawpsmultiarith.jsonl)"
   )
   path = _jsonl(tmp_path / "m.jsonl", [{"input": "M", "target": None}])
-  assert _error(sources.load_eval_set, "multiarith", path=path).startswith(
+  assert _error(eval_sets.load_eval_data, "multiarith", paths={"multiarith": path}).startswith(
     f"{path}: no usable rows for multiarith (read 1, kept 0, dropped: missing_field=1; first: "
   )
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import shared_data
 
-from codi_jax.data import formats, sources
+from codi_jax.data import eval_sets, formats, sources
 
 NO_DROPS = dict.fromkeys(("missing_field", "not_text", "empty_question", "no_####", "no_||"), 0)
 NO_DROPS["bad_answer"] = 0
@@ -154,8 +154,9 @@ def test_multiplication_pipe_file():
 
 
 def _eval(name):
-  shared_data.path(sources.EVAL_FILES[sources.eval_set_name(name)][0])  # Skips if missing.
-  return sources.load_eval_set(name, data_dir=shared_data.DATA_ROOT)
+  shared_data.path(eval_sets.EVAL_FILES[eval_sets.set_name(name)][0])  # Skips if missing.
+  data = eval_sets.load_eval_data(name, data_dir=shared_data.DATA_ROOT)
+  return data.questions, data.golds, data.report
 
 
 def _counts(report):
@@ -168,8 +169,8 @@ def test_gsm8k_test_set():
   assert questions[0].startswith("Janet’s ducks lay 16 eggs per day.") and golds[0] == 18.0
   aug_questions, aug_golds, _ = _eval("gsm8k_aug_test")
   assert aug_golds == golds and aug_questions == questions  # Same set, two layouts.
-  records, _ = sources.load_eval_records("gsm8k", data_dir=shared_data.DATA_ROOT, limit=2)
-  assert len(records) == 2 and "<<16-3-4=9>>" in records[0]["cot"]  # For probing.
+  data = eval_sets.load_eval_data("gsm8k", data_dir=shared_data.DATA_ROOT, limit=2)
+  assert len(data.questions) == 2 and "<<16-3-4=9>>" in data.cots[0]  # For probing.
 
 
 def test_svamp():
@@ -201,6 +202,9 @@ def test_multiarith():
 
 def test_eval_reports_are_json():
   _eval("svamp")
-  sets = sources.load_eval_sets(["gsm8k", "svamp"], data_dir=shared_data.DATA_ROOT, limit=5)
-  assert {k: len(v[0]) for k, v in sets.items()} == {"gsm8k": 5, "svamp": 5}
-  assert json.loads(json.dumps(sets["svamp"][2]))["used"] == 5
+  sets = {
+    n: eval_sets.load_eval_data(n, data_dir=shared_data.DATA_ROOT, limit=5)
+    for n in ("gsm8k", "svamp")
+  }
+  assert {k: len(v.questions) for k, v in sets.items()} == {"gsm8k": 5, "svamp": 5}
+  assert json.loads(json.dumps(sets["svamp"].report))["used"] == 5

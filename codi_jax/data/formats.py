@@ -1,14 +1,11 @@
 """Readers of the public math sets' own file formats, from any local path.
 
-Formats (one example per line unless said otherwise):
+Formats (one example per line):
   GSM8k (`train.jsonl`, `test.jsonl`): JSON objects {"question", "answer"}; `answer` is the
     reasoning, each calculator result annotated as `<<48/2=24>>`, then a last line `#### 72`.
   `||` lines (GSM8k-Aug's `valid.txt`/`test.txt`, iCoT's multiplication files):
     `question||<<a=b>> <<c=d>> #### answer`.
-  SVAMP (`SVAMP.json`): one JSON list of {"Body", "Question", "Answer" (a float), ...};
-    the question is Body + " " + Question.
-  GSM-Hard (`gsmhardv2.jsonl`): {"input", "target" (a number, often a float or large), "code"}.
-  MultiArith (`mawpsmultiarith.jsonl`): {"input", "target" (a number)}.
+The evaluation sets' own formats (SVAMP, GSM-Hard, MultiArith) are read by `eval_sets`.
 
 GSM8k converts to training rows {question, cot, answer}: GSM8k-Aug style keeps the `<<..>>` spans
 of the reasoning in order, joined by single spaces (GSM8k's test file converts to GSM8k-Aug's
@@ -21,7 +18,6 @@ line; malformed JSON raises InputError naming the line.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -36,15 +32,6 @@ _SPAN = re.compile(r"<<[^<>]*>>")
 _NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 _BAD = ("missing_field", "not_text", "empty_question", "no_####", "no_||", "bad_answer")
 
-# Evaluation files: reader kind -> (question fields joined by a space, answer field).
-_EVAL_FIELDS = {
-  "gsm8k": (("question",), "answer"),
-  "svamp": (("Body", "Question"), "Answer"),
-  "gsm_hard": (("input",), "target"),
-  "multiarith": (("input",), "target"),
-}
-EVAL_KINDS = (*_EVAL_FIELDS, "pipe")
-
 
 def new_report(source: str, fmt: str) -> dict:
   """An empty report: rows read and kept, drops by reason, the first few bad rows named, and
@@ -53,23 +40,24 @@ def new_report(source: str, fmt: str) -> dict:
   return dict(source=source, format=fmt, read=0, kept=0, dropped=dropped, bad_rows=[], empty_cot=0)
 
 
-def _drop(report: dict, where: str, reason: str, detail: str) -> None:
+def drop(report: dict, where: str, reason: str, detail: str) -> None:
+  """Counts a bad row under `reason`, naming it (`where`: `detail`) while fewer than MAX_NAMED are."""
   report["dropped"][reason] += 1
   if len(report["bad_rows"]) < MAX_NAMED:
     report["bad_rows"].append(f"{where}: {detail}")
 
 
-def _text_fields(report: dict, row: Row, names: tuple[str, ...]) -> list[str] | None:
+def text_fields(report: dict, row: Row, names: tuple[str, ...]) -> list[str] | None:
   """The string fields `names` of `row`, or None (the row counted as bad) if one is not."""
   where, data = row
   values = []
   for name in names:
     value = data.get(name)
     if value is None:
-      _drop(report, where, "missing_field", f"missing field {name!r}")
+      drop(report, where, "missing_field", f"missing field {name!r}")
       return None
     if not isinstance(value, str):
-      _drop(report, where, "not_text", f"field {name!r} is {type(value).__name__}, not text")
+      drop(report, where, "not_text", f"field {name!r} is {type(value).__name__}, not text")
       return None
     values.append(value)
   return values
@@ -79,14 +67,6 @@ def parse_number(text: str) -> float | None:
   """`text` (commas removed, stripped) as a float if it is a plain decimal number, else None."""
   text = text.replace(",", "").strip()
   return float(text) if _NUMBER.fullmatch(text) else None
-
-
-def _number(value: Any) -> float | None:
-  if isinstance(value, bool):
-    return None
-  if isinstance(value, (int, float)):
-    return float(value) if math.isfinite(value) else None
-  return parse_number(value) if isinstance(value, str) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,20 +105,20 @@ def gsm8k_train_rows(path: str | os.PathLike, *, nl: bool = False) -> tuple[list
   for row in readers.read_rows(path):
     report["read"] += 1
     where = row[0]
-    fields = _text_fields(report, row, ("question", "answer"))
+    fields = text_fields(report, row, ("question", "answer"))
     if fields is None:
       continue
     question, answer = fields
     if not question.strip():
-      _drop(report, where, "empty_question", "empty question")
+      drop(report, where, "empty_question", "empty question")
       continue
     parts = split_gsm8k_answer(answer)
     if parts is None:
-      _drop(report, where, "no_####", "no '####' in field 'answer'")
+      drop(report, where, "no_####", "no '####' in field 'answer'")
       continue
     reasoning, final = parts
     if parse_number(final) is None:
-      _drop(report, where, "bad_answer", f"answer {final!r} after '####' is not a number")
+      drop(report, where, "bad_answer", f"answer {final!r} after '####' is not a number")
       continue
     cot = nl_cot(reasoning) if nl else aug_cot(reasoning)
     report["empty_cot"] += not cot
@@ -175,88 +155,23 @@ def pipe_rows(path: str | os.PathLike) -> tuple[list[Row], dict]:
     report["read"] += 1
     where = f"{path}: line {n}"
     if "||" not in line:
-      _drop(report, where, "no_||", "no '||' between question and reasoning")
+      drop(report, where, "no_||", "no '||' between question and reasoning")
       continue
     question, _, target = line.partition("||")
     if not question.strip():
-      _drop(report, where, "empty_question", "empty question")
+      drop(report, where, "empty_question", "empty question")
       continue
     if "####" not in target:
-      _drop(report, where, "no_####", "no '####' before the answer")
+      drop(report, where, "no_####", "no '####' before the answer")
       continue
     cot, _, answer = target.rpartition("####")
     if not answer.strip():
-      _drop(report, where, "bad_answer", "empty answer after '####'")
+      drop(report, where, "bad_answer", "empty answer after '####'")
       continue
     report["empty_cot"] += not cot.strip()
     rows.append((where, dict(question=question, cot=cot.strip(), answer=answer.strip())))
   report["kept"] = len(rows)
   return rows, report
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation files
-
-
-def read_eval_rows(kind: str, path: str | os.PathLike) -> tuple[list[dict], dict]:
-  """An evaluation file of `kind` (see EVAL_KINDS) as records {question, answer (float), cot}.
-
-  Questions get the reference's cleaning (`readers.clean_question`); `cot` is the reasoning where
-  the file has one (GSM8k, `||` lines) for probing, else None.
-  """
-  if kind not in EVAL_KINDS:
-    raise InputError(f"unknown evaluation file kind {kind!r}; expected one of {EVAL_KINDS}")
-  path = os.fspath(path)
-  if kind == "pipe":
-    rows, report = pipe_rows(path)
-    return _pipe_eval(rows, report)
-  q_names, a_name = _EVAL_FIELDS[kind]
-  report = new_report(path, kind)
-  del report["empty_cot"]  # These files have no reasoning.
-  records = []
-  for row in readers.read_rows(path):
-    report["read"] += 1
-    where, data = row
-    parts = _text_fields(report, row, q_names)
-    if parts is None:
-      continue
-    question = readers.clean_question(" ".join(parts))
-    if not question:
-      _drop(report, where, "empty_question", "empty question")
-      continue
-    if data.get(a_name) is None:
-      _drop(report, where, "missing_field", f"missing field {a_name!r}")
-      continue
-    value, cot = data[a_name], None
-    if kind == "gsm8k":
-      if not isinstance(value, str):
-        _drop(report, where, "not_text", f"field {a_name!r} is {type(value).__name__}, not text")
-        continue
-      parts = split_gsm8k_answer(value)
-      if parts is None:
-        _drop(report, where, "no_####", f"no '####' in field {a_name!r}")
-        continue
-      cot, value = parts
-    gold = _number(value)
-    if gold is None:
-      _drop(report, where, "bad_answer", f"answer {value!r} is not a number")
-      continue
-    records.append(dict(question=question, answer=gold, cot=cot))
-  report["kept"] = len(records)
-  return records, report
-
-
-def _pipe_eval(rows: list[Row], report: dict) -> tuple[list[dict], dict]:
-  records = []
-  for where, row in rows:
-    gold = parse_number(row["answer"])
-    if gold is None:
-      _drop(report, where, "bad_answer", f"answer {row['answer']!r} is not a number")
-      continue
-    question = readers.clean_question(row["question"])
-    records.append(dict(question=question, answer=gold, cot=row["cot"]))
-  report["kept"] = len(records)
-  return records, report
 
 
 def summary(report: Mapping[str, Any]) -> str:

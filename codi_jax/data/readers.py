@@ -1,11 +1,8 @@
-"""Readers of CODI's training and evaluation sets: local JSON/JSONL files or HF hub datasets.
-
-(Over 400 lines: the file and hub row readers, the training cleaners and the evaluation cleaner
-share one row type, one field check and one drop report.)
+"""Rows of local JSON/JSONL files or HF hub datasets, and CODI's training sets read from them.
 
 Training sets get the official filtering and templating (docs/codi.md 6.2) and a report counting every
-dropped example by reason; evaluation sets get the official question cleaning and gold parsing
-(docs/codi.md 7.3). Bad input raises InputError naming the file, the line (1-based) and the field.
+dropped example by reason (evaluation sets: `eval_sets.load_eval_data`, which reads rows here). Bad
+input raises InputError naming the file, the line (1-based) and the field.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from codi_jax.data.answers import gold_answer
 from codi_jax.errors import InputError
 
 # A row: where it came from ("file.jsonl: line 3", "id [train]: row 3") and its fields.
@@ -38,35 +34,12 @@ class TrainSet:
   split: str = "train"
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSet:
-  """An evaluation set: hub location (splits concatenated) and question/answer field names."""
-
-  hub_id: str
-  splits: tuple[str, ...]
-  question: str
-  answer: str
-  config: str | None = None
-  task: str = "math"
-
-
 TRAIN_SETS = {
   "gsm8k-aug": TrainSet("aug", "zen-E/GSM8k-Aug"),
   "gsm8k-aug-nl": TrainSet("aug_nl", "zen-E/GSM8k-Aug-NL"),
   "commonsense": TrainSet("qa", "zen-E/CommonsenseQA-GPT4omini"),
   "strategy": TrainSet("qa", "zen-E/StrategyQA_CoT_GPT4o"),
 }
-
-EVAL_SETS = {
-  "gsm8k": EvalSet("gsm8k", ("test",), "question", "answer", config="main"),
-  "svamp": EvalSet("ChilleD/SVAMP", ("train", "test"), "question_concat", "Answer"),
-  "gsm-hard": EvalSet("juyoung-trl/gsm-hard", ("train",), "instruction", "response"),
-  "multiarith": EvalSet("ChilleD/MultiArith", ("test",), "question", "final_ans"),
-  "commonsense": EvalSet(
-    "zen-E/CommonsenseQA-GPT4omini", ("validation",), "question", "answer", task="commonsense"
-  ),
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Rows from files and the hub
@@ -204,7 +177,9 @@ def _named_rows(examples: Iterable[Mapping[str, Any]], source: str) -> Iterator[
     yield f"{source}: record {i}", example
 
 
-def _field(row: Row, name: str, kinds: tuple[type, ...] = (str,), nullable: bool = False) -> Any:
+def field(row: Row, name: str, kinds: tuple[type, ...] = (str,), nullable: bool = False) -> Any:
+  """Field `name` of `row`, of one of `kinds` (or None if `nullable`); else InputError naming
+  the row's file and line and the field."""
   where, data = row
   if name not in data:
     raise InputError(f"{where}: missing field {name!r}")
@@ -226,7 +201,8 @@ def _field_names(fields: Mapping[str, str] | None) -> dict[str, str]:
   return names
 
 
-def _finish(records: list[dict], report: dict) -> tuple[list[dict], dict]:
+def finish(records: list[dict], report: dict) -> tuple[list[dict], dict]:
+  """(records, report) with the kept count; InputError, with the drops by reason, if none kept."""
   report["kept"] = len(records)
   if not records:
     dropped = ", ".join(f"{k}={v}" for k, v in report["dropped"].items()) or "none"
@@ -276,9 +252,9 @@ def clean_gsm8k_aug(
     if limit is not None and report["read"] >= limit:
       break
     report["read"] += 1
-    question = _field(row, names["question"])
-    raw_cot = _field(row, names["cot"])
-    raw_answer = _field(row, names["answer"], (str, int, float), nullable=True)
+    question = field(row, names["question"])
+    raw_cot = field(row, names["cot"])
+    raw_answer = field(row, names["answer"], (str, int, float), nullable=True)
     if raw_answer is None:
       report["dropped"]["null_answer"] += 1
       continue
@@ -302,7 +278,7 @@ def clean_gsm8k_aug(
     if not nl:
       record["results"] = [step_result(s) for s in record["steps"]]
     records.append(record)
-  return _finish(records, report)
+  return finish(records, report)
 
 
 def clean_qa_cot(
@@ -323,14 +299,14 @@ def clean_qa_cot(
     if limit is not None and report["read"] >= limit:
       break
     report["read"] += 1
-    question = _field(row, names["question"])
-    cot = _field(row, names["cot"])
-    answer = str(_field(row, names["answer"], (str, bool, int, float))).strip()
+    question = field(row, names["question"])
+    cot = field(row, names["cot"])
+    answer = str(field(row, names["answer"], (str, bool, int, float))).strip()
     if not answer:
       report["dropped"]["empty_answer"] += 1
       continue
     records.append(dict(question=question.strip() + "\n", cot=cot.strip() + "\n", answer=answer))
-  return _finish(records, report)
+  return finish(records, report)
 
 
 def prepare_train_records(
@@ -363,54 +339,11 @@ def read_train_set(
   spec = TRAIN_SETS[name]
   source = spec.hub_id if source is None else source
   rows = read_rows(source, splits=(split or spec.split,))
-  return _clean(spec.kind, rows, _source_name(source), kwargs)
+  return _clean(spec.kind, rows, source_name(source), kwargs)
 
 
-def _source_name(source: Source) -> str:
+def source_name(source: Source) -> str:
+  """`source` for a report: the path or hub id, several joined by ` + `."""
   if isinstance(source, (str, os.PathLike)):
     return os.fspath(source)
   return " + ".join(os.fspath(s) for s in source)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation sets (docs/codi.md 7.3)
-
-
-def clean_question(question: str) -> str:
-  """The reference's question cleaning: strip, then one pass replacing double spaces."""
-  return question.strip().replace("  ", " ")
-
-
-def read_eval_set(
-  name: str,
-  source: Source | None = None,
-  *,
-  question_field: str | None = None,
-  answer_field: str | None = None,
-  splits: Sequence[str] | None = None,
-  limit: int | None = None,
-) -> tuple[list[dict], dict]:
-  """Evaluation set `name` (see EVAL_SETS) as {question, answer} records, answer the parsed gold.
-
-  Local files replace the hub (pass SVAMP's train and test files as a list to concatenate them).
-  The report counts golds that do not parse (inf, as the reference, kept) so N is explicit.
-  """
-  if name not in EVAL_SETS:
-    raise InputError(f"unknown evaluation set {name!r}; expected one of {sorted(EVAL_SETS)}")
-  spec = EVAL_SETS[name]
-  q_name = question_field or spec.question
-  a_name = answer_field or spec.answer
-  source = spec.hub_id if source is None else source
-  rows = read_rows(source, splits=tuple(splits or spec.splits), config=spec.config)
-  report = {"source": _source_name(source), "read": 0, "kept": 0, "gold_unparsed": 0}
-  report["dropped"] = {}
-  records = []
-  for row in rows:
-    if limit is not None and report["read"] >= limit:
-      break
-    report["read"] += 1
-    question = _field(row, q_name)
-    gold = gold_answer(_field(row, a_name, (str, bool, int, float)))
-    report["gold_unparsed"] += int(gold == float("inf"))
-    records.append(dict(question=clean_question(question), answer=gold))
-  return _finish(records, report)

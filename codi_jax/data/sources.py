@@ -1,4 +1,4 @@
-"""Where a run's data come from: `load_records(config)` for training, `load_eval_set` for testing.
+"""Where a run's training data come from: `load_records(config)` (evaluation sets: `eval_sets`).
 
 config.data (configs/base.py) picks the training data:
   source: synthetic | gsm8k-aug | gsm8k-aug-nl | commonsense | strategy.
@@ -12,9 +12,6 @@ config.data (configs/base.py) picks the training data:
     one, else a seeded hold-out of the training records.
 Then the reference's filters and templating apply (readers.clean_gsm8k_aug), and every report counts
 what was dropped and why.
-
-Evaluation sets load by name from a folder with the standard file names (EVAL_FILES), or from one
-file per set; golds are floats, compared numerically.
 """
 
 from __future__ import annotations
@@ -33,20 +30,6 @@ from codi_jax.errors import InputError
 
 FORMATS = ("jsonl", "tfds")
 _TFDS_CONFIGS = {"gsm8k-aug": "aug", "gsm8k-aug-nl": "nl"}
-
-# Evaluation set -> (file under data_dir, reader kind in formats.EVAL_KINDS).
-EVAL_FILES = {
-  "gsm8k": ("gsm8k/test.jsonl", "gsm8k"),
-  "svamp": ("svamp/SVAMP.json", "svamp"),
-  "gsm_hard": ("gsm_hard/gsmhardv2.jsonl", "gsm_hard"),
-  "multiarith": ("multiarith/mawpsmultiarith.jsonl", "multiarith"),
-  "gsm8k_aug_test": ("gsm8k_aug/test.txt", "pipe"),
-}
-_EVAL_NOTES = {
-  "svamp": "all rows: the reference evaluates SVAMP's train and test splits together (1,000)",
-  "multiarith": "all rows of the file; the CODI paper's 180-row MultiArith test split is a subset",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Training files
@@ -295,69 +278,3 @@ def load_records(config) -> tuple[list[dict], list[dict], dict]:
   valid = [records[i] for i in order[:n_valid]]
   train = [records[i] for i in order[n_valid:]]
   return train, valid, {"train": rep, "valid": {"source": "hold-out of train", "kept": len(valid)}}
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation sets
-
-
-def eval_set_name(name: str) -> str:
-  """`name` in EVAL_FILES spelling (`gsm-hard` -> `gsm_hard`); InputError if unknown."""
-  key = name.replace("-", "_")
-  if key not in EVAL_FILES:
-    raise InputError(f"unknown evaluation set {name!r}; expected one of {sorted(EVAL_FILES)}")
-  return key
-
-
-def load_eval_records(
-  name: str, *, data_dir: str | os.PathLike = "", path: str | os.PathLike = "", limit: int = 0
-) -> tuple[list[dict], dict]:
-  """Evaluation set `name` as records {question, answer (float gold), cot (or None)}, report.
-
-  Reads `path` if given, else `data_dir`/EVAL_FILES[name]; `limit` > 0 keeps the first `limit`.
-  """
-  key = eval_set_name(name)
-  rel, kind = EVAL_FILES[key]
-  if not path:
-    if not data_dir:
-      raise InputError(f"{name}: pass a data_dir holding {rel}, or the file's path")
-    path = os.path.join(data_dir, rel)
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    raise readers.directory_error(path, f" (evaluation set {key}; a --data_dir holds {rel})")
-  if not os.path.isfile(path):
-    raise InputError(f"{path}: no such file (evaluation set {key}, expected layout {rel})")
-  records, report = formats.read_eval_rows(kind, path)
-  if not records:
-    raise InputError(f"{path}: no usable rows for {key} ({formats.summary(report)})")
-  if limit > 0:
-    records = records[:limit]
-  report = {**report, "name": key, "used": len(records)}
-  if key in _EVAL_NOTES:
-    report["note"] = _EVAL_NOTES[key]
-  return records, report
-
-
-def load_eval_set(
-  name: str, *, data_dir: str | os.PathLike = "", path: str | os.PathLike = "", limit: int = 0
-) -> tuple[list[str], list[float], dict]:
-  """(questions, golds, report) of evaluation set `name`; see `load_eval_records`."""
-  records, report = load_eval_records(name, data_dir=data_dir, path=path, limit=limit)
-  return [r["question"] for r in records], [r["answer"] for r in records], report
-
-
-def load_eval_sets(
-  names: Sequence[str],
-  *,
-  data_dir: str | os.PathLike = "",
-  paths: Mapping[str, str | os.PathLike] | None = None,
-  limit: int = 0,
-) -> dict[str, tuple[list[str], list[float], dict]]:
-  """`load_eval_set` for each name; `paths` (name -> file) overrides the standard file names."""
-  paths = {eval_set_name(k): v for k, v in (paths or {}).items()}
-  return {
-    eval_set_name(n): load_eval_set(
-      n, data_dir=data_dir, path=paths.get(eval_set_name(n), ""), limit=limit
-    )
-    for n in names
-  }
