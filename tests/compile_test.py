@@ -27,8 +27,9 @@ TINY = (
 LIBTPU_NOISE = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu", "InitGoogle")
 
 
-def _run(*args, hide_libtpu=False, env=None, timeout=900) -> subprocess.CompletedProcess:
-  """`python -m codi_jax.compile args` (hide_libtpu: as if the extra were not installed)."""
+def _run(*args, hide_libtpu=False, env=None, timeout=900, cache="") -> subprocess.CompletedProcess:
+  """`python -m codi_jax.compile args` (hide_libtpu: as if the extra were not installed; cache:
+  $CODI_JAX_CACHE)."""
   hide = "sys.modules['libtpu'] = None; " if hide_libtpu else ""
   code = (
     f"import runpy, sys; {hide}sys.argv = ['codi_jax.compile', *{list(args)!r}]; "
@@ -37,7 +38,7 @@ def _run(*args, hide_libtpu=False, env=None, timeout=900) -> subprocess.Complete
   return subprocess.run(
     [sys.executable, "-c", code],
     cwd=REPO,
-    env=dict(os.environ if env is None else env, CODI_JAX_CACHE=""),
+    env=dict(os.environ if env is None else env, CODI_JAX_CACHE=str(cache)),
     capture_output=True,
     text=True,
     timeout=timeout,
@@ -75,10 +76,14 @@ def test_bad_topology_and_mesh_are_one_line():
 
 @needs_libtpu
 def test_compiles_a_tiny_run_for_v5e_2x2(tmp_path):
-  out = tmp_path / "rows.json"
-  proc = _run(*TINY, "--topology=v5e:2x2", "--methods=codi,coconut", f"--out={out}")
+  out, cache = tmp_path / "rows.json", tmp_path / "xla"
+  args = (*TINY, "--topology=v5e:2x2", "--methods=codi,coconut", f"--out={out}")
+  proc = _run(*args, cache=cache)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not any(n in proc.stderr for n in LIBTPU_NOISE), proc.stderr
+  # No persistent cache entry: a TPU executable cannot be read back without a TPU client (jax
+  # warns on every read), and the programs are never run here.
+  assert not cache.exists() or not os.listdir(cache), os.listdir(cache)
   rows = _table(proc.stdout)
   assert [r["program"] for r in rows] == [
     "train codi",
