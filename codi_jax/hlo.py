@@ -96,7 +96,8 @@ def _parse(hlo: str):
 def _cond_trips(comps) -> dict[str, int]:
   """{while instruction: trip count} for loops whose HLO states none (libtpu's): a counter (tuple
   element k) compared `i < N` to a constant N in the condition, from a constant start (else 0),
-  stepped by a constant in the body (else 1): ceil((N - start) / step). lax.scan and fori_loop
+  stepped by a constant the body adds: ceil((N - start) / step); no entry where the body moves
+  the counter otherwise. lax.scan and fori_loop
   counters step by 1; TPU collective-matmul windows step by 2."""
   instrs = {c: {i: (op, line) for i, _, op, line in body} for c, body in comps.items()}
 
@@ -132,12 +133,14 @@ def _cond_trips(comps) -> dict[str, int]:
     args = operands(line, "tuple") if op == "tuple" else []
     return args[k] if k < len(args) else None
 
-  def step(body: str, k: int) -> int:
+  def step(body: str, k: int) -> int | None:
+    """The constant the body adds to counter k; None where the counter moves otherwise (e.g. a
+    nested loop advances it: a decode's chunk of steps), so `i < N` does not count the trips."""
     root = next((i for i, _, _, line in comps[body] if line.lstrip().startswith("ROOT")), None)
     op, line = instrs[body].get(element(body, root, k), ("", ""))
     if op == "add" or (op == "fusion" and re.search(r"calls=%?[\w.\-]*add", line)):
-      return next((c for x in operands(line, op) if (c := const(body, x))), 1)
-    return 1
+      return next((c for x in operands(line, op) if (c := const(body, x))), None)
+    return None
 
   out = {}
   for comp, body in comps.items():
@@ -158,7 +161,8 @@ def _cond_trips(comps) -> dict[str, int]:
           continue
         k = int(k.group(1))
         first = const(comp, element(comp, next(iter(operands(line, "while")), None), k)) or 0
-        out[name] = max(0, -(-(n - first) // step(loop_body, k)))
+        if by := step(loop_body, k):
+          out[name] = max(0, -(-(n - first) // by))
   return out
 
 

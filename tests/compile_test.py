@@ -214,3 +214,39 @@ def test_model_config_json_replaces_the_hub(tmp_path):
   assert (cfg.num_layers, cfg.d_model, cfg.vocab_size, eos) == (2, 32, 100, None)
   with pytest.raises(InputError, match="config.json"):
     loader.load_config("x", config_json=str(tmp_path / "missing.json"))
+
+
+_NESTED = """
+import json, numpy as np, jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from codi_jax import hlo
+devices = np.array(topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices)
+rep = NamedSharding(Mesh(devices.reshape(4), ("d",)), P())
+
+def decode(w, h):  # chunks of 8 steps until step 64 or a stop: the counter moves in the inner loop
+  def chunk(c):
+    return jax.lax.fori_loop(0, 8, lambda i, c: (c[0] + 1, jnp.tanh(c[1] @ w)), c)
+  return jax.lax.while_loop(lambda c: (c[0] < 64) & (c[1].sum() < 1e9), chunk, (0, h))[1]
+
+args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep) for s in ((256, 256), (8, 256))]
+print(json.dumps(sorted(hlo.loop_trips(jax.jit(decode).lower(*args).compile().as_text(), 3))))
+"""
+
+
+@needs_libtpu
+def test_a_counter_moved_by_an_inner_loop_is_not_a_trip_count():
+  """libtpu's HLO states no trip counts: the outer loop's `n < 64` is not its trip count when an
+  inner loop of 8 steps advances n (a decode's chunks); it is the caller's open count (here 3),
+  not 64 (8 times the work counted)."""
+  proc = subprocess.run(
+    [sys.executable, "-c", _NESTED],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == [3, 8], proc.stdout
