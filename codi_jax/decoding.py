@@ -1,5 +1,6 @@
 """Batched greedy decoding on the shared step: prefill once, then a jitted loop over the cache;
-and the host side of length-aware decoding, shared by every decoder.
+and the host side shared by every decoder: length-aware segments (`Segmented`) and the front end
+(`HostDecoder`: prompt batches, cache buckets, memory check, per-row results).
 
 Prompts are left-padded to a length bucket, so every row's last prompt token sits at the same slot
 and one compile serves every prompt batch of that (batch, bucket, max_new_tokens) shape.
@@ -36,7 +37,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
+from codi_jax import sharding
 from codi_jax.batching import bucket_size, left_pad
 from codi_jax.models import cache as kvc
 from codi_jax.models import memory
@@ -176,6 +180,91 @@ class Segmented:
     return st
 
 
+class HostDecoder:
+  """The host front end every decoder shares (`Generator`, `soft_jax.decode.SoftDecoder`,
+  `codi.decoder.CodiDecoder`): the model split once, prompts padded to a fixed shape and put on its
+  mesh, the cache buckets and their memory check before anything runs, and each row's tokens cut
+  to its length. Subclasses jit their programs on `self.model` and run them through `decode`.
+  """
+
+  def __init__(self, model: nnx.Module | JittedModel, pad_id: int, min_capacity: int | None):
+    self.model = model if isinstance(model, JittedModel) else JittedModel(model)
+    self.pad_id = int(pad_id)
+    # Length-aware decoding: the cache starts at a bucket of at least this many slots and doubles
+    # as rows grow; None: the fixed capacity. Read at each call.
+    self.min_capacity = min_capacity
+    self._last: Segmented | None = None  # the programs of the last call
+
+  @property
+  def compiles(self) -> int:
+    """Compiles of every program so far (`JittedModel.compiles`)."""
+    return self.model.compiles
+
+  @property
+  def last_capacity(self) -> int | None:
+    """Cache slots per row at the end of the last call."""
+    return None if self._last is None else self._last.last_capacity
+
+  def capacities(self, used: int, new: int, chunk: int = 1) -> tuple[int, ...]:
+    """The cache buckets of a run whose loop starts after `used` slots and runs `new` steps."""
+    return kvc.capacities(used, used + new, self.min_capacity, chunk)
+
+  def prompt_batch(
+    self,
+    prompts: Sequence[Sequence[int]],
+    buckets: int | Sequence[int],
+    *,
+    width: int | None = None,
+    batch: int | None = None,
+    suffix: Sequence[int] = (),
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """[batch, width] host ids and mask: each prompt + `suffix` left-padded, then one-pad-token
+    rows up to `batch` (default len(prompts)); width defaults to the longest row's bucket."""
+    rows = [[*p, *suffix] for p in prompts]
+    rows += [[self.pad_id]] * ((batch or len(prompts)) - len(prompts))
+    width = width or bucket_size(max(len(r) for r in rows), buckets)
+    return left_pad(rows, self.pad_id, width)
+
+  def put(self, ids, mask) -> tuple[jax.Array, jax.Array]:
+    """A host prompt batch split along the batch axes of the model's mesh."""
+    return self.model.put_batch(ids), self.model.put_batch(mask)
+
+  def abstract_batch(self, batch: int, width: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """(ids, mask) of a [batch, width] prompt batch as shapes with their batch sharding, to lower
+    a program ahead of time without allocating."""
+    with self.model.context():
+      sh = sharding.batch_sharding((batch, width))
+      return tuple(jax.ShapeDtypeStruct((batch, width), t, sharding=sh) for t in (np.int32, bool))
+
+  def check_fits(
+    self,
+    batch: int,
+    caps: Sequence[int],
+    width: int,
+    max_new: int,
+    *,
+    what: str = "",
+    out_bytes_per_token: int = 4,
+  ) -> int:
+    """Refuses (InputError, `what` prefixing the message) a call whose last cache bucket cannot
+    fit; returns the estimate. Nothing is allocated."""
+    return memory.check_decode(
+      self.model.config, batch, caps, prompt_len=width, new_tokens=max_new,
+      out_bytes_per_token=out_bytes_per_token, mesh=self.model.mesh, rules=self.model.rules,
+      what=f"{what}max_new_tokens={max_new}",
+    )  # fmt: skip
+
+  def decode(self, run: Segmented, caps: Sequence[int], args, resume_args=(), **kwargs):
+    """`run`'s loop state after a run through the buckets `caps` (kept for `last_capacity`)."""
+    self._last = run
+    return run(caps, args, resume_args, **kwargs)
+
+  @staticmethod
+  def cut(tokens, lengths, rows: int) -> list[list[int]]:
+    """The first `rows` rows of a host [B, N] token batch, each cut to its length."""
+    return [tokens[i, : lengths[i]].tolist() for i in range(rows)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Greedy
 
@@ -243,7 +332,7 @@ def greedy_resume(
   return greedy_segment(model, carry, max_new, eos_E, pad_id, suppress, last=last, start=n)
 
 
-class Generator:
+class Generator(HostDecoder):
   """Jitted greedy generation for one model; compiles once per (B, P, max_new) and capacity bucket.
 
   Length-aware (module docstring): the cache starts at a bucket of at least `min_capacity` slots
@@ -260,22 +349,11 @@ class Generator:
     *,
     min_capacity: int | None = DEFAULT_MIN_CAPACITY,
   ):
-    self.model = JittedModel(model)
-    self.pad_id = int(pad_id)
+    super().__init__(model, pad_id, min_capacity)
     self.eos = jnp.asarray(sorted(set(int(e) for e in eos_ids)), jnp.int32)
-    self.min_capacity = min_capacity
     self._run = Segmented(
       self.model, self._greedy, self._resume, static_argnames=("max_new",), name="_greedy"
     )
-
-  @property
-  def compiles(self) -> int:
-    return self.model.compiles
-
-  @property
-  def last_capacity(self) -> int | None:
-    """Cache slots per row at the end of the last call."""
-    return self._run.last_capacity
 
   def _greedy(self, model: Transformer, ids, mask, eos, *, max_new: int, capacity: int, last):
     logits, cache, pos = prefill(model, ids, mask, capacity)
@@ -289,10 +367,7 @@ class Generator:
 
   def check_memory(self, batch: int, caps: Sequence[int], width: int, max_new: int) -> int:
     """Refuses (InputError) a call whose last cache bucket cannot fit; nothing is allocated."""
-    return memory.check_decode(
-      self.model.config, batch, caps, prompt_len=width, new_tokens=max_new,
-      mesh=self.model.mesh, rules=self.model.rules, what=f"max_new_tokens={max_new}",
-    )  # fmt: skip
+    return self.check_fits(batch, caps, width, max_new)
 
   def __call__(
     self,
@@ -306,12 +381,10 @@ class Generator:
     if max_new < 1:
       raise ValueError("max_new must be >= 1")
     B = batch or len(prompts)
-    rows = list(prompts) + [[self.pad_id]] * (B - len(prompts))
-    width = bucket_size(max(len(p) for p in rows), length_bucket)
-    caps = kvc.capacities(width, width + max_new, self.min_capacity)
+    ids, mask = self.prompt_batch(prompts, length_bucket, batch=B)
+    width = ids.shape[1]
+    caps = self.capacities(width, max_new)
     self.check_memory(B, caps, width, max_new)
-    ids, mask = (self.model.put_batch(x) for x in left_pad(rows, self.pad_id, width))
-    toks, _, n = jax.device_get(
-      self._run(caps, (ids, mask, self.eos), (self.eos,), max_new=max_new)
-    )
-    return [toks[i, : n[i]].tolist() for i in range(len(prompts))]
+    args = (*self.put(ids, mask), self.eos)
+    toks, _, n = jax.device_get(self.decode(self._run, caps, args, (self.eos,), max_new=max_new))
+    return self.cut(toks, n, len(prompts))

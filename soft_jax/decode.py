@@ -37,13 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from codi_jax import sharding
-from codi_jax.batching import bucket_size, left_pad
-from codi_jax.decoding import DEFAULT_MIN_CAPACITY, Segmented, prefill, resume, run_segment
+from codi_jax.decoding import (
+  DEFAULT_MIN_CAPACITY,
+  HostDecoder,
+  Segmented,
+  prefill,
+  resume,
+  run_segment,
+)
 from codi_jax.errors import InputError
-from codi_jax.models import cache as kvc
-from codi_jax.models import memory
 from codi_jax.models.cache import KVCache
-from codi_jax.models.jitted import JittedModel
 from codi_jax.models.step import Carry, StepOut
 from codi_jax.models.transformer import Transformer
 from soft_jax import sampling
@@ -300,7 +303,7 @@ def decode_loop(
   return st
 
 
-class SoftDecoder:
+class SoftDecoder(HostDecoder):
   """Jitted soft/stochastic-soft/token decoding for one model.
 
   Splits the model once (`JittedModel`), compiles once per (B, P, max_new, record, static sampler
@@ -327,26 +330,27 @@ class SoftDecoder:
   ):
     self.vocab = model.cfg.vocab_size
     self.params = params.validate(vocab=self.vocab)
-    self.model = JittedModel(model)
-    self.pad_id = int(pad_id)
+    super().__init__(model, pad_id, min_capacity)
     # Both are read at call time and traced: changing them between calls does not recompile
     # (a different number of stop ids does).
     self.eos_ids = tuple(sorted({int(e) for e in eos_ids}))
     self.think_end_id = think_end_id
     self.chunk = int(chunk)
-    self.min_capacity = min_capacity
     self._run = Segmented(
       self.model, self._decode, self._resume, static_argnames=("max_new", "record")
     )
 
-  @property
-  def compiles(self) -> int:
-    return self.model.compiles
-
-  @property
-  def last_capacity(self) -> int | None:
-    """Cache slots per row at the end of the last call."""
-    return self._run.last_capacity
+  def _consts(self, seed: int, sample_ids, params: SamplerParams) -> tuple:
+    """The traced arguments after the prompts: stop ids, `</think>` (-1: none), the call's key,
+    sample ids [B], sampler parameters."""
+    end = -1 if self.think_end_id is None else int(self.think_end_id)
+    return (
+      jnp.asarray(self.eos_ids, jnp.int32),
+      jnp.asarray(end, jnp.int32),
+      jax.random.key(seed),
+      jnp.asarray(sample_ids, jnp.int32),
+      params,
+    )
 
   def _common(self, eos, think_end, key, sample_ids, max_new):
     return {
@@ -421,58 +425,31 @@ class SoftDecoder:
       raise InputError("prompts: no prompt given")
     params = self.params if params is None else params.validate(vocab=self.vocab)
     B = batch or len(prompts)
-    rows = list(prompts) + [[self.pad_id]] * (B - len(prompts))
-    width = bucket_size(max(len(p) for p in rows), length_bucket)
-    ids, mask = left_pad(rows, self.pad_id, width)
+    ids, mask = self.prompt_batch(prompts, length_bucket, batch=B)
+    width = ids.shape[1]
     sids = np.arange(B) if sample_ids is None else np.asarray(sample_ids)
     if sids.shape != (B,):
       raise InputError(f"sample_ids: expected {B} ids, got shape {sids.shape}")
     end = -1 if self.think_end_id is None else int(self.think_end_id)
     if not -1 <= end < self.vocab:
       raise InputError(f"think_end_id: {end} is outside the vocabulary of {self.vocab}")
-    caps = kvc.capacities(width, width + max_new_tokens, self.min_capacity, self.chunk)
+    caps = self.capacities(width, max_new_tokens, self.chunk)
     per_token = 4 + (params.max_topk * 8 + 5 if record else 0)  # tokens (+ records)
-    memory.check_decode(
-      self.model.config, B, caps, prompt_len=width, new_tokens=max_new_tokens,
-      out_bytes_per_token=per_token, mesh=self.model.mesh, rules=self.model.rules,
-      what=f"max_new_tokens={max_new_tokens}",
-    )  # fmt: skip
-    ids, mask = (self.model.put_batch(x) for x in (ids, mask))
-    consts = (
-      jnp.asarray(self.eos_ids, jnp.int32),
-      jnp.asarray(end, jnp.int32),
-      jax.random.key(seed),
-      jnp.asarray(sids, jnp.int32),
-      params,
-    )
-    return self._run(caps, (ids, mask, *consts), consts, max_new=max_new_tokens, record=record)
+    self.check_fits(B, caps, width, max_new_tokens, out_bytes_per_token=per_token)
+    consts = self._consts(seed, sids, params)
+    args = (*self.put(ids, mask), *consts)
+    return self.decode(self._run, caps, args, consts, max_new=max_new_tokens, record=record)
 
   def lower(self, batch: int, width: int, *, max_new_tokens: int, record: bool = False):
     """(lowered program, cache capacities) of one [batch, width] prompt batch in its last capacity
     bucket (that bucket's fixed-capacity program), for ahead-of-time compilation
     (`codi_jax.compile`); every argument is a shape, nothing is allocated."""
-    caps = kvc.capacities(width, width + max_new_tokens, self.min_capacity, self.chunk)
-
-    def inputs():
-      end = -1 if self.think_end_id is None else int(self.think_end_id)
-      return (
-        jnp.zeros((batch, width), jnp.int32),
-        jnp.zeros((batch, width), bool),
-        jnp.asarray(self.eos_ids, jnp.int32),
-        jnp.asarray(end, jnp.int32),
-        jax.random.key(0),
-        jnp.arange(batch, dtype=jnp.int32),
-        self.params,
-      )
-
+    caps = self.capacities(width, max_new_tokens, self.chunk)
     with self.model.context():
-      shapes = jax.eval_shape(inputs)
-      shardings = (sharding.batch_sharding((batch, width)),) * 2 + (sharding.replicated(),) * 5
-      args = [
-        jax.tree.map(lambda x, sh=sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), a)
-        for a, sh in zip(shapes, shardings)
-      ]
-    lowered = self._run.lower(caps[-1], args)
+      consts = jax.eval_shape(lambda: self._consts(0, np.arange(batch), self.params))
+      rep = sharding.replicated()
+      consts = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), consts)
+    lowered = self._run.lower(caps[-1], [*self.abstract_batch(batch, width), *consts])
     return lowered(max_new=max_new_tokens, record=record), caps
 
   def __call__(
@@ -501,9 +478,8 @@ class SoftDecoder:
       )
     )
     results = []
-    for b in range(len(prompts)):
-      n, nt = int(out.n[b]), int(out.n_think[b])
-      toks = out.tokens[b, :n].tolist()
+    for b, toks in enumerate(self.cut(out.tokens, out.n, len(prompts))):
+      n, nt = len(toks), int(out.n_think[b])
       recs = None
       if out.records is not None:
         recs = {f: np.asarray(getattr(out.records, f)[b, :n]) for f in Records._fields}

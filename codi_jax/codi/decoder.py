@@ -16,13 +16,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from codi_jax import sharding
-from codi_jax.batching import bucket_size, fixed_batches, left_pad
+from codi_jax.batching import bucket_size, fixed_batches
 from codi_jax.codi import efficiency, inference, probe
 from codi_jax.codi.model import Codi, CodiOptions
 from codi_jax.data.codi_batches import SpecialIds
-from codi_jax.decoding import DEFAULT_MIN_CAPACITY, Segmented, greedy_resume
-from codi_jax.models import memory
+from codi_jax.decoding import DEFAULT_MIN_CAPACITY, HostDecoder, Segmented, greedy_resume
 from codi_jax.models.jitted import JittedModel
 
 MODES = ("student", "teacher")
@@ -36,8 +34,9 @@ class Decoded:
   truncated: bool  # hit max_new_tokens without a stop id
 
 
-class CodiDecoder:
-  """Greedy student/teacher decoding and probing of one CODI model (weights split once)."""
+class CodiDecoder(HostDecoder):
+  """Greedy student/teacher decoding and probing of one CODI model (weights split once; the
+  host front end is `decoding.HostDecoder`'s)."""
 
   def __init__(
     self,
@@ -51,10 +50,7 @@ class CodiDecoder:
     mask_special: str = "all",
     min_capacity: int | None = DEFAULT_MIN_CAPACITY,
   ):
-    self.model = model if isinstance(model, JittedModel) else JittedModel(model)
-    # Length-aware decoding (`codi_jax.decoding`): the cache starts at a bucket of at least this
-    # many slots and doubles as answers grow; None: the fixed capacity. Read at each call.
-    self.min_capacity = min_capacity
+    super().__init__(model, special.pad, min_capacity)
     self.special, self.opts = special, opts
     self.eos_ids = sorted({int(special.eos), *(int(i) for i in eos_ids)})
     self.max_new_tokens, self.buckets = max_new_tokens, buckets
@@ -107,20 +103,16 @@ class CodiDecoder:
     )
 
     def call(ids, mask, state=None, *, max_new, num_latent=None):
-      if student:
-        caps = inference.student_capacities(ids.shape[1], num_latent, max_new, self.min_capacity)
-      else:
-        caps = inference.teacher_capacities(ids.shape[1], max_new, self.min_capacity)
+      caps = self._capacities(mode, ids.shape[1], max_new, num_latent)
       start_static = {"num_latent": num_latent} if student else None
-      st = run(caps, (ids, mask), state=state, start_static=start_static, max_new=max_new)
+      st = self.decode(
+        run, caps, (ids, mask), state=state, start_static=start_static, max_new=max_new
+      )
       return st[0], st[2]
 
     def lower(ids, mask, state=None, *, max_new, num_latent=None):
       """(program, capacities): the run's last bucket as one fixed-capacity program."""
-      if student:
-        caps = inference.student_capacities(ids.shape[1], num_latent, max_new, self.min_capacity)
-      else:
-        caps = inference.teacher_capacities(ids.shape[1], max_new, self.min_capacity)
+      caps = self._capacities(mode, ids.shape[1], max_new, num_latent)
       start_static = {"num_latent": num_latent} if student else None
       lowered = run.lower(caps[-1], (ids, mask), state=state, start_static=start_static)
       return lowered(max_new=max_new), caps
@@ -128,22 +120,18 @@ class CodiDecoder:
     call.lower = lower
     return call
 
+  def _capacities(self, mode: str, width: int, max_new: int, num_latent: int | None):
+    """Cache buckets of one `mode` run on a [B, width] question batch."""
+    if mode == "student":
+      return inference.student_capacities(width, num_latent, max_new, self.min_capacity)
+    return inference.teacher_capacities(width, max_new, self.min_capacity)
+
   def lower(self, mode: str, batch: int, width: int, num_latent: int | None = None):
     """(lowered program, cache capacities) of decoding a [batch, width] question batch in `mode`
     (`width` with [bot] for the student) in its last capacity bucket, for ahead-of-time
     compilation (`codi_jax.compile`); nothing is allocated."""
-    ids = jax.ShapeDtypeStruct((batch, width), np.int32)
-    mask = jax.ShapeDtypeStruct((batch, width), np.bool_)
-    with self.model.context():
-      ids, mask = (
-        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(x.shape))
-        for x in (ids, mask)
-      )
+    ids, mask = self.abstract_batch(batch, width)
     return self._fns[mode].lower(ids, mask, **self._static(mode, num_latent))
-
-  @property
-  def compiles(self) -> int:
-    return self.model.compiles
 
   def _static(self, mode: str, num_latent: int | None) -> dict:
     n = self.opts.num_latent if num_latent is None else num_latent
@@ -155,9 +143,7 @@ class CodiDecoder:
     """[B, width] left-padded ids and mask ([bot] appended for the student); width defaults to the
     rows' bucket."""
     suffix = [self.special.bot] if mode == "student" else []
-    seqs = [list(r) + suffix for r in rows]
-    width = width or bucket_size(max(len(s) for s in seqs), self.buckets)
-    return left_pad(seqs, self.special.pad, width)
+    return self.prompt_batch(rows, self.buckets, width=width, suffix=suffix)
 
   def bucket(self, mode: str, questions: Sequence[Sequence[int]] = ()):
     """Row -> padded width. Official padding modes batch in input order at one width, as the
@@ -206,13 +192,12 @@ class CodiDecoder:
   ) -> list[Decoded]:
     """One fixed-shape batch of `generate`: `rows` left-padded to `width` (their `bucket`)."""
     fn, static = self._fns[mode], self._static(mode, num_latent)
-    ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, mode, width))
+    ids, mask = self.put(*self.inputs(rows, mode, width))
     toks, lens = jax.device_get(fn(ids, mask, state=state, **static))
-    out = []
-    for j in range(len(rows)):
-      t = toks[j, : lens[j]].tolist()
-      out.append(Decoded(t, len(t) == self.max_new_tokens and t[-1] not in self.eos_ids))
-    return out
+    return [
+      Decoded(t, len(t) == self.max_new_tokens and t[-1] not in self.eos_ids)
+      for t in self.cut(toks, lens, len(rows))
+    ]
 
   def check_memory(
     self,
@@ -228,14 +213,8 @@ class CodiDecoder:
     static = self._static(mode, num_latent)
     width = max(self.widths(questions, mode))
     max_new = static["max_new"]
-    if mode == "student":
-      caps = inference.student_capacities(width, static["num_latent"], max_new, self.min_capacity)
-    else:
-      caps = inference.teacher_capacities(width, max_new, self.min_capacity)
-    return memory.check_decode(
-      self.model.config, batch_size, caps, prompt_len=width, new_tokens=max_new,
-      mesh=self.model.mesh, rules=self.model.rules, what=f"{mode} max_new_tokens={max_new}",
-    )  # fmt: skip
+    caps = self._capacities(mode, width, max_new, static.get("num_latent"))
+    return self.check_fits(batch_size, caps, width, max_new, what=f"{mode} ")
 
   def probe(
     self,
@@ -270,7 +249,7 @@ class CodiDecoder:
     """Per row of one fixed-shape batch (left-padded to `width`, the student's `bucket`): (probs
     [M, k], token ids [M, k]) of every probed thought vector."""
     n = self.opts.num_latent if num_latent is None else num_latent
-    ids, mask = (self.model.put_batch(x) for x in self.inputs(rows, "student", width))
+    ids, mask = self.put(*self.inputs(rows, "student", width))
     fn = self._fns["probe"]
     probs, top = jax.device_get(fn(ids, mask, state=state, num_latent=n, k=k, source=source))
     return list(zip(probs, top))
@@ -294,7 +273,7 @@ class CodiDecoder:
       inputs = []
       for c in range(calls + 1):
         rows = [pool[(c * bs + i) % len(pool)] for i in range(bs)]
-        inputs.append(tuple(self.model.put_batch(x) for x in self.inputs(rows, mode)))
+        inputs.append(self.put(*self.inputs(rows, mode)))
       out[name] = efficiency.time_calls(lambda ids, mask: fn(ids, mask, **static), inputs, bs)
     out["question_bucket"] = common
     return out
