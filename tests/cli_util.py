@@ -123,6 +123,13 @@ class Stopped:
     return subprocess.CompletedProcess(self.proc.args, code, out, err)
 
 
+def _sigint_as_in_a_terminal():
+  """In the child before exec: SIGINT at its default, as a shell in a terminal starts a program.
+  pytest-xdist workers ignore SIGINT, an ignored signal stays ignored across exec, and Python
+  then never raises KeyboardInterrupt: a Ctrl-C test would test nothing."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_after(prog: str, tmp_path, target: str, *args, extra_env=None) -> Stopped:
   """`python -m prog args...` (as `run_module`), stopped by SIGSTOP right after `target`
   ("module:attr.path", e.g. "codi_jax.results:Journal._write") first returns: a deterministic
@@ -135,6 +142,7 @@ def stop_after(prog: str, tmp_path, target: str, *args, extra_env=None) -> Stopp
       env=_env(tmp_path, extra_env),
       stdout=out,
       stderr=err,
+      preexec_fn=_sigint_as_in_a_terminal,
     )
   _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once it stops (or ends)
   if not os.WIFSTOPPED(status):
