@@ -339,23 +339,14 @@ def verdict(rows: dict) -> str:
 
 def table(rows: dict) -> str:
   """Markdown: one line per arm, mean ± std over its seeds, per-seed test accuracy."""
-  mean = {n: statistics.fmean(r["generated_tokens"] for r in runs) for n, runs in rows.items()}
-  cot = mean["cot_sft"] - mean["no_cot_sft"] if {"cot_sft", "no_cot_sft"} <= set(rows) else None
   head = (
     "| arm | seeds | test acc % | per seed | valid acc % | teacher mode test / valid % | "
     "distill distance train / test (mean of entries) | tokens/problem | thoughts | compression |"
     " Table 3: step 1 / 2 / 3 % | train min/run |"
   )
   lines = [head, "|" + "---|" * 12]
-  for name, runs in rows.items():
-    thoughts = runs[0]["thoughts"]
-    comp = f"{cot / thoughts:.1f}x" if cot and thoughts else "-"
-    t3 = "-"
-    if "table3" in runs[0]:
-      t3 = " / ".join(
-        toy_runs.mean_std([r["table3"][k] if len(r["table3"]) > k else None for r in runs])
-        for k in range(3)
-      )
+  for name, c in toy_runs.shared_cells(rows).items():
+    runs = rows[name]
     mode = "student" if "valid/student_acc" in runs[0]["valid"] else "teacher"
     teacher, dist = "-", "-"
     if name in CODI_ARMS:
@@ -368,12 +359,10 @@ def table(rows: dict) -> str:
         for k in ("distill_train_per_layer", "distill_test_per_layer")
       )
     per_seed = " / ".join(f"{100 * r['accuracy']:.1f}" for r in runs)
-    tokens = statistics.fmean(r["generated_tokens"] + r["thoughts"] for r in runs)
-    minutes = statistics.fmean(r["wall_seconds"] for r in runs) / 60
+    valid = toy_runs.mean_std([r["valid"].get(f"valid/{mode}_acc") for r in runs])
     lines.append(
-      f"| {name} | {len(runs)} | {toy_runs.mean_std([r['accuracy'] for r in runs])} | "
-      f"{per_seed} | {toy_runs.mean_std([r['valid'].get(f'valid/{mode}_acc') for r in runs])} | "
-      f"{teacher} | {dist} | {tokens:.1f} | {thoughts} | {comp} | {t3} | {minutes:.1f} |"
+      f"| {name} | {len(runs)} | {c['acc']} | {per_seed} | {valid} | {teacher} | {dist} | "
+      f"{c['tokens']} | {c['thoughts']} | {c['comp']} | {c['t3']} | {c['minutes']} |"
     )
   return "\n".join(lines)
 

@@ -72,6 +72,33 @@ def evaluate_run(workdir: str, max_new_tokens: int, *, probe: bool, teacher: boo
   return row
 
 
+def shared_cells(rows: dict) -> dict[str, dict[str, str]]:
+  """The columns both tables give, per method: test accuracy, tokens per problem (thoughts
+  counted), thoughts, compression (CoT-SFT minus No-CoT-SFT tokens per thought), Table 3's
+  per-step rates and minutes per run."""
+  mean = {n: statistics.fmean(r["generated_tokens"] for r in runs) for n, runs in rows.items()}
+  cot = mean["cot_sft"] - mean["no_cot_sft"] if {"cot_sft", "no_cot_sft"} <= set(rows) else None
+  cells = {}
+  for name, runs in rows.items():
+    thoughts = runs[0]["thoughts"]
+    t3 = "-"
+    if "table3" in runs[0]:
+      # Table 3 counts correctly answered problems only (as the reference): none, no rate.
+      t3 = " / ".join(
+        mean_std([r["table3"][k] if len(r["table3"]) > k else None for r in runs]) for k in range(3)
+      )
+    tokens = statistics.fmean(r["generated_tokens"] + r["thoughts"] for r in runs)
+    cells[name] = {
+      "acc": mean_std([r["accuracy"] for r in runs]),
+      "tokens": f"{tokens:.1f}",
+      "thoughts": str(thoughts),
+      "comp": f"{cot / thoughts:.1f}x" if cot and thoughts else "-",
+      "t3": t3,
+      "minutes": f"{statistics.fmean(r['wall_seconds'] for r in runs) / 60:.1f}",
+    }
+  return cells
+
+
 def mean_std(values, scale: float = 100.0, fmt: str = ".1f") -> str:
   """'mean ± std' of the values that are not None, times `scale` ('-' if none)."""
   values = [scale * v for v in values if v is not None]

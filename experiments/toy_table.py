@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -152,28 +151,15 @@ def evaluate_one(name: str, workdir: str, max_new_tokens: int) -> dict:
 
 def table(rows: dict) -> str:
   """Markdown: one line per method, mean ± std over its seeds."""
-  mean = {n: statistics.fmean(r["generated_tokens"] for r in runs) for n, runs in rows.items()}
-  cot = mean["cot_sft"] - mean["no_cot_sft"] if {"cot_sft", "no_cot_sft"} <= set(rows) else None
   head = (
     "| method | seeds | test acc % | tokens/problem | thoughts | compression (CoT tokens / "
     "thoughts) | Table 3: step 1 / 2 / 3 % | train min/run |"
   )
   lines = [head, "|" + "---|" * 8]
-  for name, runs in rows.items():
-    thoughts = runs[0]["thoughts"]
-    comp = f"{cot / thoughts:.1f}x" if cot and thoughts else "-"
-    t3 = "-"
-    if "table3" in runs[0]:
-      # Table 3 counts correctly answered problems only (as the reference): none, no rate.
-      t3 = " / ".join(
-        toy_runs.mean_std([r["table3"][k] if len(r["table3"]) > k else None for r in runs])
-        for k in range(3)
-      )
-    tokens = statistics.fmean(r["generated_tokens"] + r["thoughts"] for r in runs)
-    minutes = statistics.fmean(r["wall_seconds"] for r in runs) / 60
+  for name, c in toy_runs.shared_cells(rows).items():
     lines.append(
-      f"| {name} | {len(runs)} | {toy_runs.mean_std([r['accuracy'] for r in runs])} | {tokens:.1f} | "
-      f"{thoughts} | {comp} | {t3} | {minutes:.1f} |"
+      f"| {name} | {len(rows[name])} | {c['acc']} | {c['tokens']} | {c['thoughts']} | "
+      f"{c['comp']} | {c['t3']} | {c['minutes']} |"
     )
   return "\n".join(lines)
 
