@@ -92,12 +92,7 @@ def programs(config, lengths: dict) -> list:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  runtime.setup_cli()
-  # A topology compile has no TPU client to load a cached executable with (jax warns on every
-  # read), and its programs are never run here: no persistent compile cache.
-  import jax  # pylint: disable=import-outside-toplevel
-
-  jax.config.update("jax_compilation_cache_dir", None)
+  runtime.setup_cli(compile_cache=False)  # topology compiles: no TPU client to load them back
   config = runtime.config_value(_CONFIG, PROG)
   with exit_on_input_error(PROG):
     from codi_jax import aot, report, sharding, tpu  # pylint: disable=import-outside-toplevel

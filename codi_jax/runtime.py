@@ -7,12 +7,13 @@ import os
 from absl import logging
 
 
-def setup_cli():
+def setup_cli(compile_cache: bool = True):
   """Quiet absl INFO logs (unless -v was given), keep an installed libtpu out of CPU-only hosts
   (`tpu.quiet_cpu_backend`) and persist compiled programs across runs.
 
   The XLA compilation cache lives in $CODI_JAX_CACHE (default ~/.cache/codi_jax/xla); set it to
-  an empty string to disable.
+  an empty string to disable. compile_cache=False: none, for a program that only compiles for
+  devices it has no client for (`codi_jax.compile`: jax cannot load such an executable back).
   """
   if logging.get_verbosity() <= logging.INFO and not os.environ.get("CODI_JAX_VERBOSE"):
     logging.set_verbosity(logging.WARNING)
@@ -22,7 +23,7 @@ def setup_cli():
   import jax  # pylint: disable=import-outside-toplevel
 
   cache = os.environ.get("CODI_JAX_CACHE", os.path.expanduser("~/.cache/codi_jax/xla"))
-  if cache:
+  if cache and compile_cache:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
