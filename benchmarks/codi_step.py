@@ -110,6 +110,9 @@ class _VocabOnlyTokenizer:
   vocab_size = VOCAB
   eos_id = EOS
 
+  def token_to_id(self, token):  # holds no special tokens: build adds pad/bot/eot after VOCAB
+    return None
+
   def add_special_tokens(self, tokens):
     return list(range(VOCAB, VOCAB + len(tokens)))
 
