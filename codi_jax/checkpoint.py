@@ -19,6 +19,7 @@ complete checkpoint is what a rerun resumes from. The directory may be local or 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -38,7 +39,20 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from codi_jax import files
+from codi_jax.config_rules import Bool, Enum, Int, Str
 from codi_jax.errors import InputError
+from codi_jax.options import option
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions:
+  """`config.checkpoint`: when to save, how many to keep, which is best, background saves."""
+
+  every_steps: int = option(Int(0, doc="steps between checkpoints; 0 = only at evaluations"))
+  keep: int = option(Int(1, doc="newest checkpoints kept"))
+  best_metric: str = option(Str(doc="auto | '' | valid/<mode>_acc | valid/<mode>_tokens"))
+  best_mode: str = option(Enum(("max", "min"), doc="best = largest or smallest"))
+  async_save: bool = option(Bool(doc="save in the background"))
 
 
 class Checkpoints:

@@ -1,5 +1,5 @@
 """The training config's cross-field rules (`CROSS_TRAIN`, checked last by
-`config_schema.validate_train`) and the `train_bpe` tokenizer spec that one of them and the
+`train_options.validate_train`) and the `train_bpe` tokenizer spec that one of them and the
 tokenizer field's rule both read.
 """
 

@@ -2,17 +2,16 @@
 `Str`, `Enum`, `Seq`, `Custom`), cross-field `Cross` rules and their `Context`, and the checks of a
 config tree or of flag values against a table of rules.
 
-The tables themselves are config_schema.py (fields and flags) and config_cross.py (cross-field).
+The rules themselves are declared on the option classes beside their code (`codi_jax.options`;
+the training config is `train_options.TrainOptions`) and in config_cross.py (cross-field).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import math
 import numbers
-import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,26 +20,6 @@ import numpy as np
 from codi_jax.errors import InputError
 
 # ------------------------------------------------------------------------------------ rules
-
-
-def ref(module: str, name: str) -> Callable[[], tuple]:
-  """Lazily the tuple (or a dict's keys) `module.name`: the choices keep their one owner."""
-
-  def get():
-    value = getattr(importlib.import_module(module), name)
-    return tuple(value) if not isinstance(value, Mapping) else tuple(sorted(value))
-
-  return get
-
-
-def literal(module: str, name: str, field: str | None = None) -> Callable[[], tuple]:
-  """Lazily the values of the `Literal[...]` alias `module.name`, or of its field's annotation."""
-
-  def get():
-    owner = getattr(importlib.import_module(module), name)
-    return typing.get_args(typing.get_type_hints(owner)[field] if field else owner)
-
-  return get
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,15 +16,17 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from codi_jax import config_rules, config_schema, results
+from codi_jax import config_rules, results, train_options
 from codi_jax.codi import convert, efficiency, probe
 from codi_jax.codi.model import CodiOptions
+from codi_jax.config_rules import Bool, Enum, Int, Num, Seq, Str
 from codi_jax.data.eval_sets import SET_NAMES, EvalData, load_eval_data, set_name
 from codi_jax.decoding import PaddingMode
 from codi_jax.errors import InputError
 from codi_jax.eval_runner import Runner, format_results, jsonable, write_probe
 from codi_jax.files import write_json, write_jsonl
 from codi_jax.final import FinishedRun, load_final, read_final
+from codi_jax.options import option, rules
 
 MODES = ("auto", "student", "teacher", "both")
 PADDING_MODES = typing.get_args(PaddingMode)
@@ -37,37 +39,51 @@ PADDING_MODES = typing.get_args(PaddingMode)
 class Options:
   """What `python -m codi_jax.evaluate` does; each field is the flag of the same name."""
 
-  workdir: str | None = None  # a finished run, or:
-  official: str | None = None  # an official-layout checkpoint (file or directory) on `base`
-  base: str | None = None
-  sets: Sequence[str] = ()  # empty: the run's test split (required with `official`)
-  data_dir: str = ""
-  set_path: Sequence[str] = ()  # NAME=FILE
-  mode: str = "auto"
-  cot_workdir: str | None = None
-  efficiency: bool = False
-  batch_size: int | None = None
-  max_new_tokens: int | None = None
-  num_latent: int | None = None
-  padding_mode: str | None = None
-  lora_rank: int | None = None
-  lora_alpha: float | None = None
-  dtype: str | None = None
-  limit: int | None = None
-  out: str | None = None
-  mask_special: str = "all"
-  probe: bool = False
-  probe_topk: int = 5
-  probe_source: str = "pre_prj"
-  probe_all: bool = False
-  latency_calls: int = 5
-  progress: bool = True
-  allow_extrapolation: bool = False  # decode past a RoPE model's positions
-  overwrite: bool = False  # replace complete results of another evaluation, discard partial ones
+  workdir: str | None = option(Str(optional=True, doc="a finished run"), None)
+  official: str | None = option(Str(optional=True, doc="an official-layout checkpoint"), None)
+  base: str | None = option(
+    Str(optional=True, doc="with --official: the base model's HF directory"), None
+  )
+  sets: Sequence[str] = option(Seq(Str(nonempty=True), doc="evaluation sets"), ())
+  data_dir: str = option(Str(doc="folder of the named sets' files"), "")
+  set_path: Sequence[str] = option(Seq(Str(nonempty=True), doc="NAME=FILE entries"), ())
+  mode: str = option(Enum(MODES, doc="decoding mode"), "auto")
+  cot_workdir: str | None = option(
+    Str(optional=True, doc="a CoT-SFT run for the efficiency report"), None
+  )
+  efficiency: bool = option(Bool(doc="write the efficiency report"), False)
+  batch_size: int | None = option(Int(1, optional=True, doc="evaluation batch"), None)
+  max_new_tokens: int | None = option(Int(1, optional=True, doc="decoding cap"), None)
+  num_latent: int | None = option(Int(0, optional=True, doc="thoughts at inference"), None)
+  padding_mode: str | None = option(Enum(PADDING_MODES, optional=True), None)
+  lora_rank: int | None = option(
+    Int(0, optional=True, doc="with --official: expected LoRA rank"), None
+  )
+  lora_alpha: float | None = option(
+    Num(gt=0, optional=True, doc="with --official: LoRA alpha"), None
+  )
+  dtype: str | None = option(
+    Enum(("float32", "bfloat16"), optional=True, doc="with --official: dtype"), None
+  )
+  limit: int | None = option(Int(1, optional=True, doc="first N examples per set"), None)
+  out: str | None = option(Str(optional=True, doc="output directory"), None)
+  mask_special: str = option(
+    Enum(("all", "eot_only"), doc="never emit pad/bot/eot, or only eot"), "all"
+  )
+  probe: bool = option(Bool(doc="decode each thought through the LM head"), False)
+  probe_topk: int = option(Int(1, doc="decoded tokens per probed vector"), 5)
+  probe_source: str = option(Enum(("pre_prj", "post_prj"), doc="probed vectors"), "pre_prj")
+  probe_all: bool = option(Bool(doc="probe every problem"), False)
+  latency_calls: int = option(Int(1, doc="timed calls per latency figure"), 5)
+  progress: bool = option(Bool(doc="progress bars"), True)
+  allow_extrapolation: bool = option(Bool(doc="decode past a RoPE model's positions"), False)
+  overwrite: bool = option(
+    Bool(doc="replace complete results of another evaluation, discard partial ones"), False
+  )
 
   def check(self):
-    """Every flag against its rule (`config_schema.EVAL`), then the rules between them."""
-    config_rules.check_values(dataclasses.asdict(self), config_schema.EVAL, prefix="--")
+    """Every flag against its rule (declared on its field), then the rules between them."""
+    config_rules.check_values(dataclasses.asdict(self), rules(Options), prefix="--")
     if bool(self.workdir) == bool(self.official):
       raise InputError(
         "pass either --workdir=<finished run> or --official=<checkpoint> --base=<HF model dir>"
@@ -224,7 +240,7 @@ def evaluate(opts: Options, override=None) -> dict:
   """
   opts.check()
   if override is not None:  # the settings it replaces, checked as a training config's
-    config_schema.validate_train(override, sections=("data", "eval", "seed"))
+    train_options.validate_train(override, sections=("data", "eval", "seed"))
   cot_final = read_final(opts.cot_workdir) if opts.cot_workdir else None  # fail early
   saved = None if opts.official else read_final(opts.workdir)
   out_dir, hint = _out_dir(opts)

@@ -19,13 +19,27 @@ from codi_jax.batching import fixed_batches
 from codi_jax.codi import probe
 from codi_jax.codi.decoder import CodiDecoder
 from codi_jax.codi.model import CodiOptions
+from codi_jax.config_rules import Int, Str
 from codi_jax.data import answers
 from codi_jax.data.eval_sets import EvalData
 from codi_jax.files import write_atomic, write_json
 from codi_jax.final import FinishedRun
 from codi_jax.models import memory
+from codi_jax.options import option
 
 SCORING = "exact float equality with the last number of the answer (the reference's test.py)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationOptions:
+  """`config.eval`: validation during training (and a finished run's evaluation defaults)."""
+
+  every_steps: int = option(Int(1, doc="steps between validations"))
+  num_examples: int = option(Int(0, doc="validation examples; 0 = all"))
+  batch_size: int = option(Int(1, doc="validation batch"))
+  max_new_tokens: int = option(Int(1, doc="decoding cap"))
+  baseline_note: str = option(Str(doc="text printed beside the final accuracies"))
+
 
 # ------------------------------------------------------------------------------------ running
 

@@ -14,6 +14,7 @@ rules from that context (`current()`), so no signature below an entry point carr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -25,9 +26,11 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from codi_jax.config_rules import Custom, is_int
 from codi_jax.errors import InputError
 from codi_jax.models.layout import LAYER_AXIS
 from codi_jax.models.partitioning import Rules, spec_for
+from codi_jax.options import option
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -111,6 +114,37 @@ def rules_from_config(
       )
     out[str(name)] = axes
   return out
+
+
+def _axis_rules_ok(v) -> bool:
+  if not isinstance(v, list | tuple):
+    return False
+  try:
+    rules_from_config(v)
+  except InputError:
+    return False
+  return all(isinstance(e, list | tuple) and isinstance(e[0], str) for e in v)
+
+
+def mesh_size_ok(v) -> bool:
+  return is_int(v) and (v == -1 or 1 <= v <= 1 << 20)
+
+
+AXIS_RULES = Custom(
+  _axis_rules_ok,
+  "a list of (logical axis, mesh axes) pairs over the mesh axes data, fsdp, tensor",
+  doc="logical axis -> mesh axes (configs/base.py explains each name)",
+)
+_MESH_SIZE = Custom(mesh_size_ok, "-1 (the remaining devices) or an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshOptions:
+  """`config.mesh`: devices per mesh axis (-1: the remaining devices)."""
+
+  data: int = option(dataclasses.replace(_MESH_SIZE, doc="data-parallel replicas"))
+  fsdp: int = option(dataclasses.replace(_MESH_SIZE, doc="parameter shards (FSDP)"))
+  tensor: int = option(dataclasses.replace(_MESH_SIZE, doc="tensor-parallel shards"))
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from codi_jax import checkpoint, config_schema, files, final, sharding, train_state, train_step
+from codi_jax import checkpoint, files, final, sharding, train_options, train_state, train_step
 from codi_jax import metrics as metrics_lib
 from codi_jax import workdir as workdir_lib
 from codi_jax.batching import bucket_size
@@ -84,13 +84,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   The run holds an exclusive lock on `workdir` and happens inside the one mesh context built from
   `config.mesh` and `config.logical_axis_rules`. On SIGTERM it checkpoints and returns early with
   summary["preempted"] = True; a non-finite loss raises FloatingPointError without saving anything
-  after the last good checkpoint. The config is validated first (`config_schema.validate_train`).
+  after the last good checkpoint. The config is validated first (`train_options.validate_train`).
   Nothing already in `workdir` changes until the whole set-up has succeeded (data, tokenizer,
   model, state and, for a fresh start, the first step's compile and memory check); then
   `config.overwrite` moves the previous run aside (`_set_aside`). A refused start removes the
   directories it created (`workdir.claim`, and checkpoints/ here).
   """
-  config_schema.validate_train(config)
+  train_options.validate_train(config)
   with workdir_lib.claim(workdir) as path:
     ckpt_dir = _prepare_workdir(path, config)
     had_ckpt_dir = files.as_path(ckpt_dir).exists()

@@ -6,6 +6,7 @@ exactly the step that trains.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -16,6 +17,32 @@ from flax import nnx
 from codi_jax import sharding
 from codi_jax.codi import losses
 from codi_jax.codi.model import Codi, CodiOptions
+from codi_jax.config_rules import Custom, Int, Num, is_int
+from codi_jax.options import option
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimOptions:
+  """`config.optim`: AdamW, its schedule, clipping, accumulation and the run's length."""
+
+  lr: float = option(Num(gt=0, doc="peak learning rate"))
+  warmup_ratio: float = option(Num(ge=0, lt=1, f32=False, doc="warm-up share of the steps"))
+  weight_decay: float = option(Num(ge=0, doc="AdamW weight decay"))
+  b1: float = option(Num(ge=0, lt=1, doc="Adam beta1"))
+  b2: float = option(Num(ge=0, lt=1, doc="Adam beta2"))
+  eps: float = option(Num(gt=0, doc="Adam epsilon"))
+  clip: float = option(Num(gt=0, doc="global-norm clipping threshold"))
+  grad_accum: int = option(Int(1, doc="micro-batches per update"))
+  num_steps: int = option(
+    Custom(
+      lambda v: is_int(v) and (v == 0 or 2 <= v <= INT32_MAX),
+      "0 (use epochs) or an integer >= 2 (one warm-up and one decay step at least)",
+      doc="optimizer steps; 0 = epochs",
+    )
+  )
+  epochs: float = option(Num(ge=0, le=1e6, f32=False, doc="epochs when num_steps = 0"))
 
 
 def make_optimizer(config, num_steps: int):

@@ -13,6 +13,7 @@ defaults (docs/soft_thinking.md, defaults). Bad values raise InputError naming t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import sys
@@ -20,7 +21,13 @@ from typing import Any
 
 from absl import flags
 
+from codi_jax import config_rules, sharding
+from codi_jax.config_rules import Bool, Custom, Enum, Int, Rule, Seq, Str
 from codi_jax.errors import InputError
+from codi_jax.options import rules as option_rules
+from soft_jax.math_answers import JUDGES
+from soft_jax.problems import LAYOUTS
+from soft_jax.sampling import SamplerParams
 
 flags.disclaim_key_flags()  # flags defined below belong to the program that calls define()
 
@@ -46,6 +53,73 @@ _SAMPLER = (
   ("string", "embed_mix_dtype", "float32 | model (the reference's model-dtype sum)."),
 )
 SAMPLER_FLAGS = tuple(name for _, name, _ in _SAMPLER)
+
+
+INT32_MAX = 2**31 - 1
+_INT32 = {"hi": INT32_MAX}
+
+
+def _mesh_text_ok(v) -> bool:
+  if not isinstance(v, str):
+    return False
+  if not v:
+    return True
+  sizes = [int(x) for x in v.split(",")]
+  return len(sizes) == 3 and all(sharding.mesh_size_ok(s) for s in sizes) and sizes.count(-1) <= 1
+
+
+# Every rule of a sampler knob (declared on its SamplerParams field).
+SAMPLER: dict[str, Rule] = option_rules(SamplerParams)
+
+# A preset's fields (configs/soft/*.py); each top-level one is also the flag of the same name.
+SOFT: dict[str, Rule] = {
+  "model": Str(nonempty=True, doc="alias, HF directory, .gguf file or hub id"),
+  "mode": SAMPLER["mode"],
+  "chat": Bool(doc="wrap prompts in the chat template"),
+  "dtype": Enum(("float32", "bfloat16"), doc="compute and parameter dtype"),
+  "max_new_tokens": Int(1, **_INT32, doc="one budget for thinking + answer"),
+  "length_bucket": Int(1, **_INT32, doc="prompt lengths padded to a multiple of this"),
+  "seed": Int(0, INT32_MAX, doc="sampling seed"),
+  "mesh": Custom(
+    _mesh_text_ok,
+    "'' (one device) or data,fsdp,tensor: integers >= 1, one of them may be -1",
+    doc="device mesh",
+  ),
+  "logical_axis_rules": sharding.AXIS_RULES,
+  "think_end": Str(nonempty=True, doc="auto | none | the `</think>` text"),
+  "think_end_last_id": Bool(doc="the last id of a multi-token think_end"),
+  **{f"sampler.{name}": rule for name, rule in SAMPLER.items() if name != "mode"},
+}
+
+# The soft CLIs' other flags (checked when the program defines them).
+SOFT_FLAGS: dict[str, Rule] = {
+  "config": Str(optional=True, doc="preset file[:variant[,benchmark]]"),
+  "prompt": Seq(
+    Str(nonempty=True), nonempty=True, optional=True, doc="prompts (generate needs one)"
+  ),
+  "json": Bool(doc="end stdout with one JSON line"),
+  "allow_extrapolation": Bool(doc="decode past a RoPE model's positions"),
+  "data": Str(nonempty=True, doc="problem file or hub dataset id"),
+  "layout": Enum(tuple(sorted(LAYOUTS)), doc="problem fields"),
+  "question_field": Str(nonempty=True, optional=True),
+  "answer_field": Str(nonempty=True, optional=True),
+  "id_field": Str(nonempty=True, optional=True),
+  "limit": Int(1, optional=True, doc="first N problems"),
+  "n_samples": Int(1, **_INT32, doc="samples per problem"),
+  "k": Seq(Custom(lambda v: int(str(v).strip()) >= 1, "an integer >= 1"), nonempty=True),
+  "batch_size": Int(1, **_INT32, doc="rows per decoder call"),
+  "judge": Enum(JUDGES, doc="answer checker"),
+  "out": Str(nonempty=True, doc="output directory"),
+  "overwrite": Bool(doc="replace results already in --out"),
+  "progress": Bool(doc="progress bar"),
+}
+
+
+@functools.cache
+def soft_flag_rules() -> dict[str, Rule]:
+  """Every soft-CLI flag's rule: the preset's top-level fields, the sampler knobs, the rest."""
+  top = {k: v for k, v in SOFT.items() if "." not in k}
+  return {**top, **SAMPLER, **SOFT_FLAGS, "after_temperature": SAMPLER["after_temperature"]}
 
 
 def _define_decode():
@@ -176,8 +250,6 @@ def _after_temperature(value):
 
 def sampler_params(mode: str, config=None, overrides: dict | None = None):
   """SamplerParams from the defaults, then config.sampler, then explicit flag values; validated."""
-  from soft_jax.sampling import SamplerParams  # pylint: disable=import-outside-toplevel
-
   values = {"mode": mode}
   if config is not None and "sampler" in config:
     values.update(config.sampler.to_dict())
@@ -231,8 +303,6 @@ def make_mesh(text: str | None):
   """--mesh "data,fsdp,tensor" -> an Auto mesh over every device, or None for ""."""
   if not text:
     return None
-  from codi_jax import sharding  # pylint: disable=import-outside-toplevel
-
   try:
     sizes = [int(x) for x in text.split(",")]
   except ValueError:
@@ -245,10 +315,8 @@ def make_mesh(text: str | None):
 
 
 def check_flags(values: dict[str, Any]) -> None:
-  """Every flag value against its rule (`config_schema.soft_flag_rules`); None = not given."""
-  from codi_jax import config_rules, config_schema  # pylint: disable=import-outside-toplevel
-
-  rules = config_schema.soft_flag_rules()
+  """Every flag value against its rule (`soft_flag_rules`); None = not given."""
+  rules = soft_flag_rules()
   for name, v in values.items():
     if name == "after_temperature":
       v = _after_temperature(v)
@@ -260,26 +328,20 @@ def check_flags(values: dict[str, Any]) -> None:
 
 
 def check_preset(cfg, spec: str) -> None:
-  """A preset's fields against `config_schema.SOFT`: unknown fields, types and ranges."""
-  from codi_jax import config_rules, config_schema  # pylint: disable=import-outside-toplevel
-
+  """A preset's fields against `SOFT`: unknown fields, types and ranges."""
   if cfg is not None:
-    config_rules.check_tree(cfg, config_schema.SOFT, prefix=f"--config={spec}: ", complete=False)
+    config_rules.check_tree(cfg, SOFT, prefix=f"--config={spec}: ", complete=False)
 
 
 def flag_values() -> tuple[dict[str, Any], set[str]]:
   """(name -> value, names given on the command line) of this program's soft-CLI flags."""
-  from codi_jax import config_schema  # pylint: disable=import-outside-toplevel
-
-  names = [n for n in config_schema.soft_flag_rules() if n in flags.FLAGS]
+  names = [n for n in soft_flag_rules() if n in flags.FLAGS]
   return {n: flags.FLAGS[n].value for n in names}, {n for n in names if flags.FLAGS[n].present}
 
 
 def resolve(values: dict[str, Any], present=(), default_mode: str = "greedy") -> Settings:
   """The validation pass of a soft CLI, before any model is loaded: every flag (`check_flags`),
   the --config preset's fields (`check_preset`), then the merged settings and sampler."""
-  from codi_jax import config_rules, config_schema  # pylint: disable=import-outside-toplevel
-
   check_flags(values)
   spec = values.get("config")
   cfg = load_config(spec)
@@ -293,7 +355,7 @@ def resolve(values: dict[str, Any], present=(), default_mode: str = "greedy") ->
   params = sampler_params(mode, cfg, {k: values.get(k) for k in SAMPLER_FLAGS})
   rules = cfg.get("logical_axis_rules") if cfg is not None else None
   merged = {k: get(k) for k in ("model", "max_new_tokens", "dtype", "length_bucket")}
-  config_rules.check_values(merged, config_schema.SOFT, prefix="--")  # flag, else preset
+  config_rules.check_values(merged, SOFT, prefix="--")  # flag, else preset
   return Settings(
     **merged,
     mode=mode,

@@ -30,12 +30,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from codi_jax.config_rules import Bool, Enum, Int, Num, check_values
 from codi_jax.errors import InputError
+from codi_jax.options import option, rules
 
 MODES = ("greedy", "sample", "soft", "dirichlet", "gumbel")
 SOFT_MODES = ("soft", "dirichlet", "gumbel")  # modes whose thinking inputs are concept tokens
 ANSWER_PHASES = ("sample", "legacy_argmax")
 EMBED_MIX_DTYPES = ("float32", "model")
+
+INT32_MAX = 2**31 - 1
 
 # Purposes folded into a row's step key, so the draws of one step are independent.
 _DIRICHLET, _GUMBEL, _THINK, _ANSWER = range(4)
@@ -49,27 +53,36 @@ class SamplerParams:
   the fields that change shapes or code paths (mode, top-k sizes, flags) are static.
   """
 
-  mode: str = "soft"  # greedy | sample (token CoT) | soft | dirichlet | gumbel
-  temperature: float = 0.6  # thinking T; 0 = one-hot argmax (soft thinking reduces to greedy)
-  top_k: int = 30  # thinking top-k; 0 = no top-k (full vocabulary, one full sort per step)
-  top_p: float = 0.95  # thinking nucleus, in (0, 1]
-  min_p: float = 0.001  # thinking min-p (ST paper value; SST uses 0.0), in [0, 1)
-  max_topk: int = 10  # K, concept-token width (README range 5-20)
-  dirichlet_alpha: float = 4.0  # gamma of Dir(gamma * q); SST's best value
-  gumbel_tau: float = 0.5  # Gumbel-Softmax temperature; SST's AIME/AMC value
-  after_temperature: float | None = 0.6  # answer-phase T; None = reuse thinking T (reference quirk)
-  after_top_k: int = 30
-  after_top_p: float = 0.95
-  after_min_p: float = 0.0
-  cold_stop_entropy: float = 0.01  # theta, nats (or ln V-normalised); 0 disables Cold Stop
-  cold_stop_patience: int = 256  # P consecutive low-entropy thinking steps end thinking
-  entropy_normalized: bool = False  # divide the entropy by ln V ([SST] presets)
-  max_thinking_tokens: int = 0  # thinking budget incl. the forced `</think>`; 0 = off (parity)
-  answer_phase: str = (
-    "sample"  # sample (intended) | legacy_argmax (published numbers, docs/soft_thinking.md 4.4)
+  # Each knob's rule is on its field; the comments say where a default comes from.
+  mode: str = option(Enum(MODES, doc="decoding mode"), "soft")
+  temperature: float = option(Num(ge=0, doc="thinking temperature; 0 = argmax"), 0.6)
+  top_k: int = option(Int(0, doc="thinking top-k; 0 = off (one full sort per step)"), 30)
+  top_p: float = option(Num(gt=0, le=1, doc="thinking top-p"), 0.95)
+  min_p: float = option(Num(ge=0, lt=1, doc="thinking min-p"), 0.001)  # ST value; SST uses 0.0
+  max_topk: int = option(Int(1, doc="K: tokens mixed into a concept token"), 10)  # README 5-20
+  dirichlet_alpha: float = option(Num(gt=0, doc="Dirichlet gamma"), 4.0)  # SST's best value
+  gumbel_tau: float = option(Num(gt=0, doc="Gumbel-Softmax temperature"), 0.5)  # SST AIME/AMC
+  after_temperature: float | None = option(  # None = reuse thinking T (reference quirk)
+    Num(ge=0, optional=True, doc="answer temperature; None = thinking's"), 0.6
   )
-  answer_low_entropy_abort: bool = False  # HEAD-only: abort a row on P low-entropy answer steps
-  embed_mix_dtype: str = "float32"  # accumulate the mixture in f32 | "model" dtype (reference)
+  after_top_k: int = option(Int(0, doc="answer top-k; 0 = off"), 30)
+  after_top_p: float = option(Num(gt=0, le=1, doc="answer top-p"), 0.95)
+  after_min_p: float = option(Num(ge=0, lt=1, doc="answer min-p"), 0.0)
+  cold_stop_entropy: float = option(Num(ge=0, doc="Cold Stop theta (nats); 0 = off"), 0.01)
+  cold_stop_patience: int = option(Int(1, INT32_MAX, doc="Cold Stop patience P"), 256)
+  entropy_normalized: bool = option(Bool(doc="entropy / ln V ([SST] presets)"), False)
+  max_thinking_tokens: int = option(  # includes the forced `</think>`; 0 = off (parity)
+    Int(0, INT32_MAX, doc="thinking budget; 0 = off"), 0
+  )
+  answer_phase: str = option(  # legacy_argmax: the published numbers, docs/soft_thinking.md 4.4
+    Enum(ANSWER_PHASES, doc="answer phase"), "sample"
+  )
+  answer_low_entropy_abort: bool = option(  # HEAD-only behaviour
+    Bool(doc="abort rows on P low-entropy answer steps"), False
+  )
+  embed_mix_dtype: str = option(  # "model": the reference's accumulation dtype
+    Enum(EMBED_MIX_DTYPES, doc="mixture dtype"), "float32"
+  )
 
   @property
   def soft(self) -> bool:
@@ -92,12 +105,9 @@ class SamplerParams:
   def validate(self, prefix: str = "", vocab: int | None = None) -> SamplerParams:
     """Raises InputError naming the offending field (as `{prefix}{field}`); returns self.
 
-    Each field against its rule in `codi_jax.config_schema.SAMPLER`, then K against top-k and
-    the vocabulary.
+    Each field against the rule on it, then K against top-k and the vocabulary.
     """
-    from codi_jax import config_rules, config_schema  # pylint: disable=import-outside-toplevel
-
-    config_rules.check_values(self.to_dict(), config_schema.SAMPLER, prefix=prefix)
+    check_values(self.to_dict(), rules(SamplerParams), prefix=prefix)
     if self.top_k and self.max_topk > self.top_k:
       raise InputError(
         f"{prefix}max_topk: K={self.max_topk} exceeds top_k={self.top_k} (the concept token is "

@@ -24,9 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codi_jax import config_cross, config_rules
-from codi_jax import config_schema as cs
+from codi_jax import train_options as cs
 from codi_jax.errors import InputError
 from codi_jax.eval_lib import Options
+from codi_jax.options import rules
 from soft_jax import cli_common
 from soft_jax import evaluate as soft_evaluate
 
@@ -40,6 +41,8 @@ FUZZ = settings(
 INF = math.inf
 WRONG = [None, "", "x", "1", "nan", [], [1], {}, {"a": 1}, True, False, 0, 1, -1, 2**40, -(2**40)]
 WRONG += [0.5, -0.5, 1.5, 1e-300, 1e308, math.nan, INF, -INF]
+
+EVAL = rules(Options)  # codi_jax.evaluate flags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,11 +239,11 @@ _EVAL_TYPED = {  # what absl can hand over for each flag type
 
 def eval_mutation():
   def value(path):
-    rule = cs.EVAL[path]
+    rule = EVAL[path]
     edges = [v for v in boundary_values(rule) if not isinstance(v, list | tuple)]
     return st.one_of(_EVAL_TYPED[rule.kind], st.sampled_from(edges or [None]))
 
-  paths = [p for p in sorted(cs.EVAL) if p not in ("workdir", "official", "base", "data_dir")]
+  paths = [p for p in sorted(EVAL) if p not in ("workdir", "official", "base", "data_dir")]
   return st.sampled_from(paths).flatmap(lambda p: st.tuples(st.just(p), value(p)))
 
 
@@ -281,7 +284,7 @@ EVALUATE_FLAGS = {
 
 def flag_mutation(base: dict):
   """(flag, value) as absl hands them over: None only for flags whose default is None."""
-  rules = cs.soft_flag_rules()
+  rules = cli_common.soft_flag_rules()
 
   def value(name):
     return st.one_of(typed(name), st.none()) if base[name] is None else typed(name)
@@ -379,7 +382,7 @@ PRESET = cli_common.load_config("configs/soft/smollm2.py:dirichlet")
 
 
 @FUZZ
-@given(st.lists(mutation(cs.SOFT), min_size=1, max_size=2, unique_by=lambda m: m[0]))
+@given(st.lists(mutation(cli_common.SOFT), min_size=1, max_size=2, unique_by=lambda m: m[0]))
 def test_fuzz_soft_preset_fields(mutations):
   cfg = PRESET.to_dict()
   for path, value in mutations:

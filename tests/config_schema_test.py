@@ -14,11 +14,15 @@ import pytest
 import tiny_codi
 
 from codi_jax import config_rules
-from codi_jax import config_schema as cs
+from codi_jax import train_options as cs
 from codi_jax.errors import InputError
 from codi_jax.eval_lib import Options
+from codi_jax.options import rules
 from configs import base, demo, gpt2, llama1b
+from soft_jax import cli_common
 from soft_jax.sampling import SamplerParams
+
+EVAL = rules(Options)  # codi_jax.evaluate flags
 
 
 def leaves(tree, prefix="") -> set[str]:
@@ -49,13 +53,13 @@ def validate(config, devices=1, processes=1):
 
 def test_every_field_of_base_has_a_rule_and_every_rule_a_field():
   fields = leaves(base.get_config())
-  assert sorted(fields - set(cs.TRAIN)) == [], "config fields without a rule in config_schema.TRAIN"
+  assert sorted(fields - set(cs.TRAIN)) == [], "config fields without a rule in train_options.TRAIN"
   assert sorted(set(cs.TRAIN) - fields) == [], "rules for fields configs/base.py does not have"
 
 
 def test_every_sampler_and_evaluate_field_has_a_rule():
-  assert set(cs.SAMPLER) == {f.name for f in dataclasses.fields(SamplerParams)}
-  assert set(cs.EVAL) == {f.name for f in dataclasses.fields(Options)}
+  assert set(cli_common.SAMPLER) == {f.name for f in dataclasses.fields(SamplerParams)}
+  assert set(EVAL) == {f.name for f in dataclasses.fields(Options)}
 
 
 def test_every_soft_cli_flag_has_a_rule():
@@ -70,7 +74,7 @@ def test_every_soft_cli_flag_has_a_rule():
     "m._define_flags()\n"
     "print(json.dumps(sorted(set(flags.FLAGS) - before)))\n"
   )
-  rules = set(cs.soft_flag_rules())
+  rules = set(cli_common.soft_flag_rules())
   for prog in ("soft_jax.generate", "soft_jax.evaluate"):
     proc = subprocess.run(
       [sys.executable, "-c", code, prog], cwd=cli_util.REPO, capture_output=True, text=True
@@ -84,11 +88,11 @@ def test_every_preset_field_has_a_rule():
   from configs.soft import VARIANTS, preset  # pylint: disable=import-outside-toplevel
 
   for variant in VARIANTS:
-    assert sorted(leaves(preset(variant, model="m")) - set(cs.SOFT)) == [], variant
+    assert sorted(leaves(preset(variant, model="m")) - set(cli_common.SOFT)) == [], variant
 
 
 def test_rules_describe_themselves_and_enums_resolve():
-  for table in (cs.TRAIN, cs.EVAL, cs.SAMPLER, cs.SOFT, cs.soft_flag_rules()):
+  for table in (cs.TRAIN, EVAL, cli_common.SAMPLER, cli_common.SOFT, cli_common.soft_flag_rules()):
     for path, rule in table.items():
       assert rule.allowed(), path
       if rule.kind == "enum":

@@ -13,7 +13,7 @@ import tiny_codi
 import tiny_hf
 from flax import nnx
 
-from codi_jax import config_schema as cs
+from codi_jax import train_options as cs
 from codi_jax.codi import build
 from codi_jax.codi.model import Codi, CodiOptions, codi_loss
 from codi_jax.errors import InputError

@@ -7,21 +7,52 @@ model is rebuilt exactly from its config.
 
 from __future__ import annotations
 
+import dataclasses
 import types
+import typing
 
 import jax
 from flax import nnx
 
 from codi_jax import config_cross, sharding
 from codi_jax.codi.model import Codi
+from codi_jax.config_rules import Bool, Enum, Int, Num, Str
 from codi_jax.data import answers
 from codi_jax.data.codi_batches import SpecialIds
 from codi_jax.errors import InputError
 from codi_jax.models import config as mcfg
 from codi_jax.models import loader, tokenizer_bpe, transformer
 from codi_jax.models.transformer import Transformer
+from codi_jax.options import option
 
 SPECIAL_TOKENS = ("[PAD]", "<bot>", "<eot>")
+DTYPES = ("float32", "bfloat16", "float16")
+_DROPOUT = {"ge": 0.0, "lt": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """`config.model`: the backbone (loaded or from scratch), its dtypes, kernel, layout and LoRA."""
+
+  spec: str = option(Str(doc="HF dir | hub id | .gguf | alias; '' = from scratch"))
+  arch: str = option(Enum(mcfg.ARCHS, doc="architecture (from scratch)"))
+  vocab_size: int = option(Int(0, doc="from scratch: 0 = the tokenizer's size"))
+  num_layers: int = option(Int(1, doc="from scratch"))
+  d_model: int = option(Int(1, doc="from scratch"))
+  num_heads: int = option(Int(1, doc="from scratch"))
+  num_kv_heads: int = option(Int(0, doc="from scratch: 0 = num_heads"))
+  d_ff: int = option(Int(1, doc="from scratch"))
+  max_positions: int = option(Int(1, doc="from scratch: positions (GPT-2: rows of its table)"))
+  dropout: float = option(
+    Num(**_DROPOUT, doc="GPT-2 embedding/attention/residual dropout (scratch)")
+  )
+  dtype: str = option(Enum(DTYPES, doc="compute dtype"))
+  param_dtype: str = option(Enum(DTYPES, doc="base weights' dtype"))
+  attention_impl: str = option(Enum(typing.get_args(mcfg.AttentionImpl), doc="attention kernel"))
+  scan_layers: bool = option(Bool(doc="one lax.scan over stacked layers (False: unrolled)"))
+  lora_rank: int = option(Int(0, doc="0 = full fine-tuning"))
+  lora_alpha: float = option(Num(gt=0, doc="LoRA scale alpha / rank"))
+  lora_dropout: float = option(Num(**_DROPOUT, doc="LoRA input dropout"))
 
 
 def build_tokenizer(config, train_records):

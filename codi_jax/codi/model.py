@@ -35,6 +35,8 @@ from codi_jax.models.step import Carry, scan_steps
 from codi_jax.models.transformer import Transformer
 
 METHODS = ("codi", "cot_sft", "no_cot_sft", "coconut", "icot_si")
+DistillLoss = Literal["smooth_l1", "l1", "l2"]
+DistillLayers = Literal["all_plus_embedding", "blocks_only"]
 BASELINES = ("coconut", "icot_si")  # losses in codi_jax/codi/baselines.py (losses.py picks)
 
 
@@ -61,8 +63,8 @@ class CodiOptions:
 
   method: Literal["codi", "cot_sft", "no_cot_sft", "coconut", "icot_si"] = "codi"
   num_latent: int = 6
-  distill_loss: Literal["smooth_l1", "l1", "l2"] = "smooth_l1"
-  distill_layers: Literal["all_plus_embedding", "blocks_only"] = "all_plus_embedding"
+  distill_loss: DistillLoss = "smooth_l1"
+  distill_layers: DistillLayers = "all_plus_embedding"
   distill_div_std: bool = True
   alpha: float = 1.0  # student CE
   beta: float = 1.0  # distillation (Llama scripts: 20)

@@ -23,16 +23,29 @@ Worked example, 2365 * 4347 (K = 4): the partial products are 2365*7 = 16555, 23
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import random
 from collections.abc import Collection, Iterable
 
+from codi_jax.config_rules import Int
 from codi_jax.errors import InputError
+from codi_jax.options import option
 
 SIZES = (4, 5, 7, 9)  # the operand sizes K of the released iCoT sets
 _COT_SEP = "||"
 _ANSWER_SEP = " #### "
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiplicationOptions:
+  """`config.data.multiplication`: the generated K x K multiplication sets."""
+
+  digits: int = option(Int(1, 64, doc="operand digits"))
+  train: int = option(Int(1, doc="training pairs"))
+  valid: int = option(Int(1, doc="validation pairs"))
+  test: int = option(Int(1, doc="test pairs"))
 
 
 def _digits(n: int, width: int) -> str:

@@ -16,6 +16,7 @@ what was dropped and why.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -24,12 +25,46 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from codi_jax.config_rules import Bool, Enum, Int, Num, Str
 from codi_jax.data import formats, multiplication, readers, synthetic
 from codi_jax.data.readers import Row
 from codi_jax.errors import InputError
+from codi_jax.options import option, section
 
 FORMATS = ("jsonl", "tfds")
 _TFDS_CONFIGS = {"gsm8k-aug": "aug", "gsm8k-aug-nl": "nl"}
+
+SOURCES = ("synthetic", "multiplication", *sorted(readers.TRAIN_SETS))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+  """`config.data`: the training set, its cleaning, batches and padding."""
+
+  source: str = option(Enum(SOURCES, doc="training set"))
+  path: str = option(Str(doc="local file or folder, else the source's hub id"))
+  valid_path: str = option(Str(doc="validation file; '' = a hold-out"))
+  valid_size: int = option(Int(1, doc="hold-out size (at most a tenth of the data)"))
+  format: str = option(Enum(FORMATS, doc="jsonl | tfds"))
+  tfds_data_dir: str = option(Str(doc="format=tfds: the TFDS data_dir"))
+  synthetic: synthetic.SyntheticOptions = section(synthetic.SyntheticOptions)
+  multiplication: multiplication.MultiplicationOptions = section(
+    multiplication.MultiplicationOptions
+  )
+  include_last_cot: bool = option(Bool(doc="keep the last CoT step (reference: drop it)"))
+  keep_non_digit_answers: bool = option(Bool(doc="keep answers not starting with a digit"))
+  max_token_num: int = option(Int(1, doc="longest example kept, in tokens"))
+  batch_size: int = option(Int(1, doc="global training batch"))
+  buckets: int = option(Int(1, doc="length bucket granularity (tokens)"))
+  max_padding: float = option(
+    Num(
+      ge=0,
+      lt=1,
+      f32=False,
+      doc="training segment padding bound (fraction); 0: multiples of buckets",
+    )
+  )
+
 
 # ---------------------------------------------------------------------------------------------
 # Training files

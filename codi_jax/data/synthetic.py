@@ -12,7 +12,9 @@ import hashlib
 import random
 from collections.abc import Mapping
 
+from codi_jax.config_rules import Enum, Int, Seq
 from codi_jax.errors import InputError
+from codi_jax.options import option
 
 OPS = ("+", "-", "*", "/")
 SPLITS = ("train", "valid", "test")
@@ -94,6 +96,25 @@ _STYLES = {
   "story": (_OPENINGS, _STEPS, _QUESTIONS),
   "terse": (_TERSE_OPENINGS, _TERSE_STEPS, _TERSE_QUESTIONS),
 }
+
+
+STYLES = tuple(sorted(_STYLES))
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticOptions:
+  """`config.data.synthetic`: the generated word problems (sizes per split, difficulty, wording)."""
+
+  train: int = option(Int(1, doc="synthetic training problems"))
+  valid: int = option(Int(1, doc="synthetic validation problems"))
+  test: int = option(Int(1, doc="synthetic test problems"))
+  min_steps: int = option(Int(1, doc="fewest operations per problem"))
+  max_steps: int = option(Int(1, 64, doc="most operations per problem"))
+  min_operand: int = option(Int(1, doc="smallest operand"))
+  max_operand: int = option(Int(1, doc="largest operand"))
+  max_value: int = option(Int(1, doc="cap on every intermediate value"))
+  ops: tuple[str, ...] = option(Seq(Enum(OPS), nonempty=True, doc="operators"))
+  style: str = option(Enum(STYLES, doc="wording"))
 
 
 @dataclasses.dataclass(frozen=True)
