@@ -173,7 +173,7 @@ def _analyze(argv):
       f"expected one analysis, one of {', '.join(ANALYSES)}; got {' '.join(argv[1:]) or 'none'}"
     )
   name = argv[1]
-  st = cli_common.settings(default_mode="soft")
+  st = cli_common.settings(default_mode="soft", prog=PROG)
   if st.mesh is not None:
     raise InputError("--mesh: the analyses run on one device (they are probes of a small model)")
   out_dir = v("out")

@@ -4,10 +4,13 @@ Each CLI calls `define(...)` for the flag groups it uses when it runs as a progr
 disclaims its flags, so absl files them under the calling program: `--help` lists every flag of
 that program once (importing a CLI module defines nothing, so the modules can import each other).
 
-One spelling per knob: `--config` names a configs/soft/*.py[:variant[,benchmark]] preset (read by
-`load_config`, not an ml_collections override tree); a flag given on the command line wins over
-the preset, which wins over the flag default; sampler knobs given nowhere take the SamplerParams
-defaults (docs/soft_thinking.md, defaults). Bad values raise InputError naming the flag.
+One config mechanism, as training's: `--config=configs/soft/<model>.py[:variant[,benchmark]]` is an
+ml_collections config file and `--config.<field>=<value>` overrides any of its fields (e.g.
+`--config.sampler.temperature=0.7`). The short flags (`--temperature`, `--model`, ...) are aliases
+of the preset field of the same name, resolved in one place (`setting` / `sampler_params`): a flag
+given on the command line wins over the preset (overrides included), which wins over the flag
+default; sampler knobs given nowhere take the SamplerParams defaults (docs/soft_thinking.md,
+defaults). Bad values raise InputError naming the flag or field.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import sys
 from typing import Any
 
 from absl import flags
+from ml_collections import config_flags
 
-from codi_jax import config_rules, sharding
+from codi_jax import config_rules, runtime, sharding
 from codi_jax.config_rules import Bool, Custom, Enum, Int, Rule, Seq, Str
 from codi_jax.errors import InputError
 from codi_jax.options import rules as option_rules
@@ -122,13 +126,22 @@ def soft_flag_rules() -> dict[str, Rule]:
   return {**top, **SAMPLER, **SOFT_FLAGS, "after_temperature": SAMPLER["after_temperature"]}
 
 
+_CONFIG = None  # the --config holder, once `define("decode")` ran
+
+
 def _define_decode():
   flags.DEFINE_string("model", "smollm2", "Alias, HF directory, .gguf file or hub id.")
   flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most (stop id included).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype.")
   flags.DEFINE_integer("length_bucket", 32, "Prompt lengths are padded up to a multiple of this.")
-  flags.DEFINE_string(
-    "config", None, "Preset configs/soft/*.py[:variant[,benchmark]]; flags win over it."
+  global _CONFIG  # pylint: disable=global-statement
+  if os.getcwd() not in sys.path:  # presets import `configs.soft` from the repository root
+    sys.path.insert(0, os.getcwd())
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Preset configs/soft/*.py[:variant[,benchmark]]; --config.<field>=<value> overrides one of "
+    "its fields (--config.sampler.temperature=0.7); a short flag (--temperature) wins over both.",
   )
   flags.DEFINE_string("mode", None, "greedy | sample | soft | dirichlet | gumbel.")
   flags.DEFINE_integer("seed", None, "Sampling seed (default 0); same seed, same output.")
@@ -334,17 +347,37 @@ def check_preset(cfg, spec: str) -> None:
 
 
 def flag_values() -> tuple[dict[str, Any], set[str]]:
-  """(name -> value, names given on the command line) of this program's soft-CLI flags."""
-  names = [n for n in soft_flag_rules() if n in flags.FLAGS]
-  return {n: flags.FLAGS[n].value for n in names}, {n for n in names if flags.FLAGS[n].present}
+  """(name -> value, names given on the command line) of this program's soft-CLI flags; `config`
+  is the preset's spec text (its loaded, overridden ConfigDict: `preset_value`)."""
+  names = [n for n in soft_flag_rules() if n in flags.FLAGS and n != "config"]
+  values = {n: flags.FLAGS[n].value for n in names}
+  present = {n for n in names if flags.FLAGS[n].present}
+  if _CONFIG is not None and "config" in flags.FLAGS:
+    given = flags.FLAGS["config"].present  # else config_flags has no file name to give
+    values["config"] = config_flags.get_config_filename(flags.FLAGS["config"]) if given else None
+  return values, present
 
 
-def resolve(values: dict[str, Any], present=(), default_mode: str = "greedy") -> Settings:
+def preset_value(prog: str):
+  """The --config preset as loaded with its --config.<field> overrides (None: no --config); a
+  file that does not load is one line and exit 2."""
+  if _CONFIG is None or not flags.FLAGS["config"].present:
+    return None
+  return runtime.config_value(_CONFIG, prog)
+
+
+def resolve(
+  values: dict[str, Any], present=(), default_mode: str = "greedy", preset=None
+) -> Settings:
   """The validation pass of a soft CLI, before any model is loaded: every flag (`check_flags`),
-  the --config preset's fields (`check_preset`), then the merged settings and sampler."""
+  the --config preset's fields (`check_preset`), then the merged settings and sampler.
+
+  preset: the preset as the command line loaded it (overrides applied); None: `load_config` of
+  the `config` spec in `values`.
+  """
   check_flags(values)
   spec = values.get("config")
-  cfg = load_config(spec)
+  cfg = preset if preset is not None else load_config(spec)
   check_preset(cfg, spec)
   present = set(present)
 
@@ -370,7 +403,7 @@ def resolve(values: dict[str, Any], present=(), default_mode: str = "greedy") ->
   )
 
 
-def settings(default_mode: str = "greedy") -> Settings:
+def settings(default_mode: str = "greedy", prog: str = "soft_jax") -> Settings:
   """Resolves this program's flags against --config (call inside `exit_on_input_error`)."""
   values, present = flag_values()
-  return resolve(values, present, default_mode)
+  return resolve(values, present, default_mode, preset=preset_value(prog))

@@ -258,7 +258,7 @@ def main(argv):
   runtime.setup_cli()
   v = cli_common.value
   with results.exit_on_interrupt(PROG), exit_on_input_error(PROG):
-    st = cli_common.settings(default_mode="soft")
+    st = cli_common.settings(default_mode="soft", prog=PROG)
     if not v("data"):
       raise InputError("--data: no problem file given")
     if not v("out"):

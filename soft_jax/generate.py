@@ -136,7 +136,7 @@ def main(argv):
     from codi_jax import distributed, sharding  # pylint: disable=import-outside-toplevel
 
     distributed.maybe_initialize()
-    st = cli_common.settings()
+    st = cli_common.settings(prog=PROG)
     with sharding.use_mesh(st.mesh, st.rules):
       records = run(
         st.model,

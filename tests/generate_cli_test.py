@@ -266,6 +266,42 @@ def test_config_file_with_flag_overrides(tmp_path, tiny_dir):
   assert 1 <= len(out["tokens"]) <= 4
 
 
+def test_config_field_overrides_as_training_and_short_flags_win(tmp_path, tiny_dir):
+  out = last_json(
+    run_cli(
+      tmp_path,
+      "--config=configs/soft/smollm2.py:gumbel",
+      "--config.sampler.gumbel_tau=0.7",
+      "--config.sampler.max_topk=5",
+      "--config.sampler.temperature=0.3",
+      "--config.chat=False",
+      "--config.max_new_tokens=3",
+      "--temperature=0.9",  # the short flag is an alias of config.sampler.temperature and wins
+      f"--model={tiny_dir}",
+      "--prompt=w7 w8",
+      "--json",
+    )
+  )
+  s = out["sampler"]
+  assert s["gumbel_tau"] == 0.7 and s["max_topk"] == 5 and s["temperature"] == 0.9
+  assert out["prompt_tokens"] == [7, 8] and 1 <= len(out["tokens"]) <= 3
+  assert s["entropy_normalized"] is True  # the rest of the SST preset is kept
+
+
+@pytest.mark.parametrize(
+  "override, needles",
+  [
+    ("--config.sampler.top_p=2.0", ["--config=configs/soft/smollm2.py:gumbel", "sampler.top_p"]),
+    ("--config.sampler.temprature=1.0", ["override", "temperature"]),
+  ],
+)
+def test_bad_config_field_overrides_are_one_line(tmp_path, override, needles):
+  proc = run_cli(
+    tmp_path, "--config=configs/soft/smollm2.py:gumbel", override, "--model=nope", "--prompt=hi"
+  )
+  assert_usage_error(proc, *needles)
+
+
 @pytest.mark.parametrize(
   "args, needles",
   [
