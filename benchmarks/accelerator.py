@@ -457,10 +457,9 @@ def copy_probe(mib: int, calls: int, reps: int) -> float:
 
 def _optim_config():
   """What `train_step.make_optimizer` reads (configs/base.py values), without ml_collections."""
-  optim = types.SimpleNamespace(
+  return types.SimpleNamespace(
     lr=3e-3, warmup_ratio=0.03, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8, clip=2.0, grad_accum=1
   )
-  return types.SimpleNamespace(optim=optim)
 
 
 @dataclasses.dataclass(frozen=True)

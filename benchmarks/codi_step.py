@@ -195,7 +195,7 @@ class Ours:
     graphdef, train_state, frozen = split_trainable(codi, extra=("prj",))  # train_lib, LoRA path
     self.state = jax.tree.map(jnp.copy, train_state)  # own buffers: the step donates them
     self.frozen, self.batch = frozen, batch
-    tx, _ = train_step.make_optimizer(config, SCHEDULE_STEPS)
+    tx, _ = train_step.make_optimizer(config.optim, SCHEDULE_STEPS)
     self.opt = tx.init(self.state)
     step_fn = train_step.make_train_step(graphdef, tx, jax.random.key(config.seed), opts, dropout)
     t0 = time.perf_counter()

@@ -59,7 +59,7 @@ def markdown(base_config) -> str:
     "## Training configs (`configs/*.py`, `--config.<field>=<value>`)",
     "",
     "Defaults are `configs/base.py`'s; each section's class: `model` `codi/build.py::ModelOptions`, "
-    "`codi` `codi/losses.py::MethodOptions`, `data` `data/sources.py::DataOptions` (with "
+    "`codi` `codi/method_options.py::MethodOptions`, `data` `data/sources.py::DataOptions` (with "
     "`data/synthetic.py::SyntheticOptions`, `data/multiplication.py::MultiplicationOptions`), "
     "`optim` `train_step.py::OptimOptions`, `eval` `eval_runner.py::ValidationOptions`, `mesh` "
     "`sharding.py::MeshOptions`, `checkpoint` `checkpoint.py::CheckpointOptions`; the top-level "

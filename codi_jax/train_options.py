@@ -1,5 +1,5 @@
 """A training config as one typed, frozen `TrainOptions`: the run-level fields here, each section's
-class beside the code that reads it (model and tokenizer: codi/build.py, method: codi/losses.py,
+class beside the code that reads it (model and tokenizer: codi/build.py, method: codi/method_options.py,
 data: data/sources.py, optimiser: train_step.py, validation: eval_runner.py, mesh: sharding.py,
 checkpoints: checkpoint.py). `validate_train` is the check every entry point runs before any work.
 
@@ -17,7 +17,7 @@ import jax
 from codi_jax import options
 from codi_jax.checkpoint import CheckpointOptions
 from codi_jax.codi.build import ModelOptions
-from codi_jax.codi.losses import MethodOptions
+from codi_jax.codi.method_options import MethodOptions
 from codi_jax.config_cross import CROSS_TRAIN, train_bpe_spec
 from codi_jax.config_rules import Bool, Context, Custom, Int, Str, check_tree
 from codi_jax.data.sources import DataOptions

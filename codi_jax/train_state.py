@@ -47,7 +47,7 @@ def split(codi, config, num_steps: int) -> StepState:
     extra = ("prj", "special") if config.codi.train_special_embeddings else ("prj",)
     graphdef, train_state, frozen = split_trainable(codi, extra=extra)
   train_sh = sharding.state_shardings(train_state)
-  tx, sched = train_step.make_optimizer(config, num_steps)  # MultiSteps: once per update
+  tx, sched = train_step.make_optimizer(config.optim, num_steps)  # MultiSteps: once per update
   return StepState(
     graphdef,
     train_state,

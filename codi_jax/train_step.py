@@ -45,9 +45,10 @@ class OptimOptions:
   epochs: float = option(Num(ge=0, le=1e6, f32=False, doc="epochs when num_steps = 0"))
 
 
-def make_optimizer(config, num_steps: int):
-  """AdamW (no decay on biases and norms), warmup + cosine to 0, global-norm clipping, accumulation."""
-  o = config.optim
+def make_optimizer(o: OptimOptions, num_steps: int):
+  """AdamW (no decay on biases and norms), warmup + cosine to 0, global-norm clipping, accumulation.
+
+  o: the optimiser section (an `OptimOptions`, or `config.optim` as validated)."""
   sched = optax.warmup_cosine_decay_schedule(
     0.0, o.lr, max(1, int(o.warmup_ratio * num_steps)), num_steps, 0.0
   )

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Modules that declare option classes, and the modules above them that they must never import.
 OWNERS = (
   "codi_jax/codi/build.py",
-  "codi_jax/codi/losses.py",
+  "codi_jax/codi/method_options.py",
   "codi_jax/data/sources.py",
   "codi_jax/data/synthetic.py",
   "codi_jax/data/multiplication.py",

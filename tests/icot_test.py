@@ -198,7 +198,7 @@ def test_icot_optimizer_restarts_when_the_removal_count_grows():
 def test_icot_optimizer_restart_is_a_fresh_adamw_on_the_global_lr_schedule():
   config = base.get_config()
   config.optim.grad_accum = 2
-  tx, _ = train_step.make_optimizer(config, num_steps=50)
+  tx, _ = train_step.make_optimizer(config.optim, num_steps=50)
   params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
