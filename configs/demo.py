@@ -70,7 +70,7 @@ def get_config(arg=None):
 
   config.optim.lr = 3e-3  # the reference GPT-2 LR; stable here with warmup + clipping
   config.optim.weight_decay = 0.1
-  # 800 steps at ~0.27 s/step on 2 cores: 3m55s in all from an empty compile cache
+  # 800 steps on 2 cores: 3m19s in all from an empty compile cache, idle, 2026-12-08
   # (docs/results.md). The comparison table (experiments/toy_table.py) trains every method with
   # this same budget.
   config.optim.num_steps = 800
