@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import cli_util
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -39,7 +40,9 @@ def _cmd(workdir, *overrides):
 
 
 def _env():
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "CODI_JAX_CACHE": ""}
+  # The worker's compile cache: every run here compiles the same programs (a cache hit is the
+  # same executable, so bitwise comparisons hold); none when run outside the suite's conftest.
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "CODI_JAX_CACHE": cli_util.worker_cache() or ""}
 
 
 def _train(workdir, *overrides, timeout=300):
@@ -97,9 +100,16 @@ def _assert_bitwise_equal(a, b):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
-  ref, run = tmp_path / "ref", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """Final parameters of the run the interrupted ones must equal (same config and seed)."""
+  ref = tmp_path_factory.mktemp("ref")
   _train(ref)
+  return _final_params(ref)
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, uninterrupted):
+  run = tmp_path / "killed"
   kill_after = random.Random().randrange(2, STEPS - 8, 2)
   proc, _, _ = _start_and_wait(run, kill_after, signal.SIGKILL)
   assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -107,7 +117,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
   r = _train(run)
   resumed = [line for line in r.stdout.splitlines() if line.startswith("resumed from")]
   assert resumed, r.stdout[-2000:]
-  _assert_bitwise_equal(_final_params(ref), _final_params(run))
+  _assert_bitwise_equal(uninterrupted, _final_params(run))
   steps = [
     json.loads(x)["step"]
     for x in (run / "metrics.jsonl").read_text().splitlines()
@@ -128,11 +138,10 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   assert (tmp_path / "final" / "run.json").exists()
 
 
-def test_sigint_saves_in_one_line_exits_130_and_resumes_bitwise_exact(tmp_path):
+def test_sigint_saves_in_one_line_exits_130_and_resumes_bitwise_exact(tmp_path, uninterrupted):
   """Ctrl-C mid-training: as SIGTERM, a checkpoint at the next step boundary, then one line on
   stderr and exit 130; the rerun ends equal to an uninterrupted run."""
-  ref, run = tmp_path / "ref", tmp_path / "interrupted"
-  _train(ref)
+  run = tmp_path / "interrupted"
   proc, out, err = _start_and_wait(run, 4, signal.SIGINT)
   assert proc.returncode == 130, err[-2000:]
   assert "Traceback" not in err and "preempted" not in out
@@ -143,7 +152,7 @@ def test_sigint_saves_in_one_line_exits_130_and_resumes_bitwise_exact(tmp_path):
   assert step in _steps(run) and not (run / "final").exists()
   r = _train(run)
   assert f"resumed from {run / 'checkpoints'}/{step} " in r.stdout
-  _assert_bitwise_equal(_final_params(ref), _final_params(run))
+  _assert_bitwise_equal(uninterrupted, _final_params(run))
 
 
 def _tiny(steps=6, every=2):

@@ -19,10 +19,15 @@ def find_tool(name: str) -> str | None:
   return shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
 
 
+def worker_cache() -> str | None:
+  """This xdist worker's XLA cache folder for the session (conftest sets the root), else None."""
+  cache = os.environ.get("CODI_JAX_TEST_CACHE_ROOT")
+  return os.path.join(cache, os.environ.get("PYTEST_XDIST_WORKER", "main")) if cache else None
+
+
 def _env(tmp_path, extra_env=None) -> dict:
   """CPU only, offline hub, the session's XLA cache for this worker (conftest), else tmp_path's."""
-  cache = os.environ.get("CODI_JAX_TEST_CACHE_ROOT")
-  cache = os.path.join(cache, os.environ.get("PYTEST_XDIST_WORKER", "main")) if cache else None
+  cache = worker_cache()
   return dict(
     os.environ,
     CODI_JAX_CACHE=cache or str(tmp_path / "xla"),

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import cli_util
 import jax
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def _run(kind, meshes, devices, tmp_path, *extra, processes=1):
     **os.environ,
     "JAX_PLATFORMS": "cpu",
     "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    "CODI_JAX_CACHE": "",
+    "CODI_JAX_CACHE": cli_util.worker_cache() or "",  # programs repeated across tests compile once
   }
   args = [
     sys.executable,
