@@ -22,11 +22,8 @@ from codi_jax.config_rules import Rule, check_tree
 
 
 def option(rule: Rule, default: Any = dataclasses.MISSING):
-  """A field holding one setting, checked by `rule`; no default: the config file supplies it."""
-  if isinstance(default, list | dict):
-    return dataclasses.field(
-      default_factory=lambda: type(default)(default), metadata={"rule": rule}
-    )
+  """A field holding one setting, checked by `rule`; no default: the config file supplies it
+  (defaults must be immutable: the classes are frozen)."""
   return dataclasses.field(default=default, metadata={"rule": rule})
 
 
@@ -53,10 +50,7 @@ def build(cls: type, tree: Mapping[str, Any]):
     if "section" in f.metadata:
       kwargs[f.name] = build(f.metadata["section"], tree[f.name])
     elif "rule" in f.metadata:
-      value = tree[f.name]
-      kwargs[f.name] = (
-        tuple(_frozen(v) for v in value) if isinstance(value, list | tuple) else value
-      )
+      kwargs[f.name] = _frozen(tree[f.name])
   return cls(**kwargs)
 
 
