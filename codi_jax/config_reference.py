@@ -10,12 +10,14 @@ disagree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import sys
 
 from absl import app, flags
 
 from codi_jax import eval_lib, options, train_options
+from codi_jax.config_rules import at_path
 from codi_jax.files import write_atomic
 from soft_jax import cli_common
 from soft_jax.sampling import SamplerParams
@@ -30,21 +32,9 @@ def _load_base(path: str):
   return module.get_config()
 
 
-def _path_in(tree):
-  """path -> the value at that dotted path of `tree`."""
-
-  def get(path: str):
-    node = tree
-    for part in path.split("."):
-      node = node[part]
-    return node
-
-  return get
-
-
 def markdown(base_config) -> str:
   """The whole reference; `base_config` is configs/base.py's `get_config()` (the defaults)."""
-  train = options.reference(train_options.TRAIN, _path_in(base_config))
+  train = options.reference(train_options.TRAIN, functools.partial(at_path, base_config))
   evaluate = {f.name: f.default for f in dataclasses.fields(eval_lib.Options)}
   sampler = {f.name: f.default for f in dataclasses.fields(SamplerParams)}
   preset = {k: v for k, v in cli_common.SOFT.items() if not k.startswith("sampler.")}

@@ -123,6 +123,8 @@ class Rule:
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+INT32_MAX = 2**31 - 1  # the largest seed, count or budget a device int32 holds
+DROPOUT = {"ge": 0.0, "lt": 1.0}  # Num(**DROPOUT): a dropout rate
 
 
 def _fmt(x) -> str:

@@ -19,12 +19,12 @@ from codi_jax.checkpoint import CheckpointOptions
 from codi_jax.codi.build import ModelOptions
 from codi_jax.codi.method_options import MethodOptions
 from codi_jax.config_cross import CROSS_TRAIN, train_bpe_spec
-from codi_jax.config_rules import Bool, Context, Custom, Int, Str, check_tree
+from codi_jax.config_rules import INT32_MAX, Bool, Context, Custom, Int, Str, check_tree
 from codi_jax.data.sources import DataOptions
 from codi_jax.eval_runner import ValidationOptions
 from codi_jax.options import option, section
 from codi_jax.sharding import AXIS_RULES, MeshOptions
-from codi_jax.train_step import INT32_MAX, OptimOptions
+from codi_jax.train_step import OptimOptions
 
 
 def _tokenizer_ok(v) -> bool:

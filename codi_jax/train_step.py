@@ -17,10 +17,8 @@ from flax import nnx
 from codi_jax import sharding
 from codi_jax.codi import losses
 from codi_jax.codi.model import Codi, CodiOptions
-from codi_jax.config_rules import Custom, Int, Num, is_int
+from codi_jax.config_rules import INT32_MAX, Custom, Int, Num, is_int
 from codi_jax.options import option
-
-INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)

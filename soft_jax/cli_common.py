@@ -26,7 +26,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from codi_jax import config_rules, runtime, sharding
-from codi_jax.config_rules import Bool, Custom, Enum, Int, Rule, Seq, Str
+from codi_jax.config_rules import INT32_MAX, Bool, Custom, Enum, Int, Rule, Seq, Str
 from codi_jax.errors import InputError
 from codi_jax.options import rules as option_rules
 from soft_jax.math_answers import JUDGES
@@ -59,7 +59,6 @@ _SAMPLER = (
 SAMPLER_FLAGS = tuple(name for _, name, _ in _SAMPLER)
 
 
-INT32_MAX = 2**31 - 1
 _INT32 = {"hi": INT32_MAX}
 
 

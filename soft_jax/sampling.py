@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from codi_jax.config_rules import Bool, Enum, Int, Num, check_values
+from codi_jax.config_rules import INT32_MAX, Bool, Enum, Int, Num, check_values
 from codi_jax.errors import InputError
 from codi_jax.options import option, rules
 
@@ -38,8 +38,6 @@ MODES = ("greedy", "sample", "soft", "dirichlet", "gumbel")
 SOFT_MODES = ("soft", "dirichlet", "gumbel")  # modes whose thinking inputs are concept tokens
 ANSWER_PHASES = ("sample", "legacy_argmax")
 EMBED_MIX_DTYPES = ("float32", "model")
-
-INT32_MAX = 2**31 - 1
 
 # Purposes folded into a row's step key, so the draws of one step are independent.
 _DIRICHLET, _GUMBEL, _THINK, _ANSWER = range(4)

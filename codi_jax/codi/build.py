@@ -16,7 +16,7 @@ from flax import nnx
 
 from codi_jax import config_cross, sharding
 from codi_jax.codi.model import Codi
-from codi_jax.config_rules import Bool, Enum, Int, Num, Str
+from codi_jax.config_rules import DROPOUT, Bool, Enum, Int, Num, Str
 from codi_jax.data import answers
 from codi_jax.data.codi_batches import SpecialIds
 from codi_jax.errors import InputError
@@ -27,7 +27,6 @@ from codi_jax.options import option
 
 SPECIAL_TOKENS = ("[PAD]", "<bot>", "<eot>")
 DTYPES = ("float32", "bfloat16", "float16")
-_DROPOUT = {"ge": 0.0, "lt": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +43,7 @@ class ModelOptions:
   d_ff: int = option(Int(1, doc="from scratch"))
   max_positions: int = option(Int(1, doc="from scratch: positions (GPT-2: rows of its table)"))
   dropout: float = option(
-    Num(**_DROPOUT, doc="GPT-2 embedding/attention/residual dropout (scratch)")
+    Num(**DROPOUT, doc="GPT-2 embedding/attention/residual dropout (scratch)")
   )
   dtype: str = option(Enum(DTYPES, doc="compute dtype"))
   param_dtype: str = option(Enum(DTYPES, doc="base weights' dtype"))
@@ -52,7 +51,7 @@ class ModelOptions:
   scan_layers: bool = option(Bool(doc="one lax.scan over stacked layers (False: unrolled)"))
   lora_rank: int = option(Int(0, doc="0 = full fine-tuning"))
   lora_alpha: float = option(Num(gt=0, doc="LoRA scale alpha / rank"))
-  lora_dropout: float = option(Num(**_DROPOUT, doc="LoRA input dropout"))
+  lora_dropout: float = option(Num(**DROPOUT, doc="LoRA input dropout"))
 
 
 def build_tokenizer(config, train_records):

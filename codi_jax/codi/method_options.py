@@ -8,14 +8,11 @@ import dataclasses
 import typing
 
 from codi_jax.codi.model import METHODS, DistillLayers, DistillLoss
-from codi_jax.config_rules import Bool, Enum, Int, Num
+from codi_jax.config_rules import DROPOUT, INT32_MAX, Bool, Enum, Int, Num
 from codi_jax.data.curriculum import RESETS
 from codi_jax.models.layers import RematPolicy
 from codi_jax.models.positions import PaddingMode
 from codi_jax.options import option
-
-INT32_MAX = 2**31 - 1
-_DROPOUT = {"ge": 0.0, "lt": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +26,7 @@ class MethodOptions:
   prj_dim: int = option(Int(0, doc="projection width; 0 = d_model"))
   use_prj: bool = option(Bool(doc="feed thoughts through the projection"))
   prj_layernorm: bool = option(Bool(doc="layer norm after the projection"))
-  prj_dropout: float = option(Num(**_DROPOUT, doc="projection dropout"))
+  prj_dropout: float = option(Num(**DROPOUT, doc="projection dropout"))
   distill_loss: str = option(Enum(typing.get_args(DistillLoss), doc="distillation loss"))
   distill_layers: str = option(Enum(typing.get_args(DistillLayers), doc="distilled layers"))
   distill_div_std: bool = option(Bool(doc="divide the distillation loss by the teacher's std"))
